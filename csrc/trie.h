@@ -1,0 +1,179 @@
+// LASER retrieval pool: a count trie of token n-gram continuations.
+//
+// No Python types here: pointer + length in, plain structs out. bindings.cpp is the
+// only file that knows about pybind11.
+//
+// Invariants (checked by tests/test_pool.py):
+//   * node 0 is the root; every other node has parent < its own index (nodes are
+//     appended, and prune() renumbers breadth-first);
+//   * without pruning, a parent's count >= the sum of its children's counts (a window
+//     increments every node on its path). draft() does not rely on it: a node enters the
+//     frontier only after its parent was selected, so the result is always a tree;
+//   * the edge map holds exactly one entry (parent, token) -> child per non-root node;
+//   * size() <= max_nodes at all times (prune() runs before a window could overflow).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <shared_mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace laser {
+
+// Raised for truncated, corrupt or foreign pool files.
+struct PoolFormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// Raised when a pool file cannot be opened, written or renamed.
+struct PoolIOError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Open-addressing hash map (parent, token) -> child index. Linear probing, power-of-two
+// capacity, load <= 1/2, key and value in one 16-byte slot (one cache miss per probe).
+// No erase: prune() rebuilds it from scratch.
+class EdgeMap {
+ public:
+  static uint64_t key(int32_t parent, int32_t token) {
+    return (uint64_t(uint32_t(parent)) << 32) | uint32_t(token);
+  }
+  static uint64_t hash(uint64_t k) {  // splitmix64 finaliser
+    k ^= k >> 30; k *= 0xbf58476d1ce4e5b9ULL; k ^= k >> 27; k *= 0x94d049bb133111ebULL;
+    return k ^ (k >> 31);
+  }
+  void reserve(size_t n_edges);
+  void prefetch(uint64_t h) const {
+    if (!slots_.empty()) __builtin_prefetch(&slots_[h & mask_]);
+  }
+  int32_t find(uint64_t k, uint64_t h) const;
+  int32_t find(int32_t parent, int32_t token) const { const uint64_t k = key(parent, token); return find(k, hash(k)); }
+  void insert(uint64_t k, uint64_t h, int32_t child);  // key must be absent
+  void insert(int32_t parent, int32_t token, int32_t child) { const uint64_t k = key(parent, token); insert(k, hash(k), child); }
+  void clear();
+  size_t memory_bytes() const { return slots_.capacity() * sizeof(Slot); }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);
+  struct Slot {
+    uint64_t key;
+    int64_t child;
+  };
+  std::vector<Slot> slots_;
+  size_t size_ = 0, mask_ = 0;
+};
+
+struct Node {
+  int32_t token;         // token on the edge from parent; -1 for the root
+  int32_t parent;        // -1 for the root
+  int32_t first_child;   // -1 if leaf; children form a singly linked list
+  int32_t next_sibling;  // -1 at the end of the list
+  int32_t n_children;
+  int16_t depth;         // 0 for the root
+  mutable uint8_t dirty; // a child was added or recounted since the top-children cache was built
+  uint8_t pad_;
+  double count;          // weighted number of windows through this node
+};
+static_assert(sizeof(Node) == 32, "Node is one half cache line");
+
+// Flattened draft tree, nodes in depth-first pre-order (parent index < child index).
+struct DraftTree {
+  int32_t n = 0;                  // number of nodes (<= budget)
+  int32_t match_len = 0;          // length of the matched context suffix (0: no match)
+  int32_t n_paths = 0;            // number of leaves
+  int32_t path_width = 0;         // longest root-to-leaf path
+  std::vector<int32_t> tokens;    // [n]
+  std::vector<int32_t> parents;   // [n]   DFS index of the parent, -1 = child of the context
+  std::vector<int32_t> depth;     // [n]   1 for children of the context
+  std::vector<float> counts;      // [n]   pool count (weighted sum across pools)
+  std::vector<uint8_t> mask;      // [n, n] mask[i*n + j] = j is an ancestor of i or j == i
+  std::vector<int32_t> paths;     // [n_paths, path_width] DFS indices root->leaf, -1 padded
+};
+
+struct DraftParams {
+  int32_t budget = 64;     // exact cap on the number of nodes
+  int32_t max_depth = 12;  // cap on node depth
+  int32_t min_match = 1;   // shortest context suffix accepted as a match
+  int32_t max_match = 4;   // longest context suffix tried
+  // Optional cost curve: cost[b] = time of verifying b tree nodes, b = 0..cost_len-1.
+  // When given, the tree is cut to the prefix (in best-first order) of size b that
+  // maximises (1 + expected accepted) / cost[b]; expected accepted = sum of each node's
+  // count divided by its root count (the empirical chance that the text follows it).
+  const double* cost = nullptr;
+  int32_t cost_len = 0;
+};
+
+class Pool {
+ public:
+  // max_depth: longest window stored. vocab_size: ids must be < vocab_size (0: any
+  // non-negative int32). max_nodes: hard cap on the node count (root included).
+  Pool(int32_t max_depth, int64_t vocab_size, int64_t max_nodes, double decay);
+
+  // Count every window tokens[i : i + d], d = 1..max_depth, with `weight`.
+  void insert(const int32_t* tokens, int64_t n, double weight);
+  // Streaming insert: `prefix` (any length; only the last max_depth-1 tokens matter) was
+  // already inserted. Count only the windows that end inside `tokens`, so that
+  // insert(a); extend(a, b) counts exactly what insert(a + b) counts.
+  void extend(const int32_t* prefix, int64_t n_prefix, const int32_t* tokens, int64_t n, double weight);
+
+  // Raises std::invalid_argument for ids < 0 or >= vocab_size.
+  void check_tokens(const int32_t* tokens, int64_t n) const;
+
+  int64_t size() const;  // number of nodes, root included
+  int64_t memory_bytes() const;
+  int32_t max_depth() const { return max_depth_; }
+  int64_t vocab_size() const { return vocab_size_; }
+  int64_t max_nodes() const { return max_nodes_; }
+  int64_t prune_count() const { return prunes_; }
+  // count of the node reached by `tokens` from the root, 0 if absent
+  double count(const int32_t* tokens, int64_t n) const;
+
+  void save(const std::string& path) const;
+  static std::unique_ptr<Pool> load(const std::string& path);
+
+  // Internals used by draft(); callers must hold lock_shared().
+  const std::vector<Node>& nodes() const { return nodes_; }
+  int32_t child(int32_t parent, int32_t token) const { return edges_.find(parent, token); }
+  // Deepest node matching a suffix of ctx with min_match <= length <= max_match, or -1.
+  int32_t match(const int32_t* ctx, int64_t n, int32_t min_match, int32_t max_match, int32_t* len) const;
+  std::shared_mutex& mutex() const { return mu_; }
+  // Up to `room` children of `node`, best first by (count desc, token asc). Nodes with a
+  // fan-out above a few keep a cached sorted prefix (no pointer chasing on the next draft),
+  // rebuilt only after their children change.
+  struct Kid {
+    double count;
+    int32_t token, node;
+  };
+  void best_children(int32_t node, int32_t room, std::vector<Kid>& out) const;
+
+ private:
+  // Count the windows seq[i : i + max_depth] (clipped to n), skipping their first
+  // max(0, skip_before - i) nodes, which were counted before. Level-synchronous over all
+  // windows so that the hash probes of different windows overlap (prefetch).
+  void count_windows(const int32_t* seq, int64_t n, int64_t skip_before, double weight);  // caller holds lock
+  int32_t add_node(int32_t parent, int32_t token);
+  void prune();  // decay counts, drop low-count subtrees, compact
+
+  int32_t max_depth_;
+  int64_t vocab_size_, max_nodes_;
+  double decay_;
+  int64_t prunes_ = 0;
+  std::vector<Node> nodes_;
+  EdgeMap edges_;
+  mutable std::shared_mutex mu_;
+  // node -> its best children (sorted); guarded by cache_mu_ (readers share mu_).
+  mutable std::unordered_map<int32_t, std::vector<Kid>> top_cache_;
+  mutable std::mutex cache_mu_;
+};
+
+// Draft from the union of several pools: each pool matches its own longest context
+// suffix; a tree node's count is the weighted sum of the pools' counts for that path.
+// Growth is best-first by count, ties broken by (depth asc, token asc, parent asc), so
+// the result is deterministic and never exceeds params.budget nodes.
+DraftTree draft(const Pool* const* pools, const double* weights, int n_pools,
+                const int32_t* ctx, int64_t n_ctx, const DraftParams& params);
+
+}  // namespace laser

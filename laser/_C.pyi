@@ -1,0 +1,70 @@
+"""Type stubs for the native core (csrc/bindings.cpp)."""
+
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+class PoolFormatError(ValueError):
+    """A pool file is truncated, corrupt, of another version, or not a pool at all."""
+
+class PoolIOError(OSError):
+    """A pool file cannot be opened, written or renamed."""
+
+class DraftTree:
+    """Draft tree in depth-first pre-order; arrays are zero-copy views owned by the tree."""
+
+    match_len: int
+    @property
+    def tokens(self) -> npt.NDArray[np.int32]: ...  # [n]
+    @property
+    def parents(self) -> npt.NDArray[np.int32]: ...  # [n], -1 = child of the context
+    @property
+    def depth(self) -> npt.NDArray[np.int32]: ...  # [n], 1 = child of the context
+    @property
+    def counts(self) -> npt.NDArray[np.float32]: ...  # [n]
+    @property
+    def mask(self) -> npt.NDArray[np.bool_]: ...  # [n, n] ancestor-or-self
+    @property
+    def paths(self) -> npt.NDArray[np.int32]: ...  # [n_leaves, max_depth], -1 padded
+    def __len__(self) -> int: ...
+
+class RetrievalPool:
+    def __init__(self, max_depth: int = 12, vocab_size: int = 0, max_nodes: int = 1 << 22, decay: float = 0.5) -> None: ...
+    def insert(self, tokens: npt.ArrayLike, weight: float = 1.0) -> None: ...
+    def extend(self, prefix: npt.ArrayLike, tokens: npt.ArrayLike, weight: float = 1.0) -> None: ...
+    def draft(
+        self,
+        context: npt.ArrayLike,
+        budget: int = 64,
+        max_depth: int = 0,
+        min_match: int = 1,
+        max_match: int = 4,
+        cost: npt.ArrayLike | None = None,
+    ) -> DraftTree: ...
+    def count(self, tokens: npt.ArrayLike) -> float: ...
+    def check_tokens(self, tokens: npt.ArrayLike) -> None: ...
+    def __len__(self) -> int: ...
+    def memory_bytes(self) -> int: ...
+    @property
+    def max_depth(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def max_nodes(self) -> int: ...
+    @property
+    def prune_count(self) -> int: ...
+    def save(self, path: str) -> None: ...
+    @staticmethod
+    def load(path: str) -> RetrievalPool: ...
+
+def draft_union(
+    pools: Sequence[RetrievalPool],
+    weights: Sequence[float],
+    context: npt.ArrayLike,
+    budget: int = 64,
+    max_depth: int = 12,
+    min_match: int = 1,
+    max_match: int = 4,
+    cost: npt.ArrayLike | None = None,
+) -> DraftTree: ...
