@@ -1,0 +1,66 @@
+"""Acceptance: which draft-tree nodes the target model agrees with, and the winning path.
+
+Rows of the verification logits: row 0 is the pending token (the last committed token,
+not yet in the cache), row i + 1 is tree node i. Node i is judged on the row of its parent
+(`parent_row[i] = parents[i] + 1`, 0 for children of the context).
+
+- strict:  accept iff token == argmax(parent row)           (output == greedy decoding)
+- relaxed: accept iff token == argmax, or (rank < k and prob >= p), where rank is the
+           number of logits strictly greater than the token's (ties favour the token).
+
+On CUDA the per-row statistics come from the fused Triton kernel; elsewhere from the
+torch reference below. Both return the same `RowStats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowStats:
+    argmax: torch.Tensor  # [R] int64, argmax of every logits row
+    prob: torch.Tensor  # [n] float32, softmax prob of node i's token in its parent row
+    rank: torch.Tensor  # [n] int64, number of logits in the parent row strictly above the token's
+
+
+def row_stats_reference(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor) -> RowStats:
+    """logits [R, V]; parent_row [n] int64 in [0, R); tokens [n] int64 -> RowStats."""
+    x = logits.float()
+    argmax = x.argmax(dim=-1)
+    rows = x.index_select(0, parent_row)  # [n, V]
+    tok_logit = rows.gather(1, tokens[:, None])  # [n, 1]
+    prob = torch.exp(tok_logit[:, 0] - torch.logsumexp(rows, dim=-1))
+    rank = (rows > tok_logit).sum(dim=-1)
+    return RowStats(argmax, prob, rank)
+
+
+def row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor) -> RowStats:
+    if logits.is_cuda and parent_row.numel() > 0:
+        from laser.kernels.accept import fused_row_stats
+
+        return fused_row_stats(logits, parent_row, tokens)
+    return row_stats_reference(logits, parent_row, tokens)
+
+
+def accept_flags(stats: RowStats, parent_row: torch.Tensor, tokens: torch.Tensor, mode: str, top_k: int, min_prob: float):
+    """[n] bool: node i agrees with its parent row under `mode`."""
+    exact = tokens == stats.argmax.index_select(0, parent_row)
+    if mode == "strict":
+        return exact
+    return exact | ((stats.rank < top_k) & (stats.prob >= min_prob))
+
+
+def longest_path(flags: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor) -> int:
+    """Deepest node whose whole root path is accepted; -1 if none. First in DFS order on ties.
+
+    flags [n] bool; mask [n, n] bool ancestor-or-self; depth [n] int64.
+    """
+    if flags.numel() == 0:
+        return -1
+    ok = ~(mask & ~flags[None, :]).any(dim=1)  # every ancestor-or-self accepted
+    score = torch.where(ok, depth, torch.zeros_like(depth))
+    best = int(score.argmax())  # argmax returns the first maximum: DFS order breaks ties
+    return best if bool(ok[best]) else -1

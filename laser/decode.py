@@ -1,0 +1,308 @@
+"""The LASER decode loop: draft -> verify -> accept -> commit, for any HF causal LM.
+
+State per call (nothing survives between calls):
+  seq     int32 numpy [L + max_new + 1]: prompt + committed tokens; seq[:n] is valid.
+  cache   the model's own KV cache; invariant: cache length == n - 1 (the last committed
+          token, "pending", is fed at the start of the next verification pass).
+  local   a private RetrievalPool of this request's prompt and output (prompt lookup).
+The shared `pool` only ever receives generated tokens, never the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from laser import RetrievalPool, draft_union
+from laser.accept import accept_flags, longest_path, row_stats
+from laser.hf import cache_kwarg, cache_length, compact_cache, new_cache
+
+
+@dataclass
+class DecodeStats:
+    steps: int = 0
+    new_tokens: int = 0
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step
+    tree_sizes: list[int] = field(default_factory=list)
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_accept: float = 0.0
+    time_cache: float = 0.0
+    time_prefill: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens committed per verification step (accepted drafts + the bonus token)."""
+        return float(np.mean(self.accepted)) + 1.0 if self.accepted else 0.0
+
+    @property
+    def histogram(self) -> np.ndarray:
+        """histogram[a] = number of steps that accepted a draft tokens."""
+        return np.bincount(np.asarray(self.accepted, dtype=np.int64))
+
+    @property
+    def total_time(self) -> float:
+        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_cache
+
+
+@dataclass
+class DecodeOutput:
+    sequences: torch.Tensor  # [1, L + new] int64, prompt included (like HF generate)
+    stats: DecodeStats
+
+
+@dataclass
+class DraftConfig:
+    budget: int = 32  # hard cap on tree nodes per step
+    max_depth: int = 8  # cap on draft depth below the context
+    min_match: int = 1
+    max_match: int = 4
+    prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
+    cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each tree (see calibrate)
+
+
+def _verify_inputs(pending: int, tree, past: int, dtype, device):
+    """Inputs of one verification forward over [pending] + tree (m + 1 tokens).
+
+    Returns input_ids [1, m+1], position_ids [1, m+1], a 4-D additive mask
+    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), and the
+    tree as torch tensors.
+    """
+    m = len(tree)
+    toks = torch.from_numpy(tree.tokens).to(device=device, dtype=torch.long)  # [m]
+    depth = torch.from_numpy(tree.depth).to(device=device, dtype=torch.long)  # [m]
+    tmask = torch.from_numpy(tree.mask).to(device)  # [m, m] bool
+    input_ids = torch.cat([torch.tensor([pending], device=device), toks])[None]
+    position_ids = (past + torch.cat([torch.zeros(1, dtype=torch.long, device=device), depth]))[None]
+    visible = torch.ones(m + 1, past + m + 1, dtype=torch.bool, device=device)
+    visible[:, past + 1 :] = False
+    visible[1:, past + 1 :] = tmask  # node sees pending (col past) + its ancestors-or-self
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+    return input_ids, position_ids, mask[None, None], toks, depth, tmask
+
+
+def _process(logits: torch.Tensor, seq: np.ndarray, n: int, tree, processor) -> torch.Tensor:
+    """Apply HF logits processors row by row, each row seeing its own prefix.
+
+    Row 0 continues seq[:n]; row i + 1 continues seq[:n] + the path to tree node i. Rows of
+    equal depth have equal prefix lengths and go through the processor as one batch.
+    """
+    if processor is None:
+        return logits
+    device = logits.device
+    base = torch.from_numpy(seq[:n].astype(np.int64)).to(device)
+    out = logits.clone()
+    out[:1] = processor(base[None], logits[:1])
+    if len(tree):
+        depth, paths_of = tree.depth, _paths_to_nodes(tree)
+        for d in range(1, int(depth.max()) + 1):
+            nodes = np.flatnonzero(depth == d)
+            prefix = torch.from_numpy(tree.tokens[paths_of[nodes, :d]].astype(np.int64)).to(device)
+            ids = torch.cat([base.expand(len(nodes), n), prefix], dim=1)
+            rows = torch.from_numpy(nodes + 1).to(device)
+            out[rows] = processor(ids, logits[rows])
+    return out
+
+
+def _paths_to_nodes(tree) -> np.ndarray:
+    """[m, max_depth] DFS indices of each node's root path (-1 padded)."""
+    m = len(tree)
+    width = int(tree.depth.max())
+    out = np.full((m, width), -1, dtype=np.int64)
+    for i in range(m):  # parents precede children: copy the parent's path, append self
+        p = tree.parents[i]
+        if p >= 0:
+            out[i] = out[p]
+        out[i, tree.depth[i] - 1] = i
+    return out
+
+
+def _check_args(model, ids: torch.Tensor, max_new_tokens: int, mode: str, top_k: int, min_prob: float, cfg: DraftConfig):
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"laser.generate decodes one sequence; got a batch of {ids.shape[0]}")
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError("input_ids must be a non-empty 1-D sequence or a [1, L] tensor")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integers, got {ids.dtype}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"token id {int(ids[i])} at position {i} is out of range [0, {vocab})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    need = ids.numel() + max_new_tokens + cfg.max_depth
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"prompt of {ids.numel()} tokens + max_new_tokens {max_new_tokens} (+ draft depth {cfg.max_depth}) "
+            f"exceeds the model's context window of {limit} tokens"
+        )
+    if mode not in ("strict", "relaxed"):
+        raise ValueError(f"mode must be 'strict' or 'relaxed', got {mode!r}")
+    if not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if not (0.0 <= min_prob <= 1.0):
+        raise ValueError(f"min_prob must be in [0, 1], got {min_prob!r}")
+    if cfg.budget < 0 or cfg.max_depth < 1 or cfg.prompt_weight < 0:
+        raise ValueError("budget must be >= 0, max_depth >= 1 and prompt_weight >= 0")
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids,
+    pool: RetrievalPool | None = None,
+    max_new_tokens: int = 128,
+    mode: str = "strict",
+    top_k: int = 2,
+    min_prob: float = 0.1,
+    eos_token_id: int | list[int] | None | str = "auto",
+    update_pool: bool = True,
+    draft: DraftConfig | None = None,
+    logits_processor=None,
+) -> DecodeOutput:
+    """Speculative decoding with drafts from `pool` and from the request's own text.
+
+    strict mode returns exactly `model.generate(do_sample=False)`'s tokens.
+    eos_token_id: "auto" takes the model's generation config; None never stops early.
+    """
+    cfg = draft or DraftConfig()
+    device = model.device
+    ids = _check_args(model, torch.as_tensor(input_ids), max_new_tokens, mode, top_k, min_prob, cfg)
+    if isinstance(eos_token_id, str):
+        if eos_token_id != "auto":
+            raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'auto', got {eos_token_id!r}")
+        eos_token_id = model.generation_config.eos_token_id
+    eos = np.asarray([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    kv = cache_kwarg(model)
+    dtype = next(model.parameters()).dtype
+    stats = DecodeStats()
+
+    L = ids.numel()
+    seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
+    seq[:L] = ids.cpu().numpy()
+    local = RetrievalPool(max_depth=pool.max_depth if pool is not None else 12)
+    local.insert(seq[:L])
+    pools, weights = [], []
+    for p, w in ((pool, 1.0), (local, cfg.prompt_weight)):
+        if p is not None and w > 0:
+            pools.append(p)
+            weights.append(w)
+    if not pools:  # no drafting at all: plain greedy, one token per step
+        pools, weights, cfg = [local], [1.0], DraftConfig(budget=0, max_depth=cfg.max_depth)
+
+    # prefill: cache <- prompt[:-1]; the last prompt token is pending
+    t0 = time.perf_counter()
+    cache = new_cache(model)
+    if L > 1:
+        model(input_ids=ids[None, :-1].to(device), **{kv: cache}, use_cache=True)
+    n, new = L, 0
+    stats.time_prefill = time.perf_counter() - t0
+
+    while new < max_new_tokens:
+        # 1. draft: tree from the shared pool + this request's own text
+        t0 = time.perf_counter()
+        tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
+                           min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost)
+        past = n - 1
+        inp, pos, mask, toks, depth, tmask = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
+        t1 = time.perf_counter()
+        # 2. verify: one forward over [pending] + tree
+        logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True).logits
+        logits = _process(logits[0].float(), seq, n, tree, logits_processor)  # [m+1, V]
+        t2 = time.perf_counter()
+        # 3. accept: longest agreeing root path, then the bonus token after it
+        parent_row = torch.from_numpy(tree.parents + 1).to(device=device, dtype=torch.long)
+        rs = row_stats(logits, parent_row, toks)
+        best = longest_path(accept_flags(rs, parent_row, toks, mode, top_k, min_prob), tmask, depth)
+        path = np.flatnonzero(tree.mask[best]) if best >= 0 else np.empty(0, np.int64)  # root..best
+        bonus = int(rs.argmax[best + 1])
+        t3 = time.perf_counter()
+        # 4. commit: tokens (cut at EOS / max_new_tokens), KV cache, pools
+        out = np.append(tree.tokens[path], bonus)[: max_new_tokens - new]
+        stop = np.flatnonzero(np.isin(out, eos))
+        if stop.size:
+            out = out[: stop[0] + 1]
+        seq[n : n + out.size] = out
+        # cache holds past + pending + tree; keep pending and the committed path nodes
+        keep = torch.from_numpy(np.concatenate([[0], path[: out.size - 1] + 1])).to(device)
+        compact_cache(cache, past, keep)
+        if cache_length(cache) != n + out.size - 1:
+            raise RuntimeError(f"KV cache holds {cache_length(cache)} positions, expected {n + out.size - 1}")
+        local.extend(seq[:n], out)
+        if pool is not None and update_pool:
+            pool.extend(seq[:n], out)
+        n, new = n + out.size, new + out.size
+        stats.steps += 1
+        stats.accepted.append(out.size - 1)
+        stats.tree_sizes.append(len(tree))
+        stats.time_draft += t1 - t0
+        stats.time_verify += t2 - t1
+        stats.time_accept += t3 - t2
+        stats.time_cache += time.perf_counter() - t3
+        if stop.size:
+            break
+    stats.new_tokens = new
+    return DecodeOutput(torch.from_numpy(seq[:n].astype(np.int64))[None], stats)
+
+
+@torch.no_grad()
+def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), repeats: int = 3) -> np.ndarray:
+    """Measure the verification cost curve on this hardware: cost[b] = seconds for b tree nodes.
+
+    Times one forward of b + 1 tokens after a `context_len` prefix (median of `repeats`),
+    interpolated linearly to every b in [0, max(sizes)]. Pass it as DraftConfig(cost=...).
+    """
+    device, kv = model.device, cache_kwarg(model)
+    dtype = next(model.parameters()).dtype
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, vocab, (1, context_len), generator=gen).to(device)
+    cache = new_cache(model)
+    model(input_ids=ctx, **{kv: cache}, use_cache=True)
+    medians = []
+    for b in sizes:
+        times = []
+        for _ in range(repeats + 1):  # first run warms up
+            inp = torch.randint(0, vocab, (1, b + 1), generator=gen).to(device)
+            pos = (context_len + torch.arange(b + 1))[None].to(device)
+            mask = torch.zeros(1, 1, b + 1, context_len + b + 1, dtype=dtype, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            compact_cache(cache, context_len, torch.empty(0, dtype=torch.long, device=device))
+        medians.append(float(np.median(times[1:])))
+    grid = np.arange(max(sizes) + 1)
+    return np.interp(grid, np.asarray(sizes, dtype=np.float64), np.asarray(medians))
+
+
+def hf_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+                synced_gpus=False, streamer=None, pool: RetrievalPool | None = None, laser_mode: str = "strict",
+                laser_top_k: int = 2, laser_min_prob: float = 0.1, laser_draft: DraftConfig | None = None,
+                **model_kwargs):
+    """`model.generate(..., custom_generate=laser.hf_generate, pool=...)`: LASER behind HF's API.
+
+    HF prepares input_ids, the generation config and its logits processors (repetition
+    penalty, no-repeat n-grams...), which LASER applies inside verification.
+    """
+    attn = model_kwargs.get("attention_mask")
+    if attn is not None and not bool(attn.all()):
+        raise ValueError("laser.hf_generate does not take padded inputs; pass one unpadded sequence")
+    max_new = generation_config.max_length - input_ids.shape[1]
+    if generation_config.max_new_tokens is not None:
+        max_new = generation_config.max_new_tokens
+    out = generate(model, input_ids, pool=pool, max_new_tokens=max_new, mode=laser_mode, top_k=laser_top_k,
+                   min_prob=laser_min_prob, eos_token_id=generation_config.eos_token_id, draft=laser_draft,
+                   logits_processor=logits_processor if logits_processor else None)
+    return out.sequences.to(input_ids.device)

@@ -1,0 +1,236 @@
+"""Decode loop: strict == greedy, relaxed obeys its rule, EOS/length/empty pool/bad input/no leaks."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import laser
+import laser.decode as decode
+from laser.decode import DraftConfig, generate
+
+V = 96
+TIE_GAP = 1e-4  # a divergence is allowed only where greedy's top-2 logit gap is below this
+
+
+def tiny(arch: str, seed: int):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        return LlamaForCausalLM(cfg).eval()
+    if arch == "qwen2":
+        cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
+        return Qwen2ForCausalLM(cfg).eval()
+    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def greedy(model, ids, n, **kw):
+    ids = torch.as_tensor(ids)[None]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=0, **kw)
+    return out[0].tolist()
+
+
+def assert_same_or_near_tie(model, want, got, prompt_len):
+    """Token-identical, except a divergence where greedy's top-2 gap < TIE_GAP (returns 1 then)."""
+    if want == got:
+        return 0
+    i = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
+    assert i >= prompt_len
+    with torch.no_grad():
+        top2 = model(torch.tensor([want[:i]])).logits[0, -1].float().topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < TIE_GAP, f"diverged at {i} with top-2 gap {gap}"
+    return 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_strict_equals_greedy_tiny(arch, seed):
+    model = tiny(arch, seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, V, int(rng.integers(3, 20))).tolist() for _ in range(4)]
+    outs = [greedy(model, p, 40, eos_token_id=None) for p in prompts]
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for p, o in zip(prompts[1:], outs[1:]):  # warm with other requests' outputs
+        pool.insert(o[len(p):])
+    ties = 0
+    for p, want in zip(prompts, outs):
+        for budget in (0, 5, 24):
+            res = generate(model, p, pool=pool, max_new_tokens=40, eos_token_id=None, update_pool=False,
+                           draft=DraftConfig(budget=budget, max_depth=6))
+            ties += assert_same_or_near_tie(model, want, res.sequences[0].tolist(), len(p))
+            assert res.stats.new_tokens == 40
+    assert ties <= 1
+
+
+def test_pool_drafts_are_accepted():
+    model = tiny("llama", 3)
+    prompt = [5, 6, 7, 8]
+    want = greedy(model, prompt, 48, eos_token_id=None)
+    pool = laser.RetrievalPool(max_depth=10)
+    pool.insert(want[len(prompt):])
+    res = generate(model, prompt, pool=pool, max_new_tokens=48, eos_token_id=None)
+    assert res.sequences[0].tolist() == want
+    assert res.stats.steps < 20 and res.stats.mean_accepted > 2.5
+    hist = res.stats.histogram
+    assert hist.sum() == res.stats.steps and (np.arange(len(hist)) * hist).sum() + res.stats.steps == 48
+
+
+def test_relaxed_tokens_obey_rule():
+    model = tiny("llama", 4)
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(0, V, 10).tolist()
+    pool = laser.RetrievalPool(max_depth=8)
+    torch.manual_seed(4)
+    ids = torch.tensor([prompt])
+    for _ in range(10):  # texts the model could have written: sampled from its own top-3
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=True,
+                             top_k=3, pad_token_id=0, eos_token_id=None)
+        pool.insert(out[0, len(prompt):].numpy())
+    k, p = 3, 0.005  # a random tiny model is nearly flat: top tokens hold ~1-3% each
+    res = generate(model, prompt, pool=pool, max_new_tokens=60, mode="relaxed", top_k=k, min_prob=p, eos_token_id=None)
+    seq = res.sequences[0]
+    with torch.no_grad():
+        logits = model(seq[None]).logits[0].float()  # reference: one plain causal forward
+    relaxed_only = 0
+    for t in range(len(prompt), len(seq)):
+        row, tok = logits[t - 1], int(seq[t])
+        prob = torch.softmax(row, -1)[tok]
+        rank = int((row > row[tok]).sum())
+        is_argmax = tok == int(row.argmax())
+        assert is_argmax or (rank < k and prob >= p - 1e-5), (t, tok, rank, float(prob))
+        relaxed_only += not is_argmax
+    assert relaxed_only > 0, "relaxed mode accepted nothing beyond greedy on a noisy pool"
+
+
+def test_eos_stops_inside_accepted_path():
+    model = tiny("llama", 5)
+    prompt = [3, 4, 5]
+    full = greedy(model, prompt, 40, eos_token_id=None)
+    gen = full[len(prompt):]
+    eos = gen[17]
+    first = gen.index(eos)
+    pool = laser.RetrievalPool(max_depth=12)
+    pool.insert(gen)  # drafts run straight through the EOS
+    res = generate(model, prompt, pool=pool, max_new_tokens=40, eos_token_id=eos)
+    got = res.sequences[0].tolist()
+    assert got == full[: len(prompt) + first + 1]
+    assert got == greedy(model, prompt, 40, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33])
+def test_max_new_tokens_is_exact(n):
+    model = tiny("qwen2", 6)
+    prompt = [9, 8, 7, 6, 5]
+    want = greedy(model, prompt, 40, eos_token_id=None)
+    pool = laser.RetrievalPool(max_depth=12)
+    pool.insert(want[len(prompt):])
+    res = generate(model, prompt, pool=pool, max_new_tokens=n, eos_token_id=None)
+    assert res.sequences[0].tolist() == want[: len(prompt) + n]
+
+
+def test_empty_pool_one_token_per_step():
+    model = tiny("llama", 7)
+    prompt = list(range(10, 20))
+    res = generate(model, prompt, pool=laser.RetrievalPool(), max_new_tokens=12, eos_token_id=None,
+                   update_pool=False, draft=DraftConfig(prompt_weight=0))
+    assert res.stats.steps == 12 and set(res.stats.accepted) == {0}
+    assert res.sequences[0].tolist() == greedy(model, prompt, 12, eos_token_id=None)
+    res = generate(model, prompt, pool=None, max_new_tokens=12, eos_token_id=None)  # no pool at all
+    assert res.sequences[0].tolist() == greedy(model, prompt, 12, eos_token_id=None)
+
+
+def test_bad_input_raises_clear_errors():
+    model = tiny("llama", 8)
+    with pytest.raises(ValueError, match="context window"):
+        generate(model, [1] * 250, max_new_tokens=10)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, [1, 2], mode="relaxed", top_k=0)
+    with pytest.raises(ValueError, match="min_prob"):
+        generate(model, [1, 2], mode="relaxed", min_prob=1.5)
+    with pytest.raises(ValueError, match="min_prob"):
+        generate(model, [1, 2], mode="relaxed", min_prob=-0.1)
+    with pytest.raises(ValueError, match="mode"):
+        generate(model, [1, 2], mode="greedy")
+    with pytest.raises(ValueError, match="out of range"):
+        generate(model, [1, V], max_new_tokens=3)
+    with pytest.raises(ValueError, match="out of range"):
+        generate(model, [-1, 2], max_new_tokens=3)
+    with pytest.raises(TypeError, match="integers"):
+        generate(model, torch.tensor([1.0, 2.0]), max_new_tokens=3)
+    with pytest.raises(ValueError, match="batch"):
+        generate(model, torch.ones(2, 4, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [1, 2], max_new_tokens=0)
+
+
+def test_cache_length_is_checked_every_step(monkeypatch):
+    model = tiny("llama", 9)
+    prompt = [1, 2, 3, 4]
+    want = greedy(model, prompt, 30, eos_token_id=None)
+    pool = laser.RetrievalPool()
+    pool.insert(want[len(prompt):])
+    generate(model, prompt, pool=pool, max_new_tokens=30, eos_token_id=None)  # invariant holds
+
+    real = decode.compact_cache
+    monkeypatch.setattr(decode, "compact_cache", lambda cache, start, keep: real(cache, start, keep[:-1]))
+    with pytest.raises(RuntimeError, match="KV cache"):
+        generate(model, prompt, pool=pool, max_new_tokens=30, eos_token_id=None)
+
+
+def test_no_state_leaks_between_calls():
+    model = tiny("llama", 10)
+    pool = laser.RetrievalPool(max_depth=8)
+    a, b = [11, 12, 13, 14, 15, 16], [40, 41, 42, 43]
+    first = generate(model, a, pool=pool, max_new_tokens=20, eos_token_id=None, update_pool=False)
+    size = len(pool)
+    generate(model, b, pool=pool, max_new_tokens=20, eos_token_id=None, update_pool=False)
+    again = generate(model, a, pool=pool, max_new_tokens=20, eos_token_id=None, update_pool=False)
+    assert again.sequences.tolist() == first.sequences.tolist()
+    assert len(pool) == size == 1, "update_pool=False leaves the shared pool untouched"
+    generate(model, b, pool=pool, max_new_tokens=20, eos_token_id=None)
+    assert pool.count(b[:3]) == 0, "the prompt never enters the shared pool"
+    assert len(pool) > 1, "generated tokens do"
+
+
+def test_logits_processors_apply_inside_verification():
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    model = tiny("llama", 11)
+    prompt = [7, 7, 8, 9]
+    kw = dict(repetition_penalty=1.3, no_repeat_ngram_size=3, eos_token_id=None)
+    want = greedy(model, prompt, 40, **kw)
+    pool = laser.RetrievalPool(max_depth=8)
+    pool.insert(greedy(model, [7, 8, 9], 40, **kw))
+    proc = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3), NoRepeatNGramLogitsProcessor(3)])
+    res = generate(model, prompt, pool=pool, max_new_tokens=40, eos_token_id=None, logits_processor=proc)
+    assert res.sequences[0].tolist() == want
+
+
+def test_hf_custom_generate_entry_point():
+    model = tiny("llama", 12)
+    prompt = torch.tensor([[4, 5, 6, 7]])
+    want = greedy(model, prompt[0], 25, eos_token_id=None)
+    pool = laser.RetrievalPool()
+    pool.insert(want[4:])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=25, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, custom_generate=laser.hf_generate, pool=pool)
+    assert out[0].tolist() == want
+
+
+def test_calibrated_cost_curve_drives_budget():
+    model = tiny("llama", 13)
+    cost = decode.calibrate(model, context_len=32, sizes=(0, 4, 16), repeats=1)
+    assert cost.shape == (17,) and (cost > 0).all()
+    prompt = [1, 2, 3]
+    want = greedy(model, prompt, 20, eos_token_id=None)
+    pool = laser.RetrievalPool()
+    pool.insert(want[3:])
+    res = generate(model, prompt, pool=pool, max_new_tokens=20, eos_token_id=None,
+                   draft=DraftConfig(budget=64, cost=cost))
+    assert res.sequences[0].tolist() == want
+    assert max(res.stats.tree_sizes) <= 16
