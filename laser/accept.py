@@ -14,9 +14,15 @@ torch reference below. Both return the same `RowStats`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+
+def kernels_forced() -> bool:
+    """LASER_FORCE_KERNELS=1 runs the Triton paths on CPU too (with TRITON_INTERPRET=1): for tests."""
+    return os.environ.get("LASER_FORCE_KERNELS") == "1"
 
 
 @dataclass
@@ -38,7 +44,7 @@ def row_stats_reference(logits: torch.Tensor, parent_row: torch.Tensor, tokens: 
 
 
 def row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor) -> RowStats:
-    if logits.is_cuda and parent_row.numel() > 0:
+    if (logits.is_cuda or kernels_forced()) and parent_row.numel() > 0:
         from laser.kernels.accept import fused_row_stats
 
         return fused_row_stats(logits, parent_row, tokens)

@@ -10,6 +10,7 @@ The shared `pool` only ever receives generated tokens, never the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from laser import RetrievalPool, draft_union
-from laser.accept import accept_flags, longest_path, row_stats
+from laser.accept import accept_flags, kernels_forced, longest_path, row_stats
 from laser.hf import cache_kwarg, cache_length, compact_cache, new_cache
+from laser.kernels.bits import mask_to_bits
 
 
 @dataclass
@@ -68,8 +70,8 @@ def _verify_inputs(pending: int, tree, past: int, dtype, device):
     """Inputs of one verification forward over [pending] + tree (m + 1 tokens).
 
     Returns input_ids [1, m+1], position_ids [1, m+1], a 4-D additive mask
-    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), and the
-    tree as torch tensors.
+    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), the tree
+    as torch tensors, and the [m+1, m+1] bool block of the mask over [pending] + tree.
     """
     m = len(tree)
     toks = torch.from_numpy(tree.tokens).to(device=device, dtype=torch.long)  # [m]
@@ -77,11 +79,29 @@ def _verify_inputs(pending: int, tree, past: int, dtype, device):
     tmask = torch.from_numpy(tree.mask).to(device)  # [m, m] bool
     input_ids = torch.cat([torch.tensor([pending], device=device), toks])[None]
     position_ids = (past + torch.cat([torch.zeros(1, dtype=torch.long, device=device), depth]))[None]
+    block = np.zeros((m + 1, m + 1), dtype=bool)  # [pending] + tree: everyone sees pending, nodes their ancestors
+    block[:, 0] = True
+    block[1:, 1:] = tree.mask
     visible = torch.ones(m + 1, past + m + 1, dtype=torch.bool, device=device)
-    visible[:, past + 1 :] = False
-    visible[1:, past + 1 :] = tmask  # node sees pending (col past) + its ancestors-or-self
+    visible[:, past:] = torch.from_numpy(block).to(device)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
-    return input_ids, position_ids, mask[None, None], toks, depth, tmask
+    return input_ids, position_ids, mask[None, None], toks, depth, tmask, block
+
+
+@contextlib.contextmanager
+def _tree_kernel(model, enabled: bool):
+    """Route attention through the Triton tree kernel (CUDA) for the duration of one call."""
+    if not enabled:
+        yield False
+        return
+    from laser.kernels.tree_attention import register
+
+    before = model.config._attn_implementation
+    model.set_attn_implementation(register())
+    try:
+        yield True
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _process(logits: torch.Tensor, seq: np.ndarray, n: int, tree, processor) -> torch.Tensor:
@@ -167,11 +187,13 @@ def generate(
     update_pool: bool = True,
     draft: DraftConfig | None = None,
     logits_processor=None,
+    use_kernels: bool | None = None,
 ) -> DecodeOutput:
     """Speculative decoding with drafts from `pool` and from the request's own text.
 
     strict mode returns exactly `model.generate(do_sample=False)`'s tokens.
     eos_token_id: "auto" takes the model's generation config; None never stops early.
+    use_kernels: Triton tree attention in the verification pass (default: on CUDA).
     """
     cfg = draft or DraftConfig()
     device = model.device
@@ -184,6 +206,15 @@ def generate(
     kv = cache_kwarg(model)
     dtype = next(model.parameters()).dtype
     stats = DecodeStats()
+    if use_kernels is None:
+        use_kernels = device.type == "cuda" or kernels_forced()
+    with _tree_kernel(model, use_kernels) as kernels:
+        return _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg,
+                     logits_processor, kv, dtype, device, stats, kernels)
+
+
+def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg, logits_processor,
+          kv, dtype, device, stats, kernels) -> DecodeOutput:
 
     L = ids.numel()
     seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
@@ -212,10 +243,12 @@ def generate(
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
                            min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost)
         past = n - 1
-        inp, pos, mask, toks, depth, tmask = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
+        inp, pos, mask, toks, depth, tmask, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
+        extra = {"laser_tree_bits": mask_to_bits(block).to(device)} if kernels else {}
         t1 = time.perf_counter()
         # 2. verify: one forward over [pending] + tree
-        logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True).logits
+        logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
+                       **extra).logits
         logits = _process(logits[0].float(), seq, n, tree, logits_processor)  # [m+1, V]
         t2 = time.perf_counter()
         # 3. accept: longest agreeing root path, then the bonus token after it

@@ -1,0 +1,82 @@
+"""GPU timing of the two Triton kernels against the torch paths they replace (median, do_bench).
+
+    python benchmarks/bench_kernels.py      # needs CUDA; prints a table last
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+import laser
+from laser.kernels.accept import group_by_row, launch
+from laser.kernels.bits import mask_to_bits
+from laser.kernels.tree_attention import tree_attention
+
+
+def tree(n, seed=0):
+    """A real draft tree of exactly n nodes from a pool of repetitive text."""
+    rng = np.random.default_rng(seed)
+    pool = laser.RetrievalPool(max_depth=16)
+    for _ in range(200):
+        pool.insert(rng.integers(0, 8, 200))
+    t = pool.draft([1, 2], budget=n, max_depth=12)
+    assert len(t) == n, len(t)
+    return t
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA device")
+    dev, rows = "cuda", []
+    name = torch.cuda.get_device_name()
+    H, D, dtype = 32, 128, torch.bfloat16
+    for ctx in (1024, 4096):
+        for n in (64, 128):
+            t = tree(n)
+            q = torch.randn(1, H, n, D, device=dev, dtype=dtype)
+            k = torch.randn(1, H, ctx + n, D, device=dev, dtype=dtype)
+            v = torch.randn_like(k)
+            bits = mask_to_bits(t.mask).to(dev)
+            dense = torch.ones(n, ctx + n, dtype=torch.bool, device=dev)
+            dense[:, ctx:] = torch.from_numpy(t.mask).to(dev)
+            ours = bench(lambda: tree_attention(q, k, v, bits))
+            masked = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense))
+            plain = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+            rows.append(("tree attention", f"ctx {ctx}, {n} nodes, {H}x{D} bf16", ours, masked, plain))
+    for V in (32_000, 49_152, 128_256):
+        for n in (64, 128):
+            t = tree(n)
+            logits = torch.randn(n + 1, V, device=dev, dtype=torch.float32)
+            parent_row = torch.from_numpy(t.parents + 1).long().to(dev)
+            toks = torch.from_numpy(t.tokens).long().to(dev) % V
+            csr = group_by_row(parent_row, toks, n + 1)
+            fused = bench(lambda: launch(logits, *csr))
+
+            def torch_path():
+                probs = torch.softmax(logits, -1)
+                top = torch.topk(logits, 2, dim=-1).indices[parent_row]
+                in_top = (top == toks[:, None]).any(-1)
+                p = probs[parent_row, toks]
+                return logits.argmax(-1), in_top & (p >= 0.1)
+
+            ref = bench(torch_path)
+            rows.append(("fused accept", f"V {V}, {n} nodes, fp32", fused, ref, None))
+
+    print(f"\nKernel timings on {name}, torch {torch.__version__}, triton {triton.__version__} (median ms, do_bench)")
+    print(f"{'kernel':15s} {'shape':34s} {'triton':>8s} {'torch':>8s} {'unmasked':>9s} {'vs torch':>9s} {'vs unmasked':>12s}")
+    for kind, shape, ours, ref, plain in rows:
+        extra = f"{plain:9.4f} {'':9s} {ours / plain:11.2f}x" if plain else f"{'-':>9s} {'':9s} {'-':>12s}"
+        print(f"{kind:15s} {shape:34s} {ours:8.4f} {ref:8.4f} {extra}  ({ref / ours:.2f}x faster than torch)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""End-to-end decode comparison on ML-100K user-knowledge prompts, one run, same prompts.
+
+    python benchmarks/e2e_decode.py [--prompts 10] [--warm 16] [--new 160] [--device cpu]
+
+Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER strict, LASER
+relaxed (k=2, p=0.1). The shared pool is warmed with the knowledge texts the model wrote
+for *other* users (generated here with LASER strict, which equals greedy). Prints, per
+method, tokens/s, the ratio to greedy (total and median per prompt) and the mean number
+of tokens committed per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import laser
+from laser.data import chat_ids, load_dataset, user_prompt
+
+
+def hf(model, ids, n, **kw):
+    x = torch.tensor([ids], device=model.device)
+    t = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, **kw)
+    return out[0, len(ids):].tolist(), time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=16, help="other users whose texts warm the pool")
+    ap.add_argument("--new", type=int, default=160)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--budget", type=int, default=64)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, tok = laser.load_model(device=args.device)
+    ds = load_dataset("ml-100k")
+    users = sorted(ds.users, key=int)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(users))
+    eval_users = [users[i] for i in order[: args.prompts]]
+    warm_users = [users[i] for i in order[args.prompts : args.prompts + args.warm]]
+    prompts = {u: chat_ids(tok, user_prompt(ds, u)) for u in eval_users + warm_users}
+
+    cost = laser.calibrate(model, context_len=int(np.mean([len(p) for p in prompts.values()])),
+                           sizes=(0, 1, 2, 4, 8, 16, 32, 64))
+    print("verify cost (ms) for 0/1/2/4/8/16/32/64 nodes:", " ".join(f"{cost[b] * 1e3:.0f}" for b in (0, 1, 2, 4, 8, 16, 32, 64)))
+    cfg = laser.DraftConfig(budget=args.budget, max_depth=10, cost=cost)
+
+    pool = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
+    t = time.perf_counter()
+    for u in warm_users:
+        laser.generate(model, prompts[u], pool=pool, max_new_tokens=args.new, draft=cfg)
+    print(f"warmed pool with {len(warm_users)} users' texts in {time.perf_counter() - t:.0f} s: {len(pool)} nodes")
+
+    rows = {m: {"tokens": [], "time": [], "per_step": []} for m in ("hf_greedy", "hf_prompt_lookup", "laser_strict", "laser_relaxed")}
+    mismatches = 0
+    for u in eval_users:
+        ids = prompts[u]
+        ref, dt = hf(model, ids, args.new)
+        rows["hf_greedy"]["tokens"].append(len(ref)); rows["hf_greedy"]["time"].append(dt)
+        pl, dt = hf(model, ids, args.new, prompt_lookup_num_tokens=10)
+        rows["hf_prompt_lookup"]["tokens"].append(len(pl)); rows["hf_prompt_lookup"]["time"].append(dt)
+        for mode in ("strict", "relaxed"):
+            # each method starts from the same warmed pool: no online update across eval prompts
+            t = time.perf_counter()
+            out = laser.generate(model, ids, pool=pool, max_new_tokens=args.new, mode=mode, draft=cfg, update_pool=False)
+            dt = time.perf_counter() - t
+            got = out.sequences[0, len(ids):].tolist()
+            if mode == "strict" and got != ref:
+                mismatches += 1
+            r = rows[f"laser_{mode}"]
+            r["tokens"].append(len(got)); r["time"].append(dt); r["per_step"].append(out.stats.mean_accepted)
+
+    g = rows["hf_greedy"]
+    g_tps = sum(g["tokens"]) / sum(g["time"])
+    pl_tps = sum(rows["hf_prompt_lookup"]["tokens"]) / sum(rows["hf_prompt_lookup"]["time"])
+    print(f"\n{len(eval_users)} prompts x {args.new} new tokens, SmolLM2-135M fp32 on {args.device}")
+    print(f"{'method':18s} {'tok/s':>8s} {'x greedy':>9s} {'median x':>9s} {'x PLD':>7s} {'tok/step':>9s}")
+    for name, r in rows.items():
+        tps = sum(r["tokens"]) / sum(r["time"])
+        per = np.median([(gt / gn) / (t / n) for t, n, gt, gn in zip(r["time"], r["tokens"], g["time"], g["tokens"])])
+        step = f"{np.mean(r['per_step']):9.2f}" if r["per_step"] else f"{'-':>9s}"
+        print(f"{name:18s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step}")
+    print(f"strict outputs differing from HF greedy: {mismatches}/{len(eval_users)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Tree-masked attention for the verification pass.
+
+The last n key/value positions are the draft tree (query i = tree position i); the
+`past` positions before them are fully visible. Inside the tree, query i sees key j iff
+j is an ancestor-or-self of i, given as a bitmask: bits[i, j // 64] >> (j % 64) & 1.
+Grouped-query attention: query head h reads kv head h // (Hq / Hkv).
+
+Kernel: _tree_attn (flash-style online softmax, grid = query blocks x batch*heads).
+Launcher: tree_attention. Reference: tree_attention_reference (dense mask + SDPA math).
+HF wiring: register() adds the "laser_tree" attention implementation; the decoder passes
+`laser_tree_bits` as a forward kwarg on CUDA, and every other call falls back to SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from laser.kernels.bits import mask_to_bits  # noqa: F401  (re-exported)
+
+NEG = -3.0e38
+
+
+@triton.jit
+def _tree_attn(
+    q_ptr, k_ptr, v_ptr, bits_ptr, o_ptr,  # q/o [B, Hq, n, D]; k/v [B, Hkv, past + n, D]; bits [n, W] int64
+    sq_b, sq_h, sq_n,
+    sk_b, sk_h, sk_t,
+    sv_b, sv_h, sv_t,
+    so_b, so_h, so_n,
+    Hq, n, past, group, scale,
+    W: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mrow = offs_m < n
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=mrow[:, None], other=0.0)
+    q = q.to(tl.float32) * scale  # fp32 right after the load (interpreter + exact tf32 products of half inputs)
+    kbase = k_ptr + b * sk_b + hk * sk_h
+    vbase = v_ptr + b * sv_b + hk * sv_h
+
+    m_i = tl.full((BLOCK_M,), NEG, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    # 1. the cached past: every key visible
+    for start in range(0, past, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kmask = offs_n < past
+        k = tl.load(kbase + offs_n[:, None] * sk_t + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        v = tl.load(vbase + offs_n[:, None] * sv_t + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        m_i = m_new
+    # 2. the tree: key j visible to query i iff bit j of row i is set
+    for start in range(0, n, BLOCK_N):
+        offs_j = start + tl.arange(0, BLOCK_N)
+        jmask = offs_j < n
+        k = tl.load(kbase + (past + offs_j)[:, None] * sk_t + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
+        v = tl.load(vbase + (past + offs_j)[:, None] * sv_t + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
+        words = tl.load(bits_ptr + offs_m[:, None] * W + offs_j[None, :] // 64,
+                        mask=mrow[:, None] & jmask[None, :], other=0)
+        seen = ((words >> (offs_j[None, :] % 64).to(tl.int64)) & 1) != 0
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mrow[:, None])
+
+
+def tree_attention(q, k, v, bits, scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, n, D]; k, v [B, Hkv, past + n, D]; bits [n, W] int64 -> out [B, Hq, n, D] (q's dtype)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+        raise ValueError("q must be [B, Hq, n, D] and k, v [B, Hkv, T, D] of equal shape")
+    B, Hq, n, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    if Hq % Hkv or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)} k {tuple(k.shape)}")
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {D} not supported (16, 32, 64, 128, 256)")
+    if T < n:
+        raise ValueError("keys must hold at least the n tree positions")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError("q, k, v must share one dtype among fp16, bf16, fp32")
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("the head dim must be contiguous")
+    W = -(-n // 64)
+    if bits.dtype != torch.int64 or tuple(bits.shape) != (n, W):
+        raise ValueError(f"bits must be int64 [{n}, {W}]")
+    bits = bits.to(q.device).contiguous()
+    out = torch.empty_like(q)
+    scale = D ** -0.5 if scale is None else scale
+    BLOCK_M = 16 if n <= 16 else (32 if n <= 32 else 64)
+    BLOCK_N = 64 if D <= 64 else 32
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(n, BLOCK_M), B * Hq)
+    _tree_attn[grid](q, k, v, bits, out,
+                     q.stride(0), q.stride(1), q.stride(2),
+                     k.stride(0), k.stride(1), k.stride(2),
+                     v.stride(0), v.stride(1), v.stride(2),
+                     out.stride(0), out.stride(1), out.stride(2),
+                     Hq, n, T - n, Hq // Hkv, scale,
+                     W=W, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=prec)
+    return out
+
+
+def tree_attention_reference(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+    """Same math in torch: dense [n, n] bool tree mask, past fully visible, GQA by repeat."""
+    B, Hq, n, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    kk = k.repeat_interleave(Hq // Hkv, dim=1).float()
+    vv = v.repeat_interleave(Hq // Hkv, dim=1).float()
+    visible = torch.ones(n, T, dtype=torch.bool, device=q.device)
+    visible[:, T - n :] = torch.as_tensor(mask, device=q.device)
+    s = (q.float() @ kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    return (torch.softmax(s, dim=-1) @ vv).to(q.dtype)
+
+
+# ---------------------------------------------------------------- transformers wiring
+
+NAME = "laser_tree"
+
+
+def tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry: the Triton kernel when the decoder passes tree bits on CUDA, else SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from laser.accept import kernels_forced
+
+    bits = kwargs.pop("laser_tree_bits", None)
+    if bits is None or not (query.is_cuda or kernels_forced()) or query.shape[2] != bits.shape[0]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out = tree_attention(query, key, value, bits, scaling)  # [B, Hq, n, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, tree_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME

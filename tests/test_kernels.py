@@ -1,0 +1,161 @@
+"""Triton kernels (run under TRITON_INTERPRET=1 on CPU, natively on CUDA) against their references."""
+
+import numpy as np
+import pytest
+import torch
+
+import laser
+from laser.accept import accept_flags, longest_path, row_stats_reference
+from laser.kernels.accept import fused_row_stats
+from laser.kernels.bits import mask_to_bits
+from laser.kernels.tree_attention import tree_attention, tree_attention_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_tree(n_target, seed):
+    rng = np.random.default_rng(seed)
+    pool = laser.RetrievalPool(max_depth=8)
+    for _ in range(40):
+        pool.insert(rng.integers(0, 6, 60))
+    t = pool.draft([1, 2], budget=n_target)
+    assert len(t) > 0
+    return t
+
+
+def rows_of(tree):
+    return torch.from_numpy(tree.parents + 1).long()
+
+
+# ---------------------------------------------------------------- fused acceptance
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("R,V,splits", [(3, 97, 1), (9, 1000, 3), (17, 4099, None)])
+def test_fused_accept_matches_reference(dtype, R, V, splits):
+    g = torch.Generator().manual_seed(R * V)
+    logits = (torch.randn(R, V, generator=g) * 3).to(dtype)
+    n = 2 * R
+    parent_row = torch.randint(0, R, (n,), generator=g)
+    tokens = torch.randint(0, V, (n,), generator=g)
+    tokens[: R] = logits.float().argmax(-1)[parent_row[:R]]  # some nodes are the argmax
+    got = fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), splits=splits)
+    want = row_stats_reference(logits, parent_row, tokens)
+    assert torch.equal(got.argmax.cpu(), want.argmax)
+    assert torch.equal(got.rank.cpu(), want.rank)
+    torch.testing.assert_close(got.prob.cpu(), want.prob, rtol=2e-5, atol=1e-7)
+
+
+def test_reference_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g) * 4
+    parent_row, tokens = torch.randint(0, 6, (10,), generator=g), torch.randint(0, 500, (10,), generator=g)
+    ref = row_stats_reference(logits, parent_row, tokens)
+    x = logits.double()
+    p64 = torch.softmax(x, -1)[parent_row, tokens]
+    r64 = (x[parent_row] > x[parent_row, tokens][:, None]).sum(-1)
+    torch.testing.assert_close(ref.prob.double(), p64, rtol=1e-6, atol=1e-9)
+    assert torch.equal(ref.rank, r64) and torch.equal(ref.argmax, x.argmax(-1))
+
+
+def test_known_ranks_and_ties_at_kth_place():
+    V = 300
+    logits = torch.zeros(2, V)
+    logits[0, 5], logits[0, 6], logits[0, 7], logits[0, 8] = 9.0, 7.0, 7.0, 5.0  # tie at 2nd/3rd place
+    logits[1, 100] = logits[1, 50] = 3.0  # tie for the argmax: the first index wins
+    parent_row = torch.tensor([0, 0, 0, 0, 1, 1])
+    tokens = torch.tensor([5, 6, 7, 8, 50, 100])
+    for stats in (row_stats_reference(logits, parent_row, tokens),
+                  fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), splits=2)):
+        assert stats.rank.cpu().tolist() == [0, 1, 1, 3, 0, 0]
+        assert stats.argmax.cpu().tolist() == [5, 50]
+        flags = accept_flags(stats, parent_row.to(stats.rank.device), tokens.to(stats.rank.device), "relaxed", 2, 0.0)
+        assert flags.cpu().tolist() == [True, True, True, False, True, True]  # both tied tokens are within top-2
+        strict = accept_flags(stats, parent_row.to(stats.rank.device), tokens.to(stats.rank.device), "strict", 2, 0.0)
+        assert strict.cpu().tolist() == [True, False, False, False, True, False]
+
+
+def test_longest_path_from_flags():
+    t = random_tree(20, 1)
+    mask = torch.from_numpy(t.mask)
+    depth = torch.from_numpy(t.depth).long()
+    flags = torch.ones(len(t), dtype=torch.bool)
+    best = longest_path(flags, mask, depth)
+    assert depth[best] == depth.max() and best == int(torch.nonzero(depth == depth.max())[0])
+    flags[:] = False
+    assert longest_path(flags, mask, depth) == -1
+    flags[0] = True  # only the first node: path of length 1
+    assert longest_path(flags, mask, depth) == 0
+    kid = int(np.flatnonzero(t.parents == 0)[0]) if (t.parents == 0).any() else None
+    if kid is not None:
+        flags[kid] = True
+        assert longest_path(flags, mask, depth) == kid
+        flags[0] = False  # an accepted child of a rejected parent does not count
+        assert longest_path(flags, mask, depth) == -1
+
+
+# ---------------------------------------------------------------- tree attention
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 64), (4, 2, 128), (6, 1, 64)])
+@pytest.mark.parametrize("n_target,past", [(5, 0), (19, 37), (70, 13)])
+def test_tree_attention_matches_reference(dtype, Hq, Hkv, D, n_target, past):
+    t = random_tree(n_target, n_target + past)
+    n = len(t)
+    g = torch.Generator().manual_seed(n + past)
+    q = torch.randn(1, Hq, n, D, generator=g).to(dtype)
+    k = torch.randn(1, Hkv, past + n, D, generator=g).to(dtype)
+    v = torch.randn(1, Hkv, past + n, D, generator=g).to(dtype)
+    out = tree_attention(q.to(DEV), k.to(DEV), v.to(DEV), mask_to_bits(t.mask)).cpu()
+    ref = tree_attention_reference(q, k, v, torch.from_numpy(t.mask))
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_reference_attention_matches_float64():
+    t = random_tree(12, 3)
+    n, past = len(t), 9
+    q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 1, past + n, 16), torch.randn(1, 1, past + n, 16)
+    ref = tree_attention_reference(q, k, v, torch.from_numpy(t.mask))
+    visible = torch.ones(n, past + n, dtype=torch.bool)
+    visible[:, past:] = torch.from_numpy(t.mask)
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    want = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v.double()
+    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bits_round_trip():
+    t = random_tree(70, 5)
+    bits = mask_to_bits(t.mask).numpy().view(np.uint8)
+    back = np.unpackbits(bits, axis=1, bitorder="little")[:, : len(t)].astype(bool)
+    assert (back == t.mask).all()
+
+
+def test_launchers_reject_bad_input():
+    with pytest.raises(ValueError):
+        tree_attention(torch.randn(1, 3, 4, 64), torch.randn(1, 2, 4, 64), torch.randn(1, 2, 4, 64), torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="head dim"):
+        tree_attention(torch.randn(1, 2, 4, 24), torch.randn(1, 2, 4, 24), torch.randn(1, 2, 4, 24), torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(TypeError):
+        fused_row_stats(torch.zeros(2, 5, dtype=torch.float64), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- decoder wiring (both paths)
+
+def test_decoder_kernel_path_equals_reference_path(monkeypatch):
+    """Strict decoding through the kernels (attention + acceptance) equals the torch path and greedy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval().to(DEV)
+    prompt = torch.tensor([[3, 4, 5, 6, 7]], device=DEV)
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0].tolist()
+    pool = laser.RetrievalPool()
+    pool.insert(want[5:])
+    plain = laser.generate(model, prompt, pool=pool, max_new_tokens=24, eos_token_id=None, use_kernels=False, update_pool=False)
+    monkeypatch.setenv("LASER_FORCE_KERNELS", "1")
+    fused = laser.generate(model, prompt, pool=pool, max_new_tokens=24, eos_token_id=None, update_pool=False)
+    assert plain.sequences[0].tolist() == want == fused.sequences[0].tolist()
+    assert model.config._attn_implementation != "laser_tree", "the attention implementation is restored"
