@@ -18,7 +18,7 @@ import triton.language as tl
 
 from laser.accept import RowStats
 
-NEG = -3.0e38  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
+NEG = tl.constexpr(-3.0e38)  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
 
 
 @triton.jit

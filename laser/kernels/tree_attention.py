@@ -19,7 +19,7 @@ import triton.language as tl
 
 from laser.kernels.bits import mask_to_bits  # noqa: F401  (re-exported)
 
-NEG = -3.0e38
+NEG = tl.constexpr(-3.0e38)
 
 
 @triton.jit
