@@ -54,19 +54,20 @@ py::array_t<T> view(const std::vector<T>& v, std::vector<py::ssize_t> shape, py:
 }
 
 DraftParams params(int32_t budget, int32_t max_depth, int32_t min_match, int32_t max_match,
-                   const py::object& cost, py::array_t<double>& keep) {
+                   const py::object& cost, py::object& keep) {
   DraftParams p;
   p.budget = budget;
   p.max_depth = max_depth;
   p.min_match = min_match;
   p.max_match = max_match;
   if (!cost.is_none()) {
-    keep = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(cost);
-    if (!keep || keep.ndim() != 1 || keep.size() < 1) throw py::value_error("cost must be a non-empty 1-D float array");
-    for (py::ssize_t i = 0; i < keep.size(); ++i)
-      if (!(keep.data()[i] > 0.0)) throw py::value_error("cost values must be positive");
-    p.cost = keep.data();
-    p.cost_len = int32_t(keep.size());
+    auto arr = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(cost);
+    if (!arr || arr.ndim() != 1 || arr.size() < 1) throw py::value_error("cost must be a non-empty 1-D float array");
+    for (py::ssize_t i = 0; i < arr.size(); ++i)
+      if (!(arr.data()[i] > 0.0)) throw py::value_error("cost values must be positive");
+    p.cost = arr.data();
+    p.cost_len = int32_t(arr.size());
+    keep = std::move(arr);  // keeps the buffer alive for the call
   }
   return p;
 }
@@ -78,7 +79,7 @@ DraftTree run_draft(const std::vector<const Pool*>& pools, const std::vector<dou
   if (weights.size() != pools.size()) throw py::value_error("need one weight per pool");
   for (double w : weights)
     if (!(w > 0.0)) throw py::value_error("pool weights must be positive");
-  py::array_t<double> keep;
+  py::object keep;  // owner of the cost buffer, if any
   const DraftParams p = params(budget, max_depth, min_match, max_match, cost, keep);
   py::gil_scoped_release release;
   return laser::draft(pools.data(), weights.data(), int(pools.size()), ctx.data(), ctx.size(), p);

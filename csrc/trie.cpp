@@ -145,7 +145,10 @@ int64_t Pool::size() const {
 
 int64_t Pool::memory_bytes() const {
   std::shared_lock<std::shared_mutex> lock(mu_);
-  return int64_t(nodes_.capacity() * sizeof(Node) + edges_.memory_bytes() + sizeof(Pool));
+  std::lock_guard<std::mutex> cache_lock(cache_mu_);
+  size_t cached = cache_slot_.capacity() * sizeof(int32_t);
+  for (const auto& l : cache_lists_) cached += l.capacity() * sizeof(Kid) + sizeof(l);
+  return int64_t(nodes_.capacity() * sizeof(Node) + edges_.memory_bytes() + cached + sizeof(Pool));
 }
 
 double Pool::count(const int32_t* tokens, int64_t n) const {
@@ -169,7 +172,6 @@ int32_t Pool::match(const int32_t* ctx, int64_t n, int32_t min_match, int32_t ma
 }
 
 void Pool::best_children(int32_t node, int32_t room, std::vector<Kid>& out) const {
-  out.clear();
   const Node& v = nodes_[node];
   if (room <= 0 || v.n_children == 0) return;
   auto scan = [&](int32_t keep, std::vector<Kid>& dst) {
@@ -182,19 +184,25 @@ void Pool::best_children(int32_t node, int32_t room, std::vector<Kid>& out) cons
     }
     std::sort(dst.begin(), dst.end(), better);
   };
-  constexpr int32_t kCacheFanout = 4, kCacheKeep = 16;
-  if (v.n_children <= kCacheFanout) {
-    scan(room, out);
-    return;
-  }
+  constexpr int32_t kCacheKeep = 16;
   std::lock_guard<std::mutex> lock(cache_mu_);
-  if (int64_t(top_cache_.size()) > std::max<int64_t>(4096, max_nodes_ / 16)) top_cache_.clear();  // bound memory
-  std::vector<Kid>& top = top_cache_[node];
+  if (cache_slot_.size() < nodes_.size()) cache_slot_.resize(nodes_.size(), -1);
+  int32_t& slot = cache_slot_[node];
+  if (slot < 0) {
+    if (int64_t(cache_lists_.size()) >= std::max<int64_t>(4096, max_nodes_ / 8)) {  // bound memory
+      std::fill(cache_slot_.begin(), cache_slot_.end(), -1);
+      cache_lists_.clear();
+    }
+    slot = int32_t(cache_lists_.size());
+    cache_lists_.emplace_back();
+    v.dirty = 1;
+  }
+  std::vector<Kid>& top = cache_lists_[slot];
   if (v.dirty || int32_t(top.size()) < std::min(room, v.n_children)) {
     scan(std::max(room, kCacheKeep), top);
     v.dirty = 0;
   }
-  out.assign(top.begin(), top.begin() + std::min<size_t>(top.size(), size_t(room)));
+  out.insert(out.end(), top.begin(), top.begin() + std::min<size_t>(top.size(), size_t(room)));
 }
 
 // Decay every count, then drop the lowest-count nodes (and their subtrees) until at
@@ -222,7 +230,8 @@ void Pool::prune() {
   kept.reserve(n - std::max<int64_t>(k, 0) + max_depth_);
   kept.push_back(Node{-1, -1, -1, -1, 0, 0, 1, 0, nodes_[0].count});
   edges_.clear();
-  top_cache_.clear();
+  cache_slot_.clear();
+  cache_lists_.clear();
   // BFS over kept nodes (a dropped node's subtree goes with it); old index of kept[j] is old[j].
   std::vector<int32_t> old{0};
   old.reserve(kept.capacity());
@@ -389,28 +398,43 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   // Best-first growth with lazy siblings: an expanded node puts its sorted child list in
   // the arena and only its best child on the heap; popping a child pushes its next
   // sibling. Same selection as pushing every child, in O(budget log budget).
+  // Scratch buffers live per thread: a draft allocates nothing once they are warm.
   using Kid = Pool::Kid;
-  std::vector<Cand> sel;         // selected nodes, best-first order
-  std::vector<int32_t> sel_ids;  // [len(sel), P] per-pool node ids (-1: absent in that pool)
-  std::vector<Kid> arena;        // sibling lists; count is weighted, node unused
-  std::vector<int32_t> arena_ids;  // [len(arena), P]
-  std::priority_queue<Cand, std::vector<Cand>, Worse> heap;
-  std::vector<Kid> best;
-  std::vector<std::pair<Kid, int>> merged;  // (kid, pool) for P > 1
+  struct Scratch {
+    std::vector<Cand> sel;         // selected nodes, best-first order
+    std::vector<int32_t> sel_ids;  // [len(sel), P] per-pool node ids (-1: absent in that pool)
+    std::vector<Kid> arena;        // sibling lists, weighted counts
+    std::vector<int32_t> arena_ids;  // [len(arena), P]
+    std::vector<Cand> heap;        // binary heap under Worse
+    std::vector<Kid> best;
+    std::vector<std::pair<Kid, int>> merged;  // (kid, pool) for P > 1
+    std::vector<int32_t> head, tail, next, dfs_of, order, stack;
+    std::vector<uint8_t> is_leaf;
+  };
+  static thread_local Scratch scratch;  // one TLS lookup per call, not per use
+  Scratch& S = scratch;
+  auto& sel = S.sel;
+  auto& heap = S.heap;
+  auto &arena = S.arena, &best = S.best;
+  auto &sel_ids = S.sel_ids, &arena_ids = S.arena_ids;
+  auto& merged = S.merged;
+  sel.clear(), sel_ids.clear(), arena.clear(), arena_ids.clear(), heap.clear();
+  auto heap_push = [&heap](const Cand& c) { heap.push_back(c); std::push_heap(heap.begin(), heap.end(), Worse{}); };
 
   auto expand = [&](const int32_t* pid, int32_t depth, int32_t parent_sel, int32_t room) {
     if (depth >= prm.max_depth || room <= 0) return;
     const int32_t start = int32_t(arena.size());
-    if (P == 1) {
-      pools[0]->best_children(pid[0], room, best);
-      for (const Kid& k : best) {
-        arena.push_back(Kid{weights[0] * k.count, k.token, 0});
-        arena_ids.push_back(k.node);
+    if (P == 1) {  // the cached list goes straight into the arena
+      pools[0]->best_children(pid[0], room, arena);
+      for (int32_t i = start; i < int32_t(arena.size()); ++i) {
+        arena[i].count *= weights[0];
+        arena_ids.push_back(arena[i].node);
       }
     } else {  // each pool offers its best `room`; equal tokens are summed
       merged.clear();
       for (int p = 0; p < P; ++p) {
         if (pid[p] < 0) continue;
+        best.clear();
         pools[p]->best_children(pid[p], room, best);
         for (const Kid& k : best) merged.emplace_back(Kid{weights[p] * k.count, k.token, k.node}, p);
       }
@@ -443,21 +467,22 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
       arena_ids.insert(arena_ids.end(), sorted_ids.begin(), sorted_ids.end());
     }
     const int32_t end = int32_t(arena.size());
-    if (end > start) heap.push(Cand{arena[start].count, depth + 1, arena[start].token, parent_sel, start, end});
+    if (end > start) heap_push(Cand{arena[start].count, depth + 1, arena[start].token, parent_sel, start, end});
   };
 
   sel.reserve(budget);
   sel_ids.reserve(size_t(budget) * P);
   if (t.match_len > 0) expand(ids.data(), 0, -1, budget);
   while (int32_t(sel.size()) < budget && !heap.empty()) {
-    const Cand c = heap.top();
-    heap.pop();
+    std::pop_heap(heap.begin(), heap.end(), Worse{});
+    const Cand c = heap.back();
+    heap.pop_back();
     const int32_t s = int32_t(sel.size());
     sel.push_back(c);
     sel_ids.insert(sel_ids.end(), arena_ids.begin() + size_t(c.kid) * P, arena_ids.begin() + size_t(c.kid + 1) * P);
     if (c.kid + 1 < c.end) {
       const Kid& k = arena[c.kid + 1];
-      heap.push(Cand{k.count, c.depth, k.token, c.parent, c.kid + 1, c.end});
+      heap_push(Cand{k.count, c.depth, k.token, c.parent, c.kid + 1, c.end});
     }
     expand(sel_ids.data() + size_t(s) * P, c.depth, s, budget - s - 1);
   }
@@ -476,15 +501,14 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   }
 
   // Flatten depth-first. Children of a node are visited in selection (best-first) order.
-  std::vector<int32_t> head(n + 1, -1), tail(n + 1, -1), next(n, -1);  // slot n = context
+  auto &head = S.head, &tail = S.tail, &next = S.next, &dfs_of = S.dfs_of, &order = S.order, &stack = S.stack;
+  head.assign(n + 1, -1), tail.assign(n + 1, -1), next.assign(n, -1);  // slot n = context
   for (int32_t s = 0; s < n; ++s) {
     const int32_t p = sel[s].parent < 0 ? n : sel[s].parent;
     if (tail[p] < 0) head[p] = s; else next[tail[p]] = s;
     tail[p] = s;
   }
-  std::vector<int32_t> dfs_of(n), order;
-  order.reserve(n);
-  std::vector<int32_t> stack;
+  dfs_of.assign(n, 0), order.clear(), stack.clear();
   for (int32_t c = head[n]; c >= 0; c = next[c]) stack.push_back(c);
   std::reverse(stack.begin(), stack.end());
   while (!stack.empty()) {
@@ -502,7 +526,8 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   t.depth.resize(n);
   t.counts.resize(n);
   t.mask.assign(size_t(n) * n, 0);
-  std::vector<uint8_t> is_leaf(n, 1);
+  auto& is_leaf = S.is_leaf;
+  is_leaf.assign(n, 1);
   for (int32_t i = 0; i < n; ++i) {
     const Cand& c = sel[order[i]];
     t.tokens[i] = c.token;

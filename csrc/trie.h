@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <unordered_map>
 #include <shared_mutex>
 #include <stdexcept>
 #include <string>
@@ -147,6 +146,7 @@ class Pool {
     double count;
     int32_t token, node;
   };
+  // Appends up to `room` best children of `node` to `out`.
   void best_children(int32_t node, int32_t room, std::vector<Kid>& out) const;
 
  private:
@@ -164,8 +164,10 @@ class Pool {
   std::vector<Node> nodes_;
   EdgeMap edges_;
   mutable std::shared_mutex mu_;
-  // node -> its best children (sorted); guarded by cache_mu_ (readers share mu_).
-  mutable std::unordered_map<int32_t, std::vector<Kid>> top_cache_;
+  // Best children per node (sorted): cache_slot_[node] indexes cache_lists_ (-1: none).
+  // Guarded by cache_mu_ (readers share mu_); cleared by prune() and when it grows too big.
+  mutable std::vector<int32_t> cache_slot_;
+  mutable std::vector<std::vector<Kid>> cache_lists_;
   mutable std::mutex cache_mu_;
 };
 
