@@ -97,17 +97,17 @@ def test_longest_path_from_flags():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 64), (4, 2, 128), (6, 1, 64)])
-@pytest.mark.parametrize("n_target,past", [(5, 0), (19, 37), (70, 13)])
-def test_tree_attention_matches_reference(dtype, Hq, Hkv, D, n_target, past):
+@pytest.mark.parametrize("n_target,past,splits", [(5, 0, None), (19, 37, 1), (19, 300, 3), (70, 13, None)])
+def test_tree_attention_matches_reference(dtype, Hq, Hkv, D, n_target, past, splits):
     t = random_tree(n_target, n_target + past)
     n = len(t)
     g = torch.Generator().manual_seed(n + past)
     q = torch.randn(1, Hq, n, D, generator=g).to(dtype)
     k = torch.randn(1, Hkv, past + n, D, generator=g).to(dtype)
     v = torch.randn(1, Hkv, past + n, D, generator=g).to(dtype)
-    out = tree_attention(q.to(DEV), k.to(DEV), v.to(DEV), mask_to_bits(t.mask)).cpu()
+    out = tree_attention(q.to(DEV), k.to(DEV), v.to(DEV), mask_to_bits(t.mask), splits=splits).cpu()
     ref = tree_attention_reference(q, k, v, torch.from_numpy(t.mask))
-    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 

@@ -124,6 +124,17 @@ def group_by_row(parent_row: torch.Tensor, tokens: torch.Tensor, n_rows: int):
     return row_start, tokens.index_select(0, order).contiguous(), order, int(counts.max()) if counts.numel() else 0
 
 
+_WORKSPACE: dict = {}
+
+
+def _workspace(device, nbytes: int) -> torch.Tensor:
+    """A grow-only byte buffer per device for the split partials: no allocation per call."""
+    buf = _WORKSPACE.get(device)
+    if buf is None or buf.numel() < nbytes:
+        buf = _WORKSPACE[device] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
+    return buf
+
+
 def launch(logits, row_start, node_tok, node_id, widest: int, splits: int | None = None) -> RowStats:
     """Run both kernels on a prepared CSR (see group_by_row)."""
     R, V = logits.shape
@@ -136,10 +147,11 @@ def launch(logits, row_start, node_tok, node_id, widest: int, splits: int | None
     S = splits
     CHUNK = triton.cdiv(triton.cdiv(V, S), BLOCK) * BLOCK
     S = triton.cdiv(V, CHUNK)
-    pm = torch.empty(R, S, dtype=torch.float32, device=dev)
-    pa = torch.empty(R, S, dtype=torch.int32, device=dev)
-    pl = torch.empty(R, S, dtype=torch.float32, device=dev)
-    pc = torch.empty(R, S, C_PAD, dtype=torch.int32, device=dev)
+    ws = _workspace(dev, 4 * R * S * (3 + C_PAD))  # four [R, S(, C_PAD)] 4-byte partials, back to back
+    pm = ws[: 4 * R * S].view(torch.float32).view(R, S)
+    pa = ws[4 * R * S : 8 * R * S].view(torch.int32).view(R, S)
+    pl = ws[8 * R * S : 12 * R * S].view(torch.float32).view(R, S)
+    pc = ws[12 * R * S : 4 * R * S * (3 + C_PAD)].view(torch.int32).view(R, S, C_PAD)
     _row_partials[(R, S)](logits, logits.stride(0), V, row_start, node_tok, pm, pa, pl, pc, S, CHUNK,
                           C_PAD=C_PAD, BLOCK=BLOCK)
     argmax = torch.empty(R, dtype=torch.int64, device=dev)

@@ -5,13 +5,16 @@ The last n key/value positions are the draft tree (query i = tree position i); t
 j is an ancestor-or-self of i, given as a bitmask: bits[i, j // 64] >> (j % 64) & 1.
 Grouped-query attention: query head h reads kv head h // (Hq / Hkv).
 
-Kernel: _tree_attn (flash-style online softmax, grid = query blocks x batch*heads).
+Kernels: _tree_attn (flash-style online softmax, grid = query blocks x batch*heads x splits of
+the past) and _tree_attn_combine (merges the splits' partial softmax states).
 Launcher: tree_attention. Reference: tree_attention_reference (dense mask + SDPA math).
 HF wiring: register() adds the "laser_tree" attention implementation; the decoder passes
 `laser_tree_bits` as a forward kwarg on CUDA, and every other call falls back to SDPA.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -25,15 +28,19 @@ NEG = tl.constexpr(-3.0e38)
 @triton.jit
 def _tree_attn(
     q_ptr, k_ptr, v_ptr, bits_ptr, o_ptr,  # q/o [B, Hq, n, D]; k/v [B, Hkv, past + n, D]; bits [n, W] int64
+    pm_ptr, pl_ptr, pacc_ptr,  # split partials: [B*Hq, SPLITS, n_pad] m, l and [B*Hq, SPLITS, n_pad, D] acc
     sq_b, sq_h, sq_n,
     sk_b, sk_h, sk_t,
     sv_b, sv_h, sv_t,
     so_b, so_h, so_n,
-    Hq, n, past, group, scale,
-    W: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    Hq, n, n_pad, past, chunk, group, scale,
+    W: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Program (m-block, b*h, split): split s covers past keys [s*chunk, (s+1)*chunk); the last split also the tree."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -41,51 +48,100 @@ def _tree_attn(
     offs_d = tl.arange(0, D)
     mrow = offs_m < n
     q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=mrow[:, None], other=0.0)
-    q = q.to(tl.float32) * scale  # fp32 right after the load (interpreter + exact tf32 products of half inputs)
+    if UPCAST:  # interpreter (bf16) and fp32 inputs: fp32 right after the load
+        q = q.to(tl.float32)
     kbase = k_ptr + b * sk_b + hk * sk_h
     vbase = v_ptr + b * sv_b + hk * sv_h
 
     m_i = tl.full((BLOCK_M,), NEG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    # 1. the cached past: every key visible
-    for start in range(0, past, BLOCK_N):
+    # 1. this split's share of the cached past: every key visible
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, past)
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        kmask = offs_n < past
-        k = tl.load(kbase + offs_n[:, None] * sk_t + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vbase + offs_n[:, None] * sv_t + offs_d[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        kmask = offs_n < hi
+        k = tl.load(kbase + offs_n[:, None] * sk_t + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(vbase + offs_n[:, None] * sv_t + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    # 2. the tree: key j visible to query i iff bit j of row i is set
-    for start in range(0, n, BLOCK_N):
-        offs_j = start + tl.arange(0, BLOCK_N)
-        jmask = offs_j < n
-        k = tl.load(kbase + (past + offs_j)[:, None] * sk_t + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vbase + (past + offs_j)[:, None] * sv_t + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
-        words = tl.load(bits_ptr + offs_m[:, None] * W + offs_j[None, :] // 64,
-                        mask=mrow[:, None] & jmask[None, :], other=0)
-        seen = ((words >> (offs_j[None, :] % 64).to(tl.int64)) & 1) != 0
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
-        m_i = m_new
-    out = acc / l_i[:, None]
+    # 2. the tree (last split only): key j visible to query i iff bit j of row i is set
+    if split == SPLITS - 1:
+        for start in range(0, n, BLOCK_N):
+            offs_j = start + tl.arange(0, BLOCK_N)
+            jmask = offs_j < n
+            k = tl.load(kbase + (past + offs_j)[:, None] * sk_t + offs_d[None, :], mask=jmask[:, None], other=0.0)
+            v = tl.load(vbase + (past + offs_j)[:, None] * sv_t + offs_d[None, :], mask=jmask[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            words = tl.load(bits_ptr + offs_m[:, None] * W + offs_j[None, :] // 64,
+                            mask=mrow[:, None] & jmask[None, :], other=0)
+            seen = ((words >> (offs_j[None, :] % 64).to(tl.int64)) & 1) != 0
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=mrow[:, None])
+    else:
+        row = (bh * SPLITS + split) * n_pad + offs_m
+        tl.store(pm_ptr + row, m_i, mask=mrow)
+        tl.store(pl_ptr + row, l_i, mask=mrow)
+        tl.store(pacc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mrow[:, None])
+
+
+@triton.jit
+def _tree_attn_combine(
+    o_ptr, pm_ptr, pl_ptr, pacc_ptr,  # see _tree_attn
+    so_b, so_h, so_n,
+    Hq, n, n_pad,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Merge the SPLITS partial softmax states of each query row."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mrow = offs_m < n
+    m_all = tl.full((BLOCK_M,), NEG, tl.float32)
+    for s in range(SPLITS):
+        m_all = tl.maximum(m_all, tl.load(pm_ptr + (bh * SPLITS + s) * n_pad + offs_m, mask=mrow, other=NEG))
+    l_all = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for s in range(SPLITS):
+        row = (bh * SPLITS + s) * n_pad + offs_m
+        w = tl.exp(tl.load(pm_ptr + row, mask=mrow, other=NEG) - m_all)
+        l_all += w * tl.load(pl_ptr + row, mask=mrow, other=0.0)
+        acc += w[:, None] * tl.load(pacc_ptr + row[:, None] * D + offs_d[None, :], mask=mrow[:, None], other=0.0)
+    out = acc / l_all[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mrow[:, None])
 
 
-def tree_attention(q, k, v, bits, scale: float | None = None) -> torch.Tensor:
-    """q [B, Hq, n, D]; k, v [B, Hkv, past + n, D]; bits [n, W] int64 -> out [B, Hq, n, D] (q's dtype)."""
+def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+    """q [B, Hq, n, D]; k, v [B, Hkv, past + n, D]; bits [n, W] int64 -> out [B, Hq, n, D] (q's dtype).
+
+    splits: programs per (query block, head) along the past (None: enough to fill the GPU).
+    """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
         raise ValueError("q must be [B, Hq, n, D] and k, v [B, Hkv, T, D] of equal shape")
     B, Hq, n, D = q.shape
@@ -106,17 +162,37 @@ def tree_attention(q, k, v, bits, scale: float | None = None) -> torch.Tensor:
     bits = bits.to(q.device).contiguous()
     out = torch.empty_like(q)
     scale = D ** -0.5 if scale is None else scale
+    past = T - n
     BLOCK_M = 16 if n <= 16 else (32 if n <= 32 else 64)
-    BLOCK_N = 64 if D <= 64 else 32
+    BLOCK_N = 64
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = interp or q.dtype == torch.float32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(n, BLOCK_M), B * Hq)
-    _tree_attn[grid](q, k, v, bits, out,
+    m_blocks = triton.cdiv(n, BLOCK_M)
+    # flash-decoding: split the past so that programs fill the GPU (about 2 waves of 132 SMs)
+    splits = 1 if interp and splits is None else splits
+    if splits is None:
+        splits = max(1, min(triton.cdiv(264, m_blocks * B * Hq), triton.cdiv(past, 4 * BLOCK_N)))
+    chunk = triton.cdiv(triton.cdiv(max(past, 1), splits), BLOCK_N) * BLOCK_N
+    splits = max(1, triton.cdiv(past, chunk)) if past else 1
+    n_pad = m_blocks * BLOCK_M
+    if splits > 1:
+        pm = torch.empty(B * Hq, splits, n_pad, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B * Hq, splits, n_pad, D, dtype=torch.float32, device=q.device)
+    else:
+        pm = pl = pacc = out  # unused
+    grid = (m_blocks, B * Hq, splits)
+    _tree_attn[grid](q, k, v, bits, out, pm, pl, pacc,
                      q.stride(0), q.stride(1), q.stride(2),
                      k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2),
                      out.stride(0), out.stride(1), out.stride(2),
-                     Hq, n, T - n, Hq // Hkv, scale,
-                     W=W, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=prec)
+                     Hq, n, n_pad, past, chunk, Hq // Hkv, scale,
+                     W=W, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits, UPCAST=upcast, PREC=prec)
+    if splits > 1:
+        _tree_attn_combine[(m_blocks, B * Hq)](out, pm, pl, pacc, out.stride(0), out.stride(1), out.stride(2),
+                                               Hq, n, n_pad, D=D, BLOCK_M=BLOCK_M, SPLITS=splits)
     return out
 
 
