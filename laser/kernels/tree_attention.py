@@ -164,7 +164,7 @@ def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None
     scale = D ** -0.5 if scale is None else scale
     past = T - n
     BLOCK_M = 16 if n <= 16 else (32 if n <= 32 else 64)
-    BLOCK_N = 64
+    BLOCK_N = 32 if q.dtype == torch.float32 and D >= 128 else 64  # fp32 tiles: stay inside shared memory
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     upcast = interp or q.dtype == torch.float32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
