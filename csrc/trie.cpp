@@ -185,7 +185,6 @@ void Pool::best_children(int32_t node, int32_t room, std::vector<Kid>& out) cons
     std::sort(dst.begin(), dst.end(), better);
   };
   constexpr int32_t kCacheKeep = 16;
-  std::lock_guard<std::mutex> lock(cache_mu_);
   if (cache_slot_.size() < nodes_.size()) cache_slot_.resize(nodes_.size(), -1);
   int32_t& slot = cache_slot_[node];
   if (slot < 0) {
@@ -378,9 +377,15 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   if (prm.cost && prm.cost_len < 1) throw std::invalid_argument("cost curve must not be empty");
   const int P = n_pools;
   for (int p = 0; p < P; ++p) pools[p]->check_tokens(ctx, n_ctx);
+  // Each distinct pool: shared lock on its trie, and its child cache held for the whole draft
+  // (one lock per call instead of one per expanded node).
   std::vector<std::shared_lock<std::shared_mutex>> locks;
+  std::vector<std::unique_lock<std::mutex>> cache_locks;
   for (int p = 0; p < P; ++p) {
-    if (std::find(pools, pools + p, pools[p]) == pools + p) locks.emplace_back(pools[p]->mutex());
+    if (std::find(pools, pools + p, pools[p]) == pools + p) {
+      locks.emplace_back(pools[p]->mutex());
+      cache_locks.emplace_back(pools[p]->cache_mutex());
+    }
   }
   // Each pool matches its own longest suffix; the root's count sums the matched nodes.
   std::vector<int32_t> ids(P);

@@ -146,8 +146,9 @@ class Pool {
     double count;
     int32_t token, node;
   };
-  // Appends up to `room` best children of `node` to `out`.
+  // Appends up to `room` best children of `node` to `out`. Caller holds cache_mutex().
   void best_children(int32_t node, int32_t room, std::vector<Kid>& out) const;
+  std::mutex& cache_mutex() const { return cache_mu_; }
 
  private:
   // Count the windows seq[i : i + max_depth] (clipped to n), skipping their first
