@@ -54,8 +54,9 @@ py::array_t<T> view(const std::vector<T>& v, std::vector<py::ssize_t> shape, py:
 }
 
 DraftParams params(int32_t budget, int32_t max_depth, int32_t min_match, int32_t max_match,
-                   const py::object& cost, py::object& keep) {
+                   const py::object& cost, double confidence, py::object& keep) {
   DraftParams p;
+  p.confidence = confidence;
   p.budget = budget;
   p.max_depth = max_depth;
   p.min_match = min_match;
@@ -74,13 +75,13 @@ DraftParams params(int32_t budget, int32_t max_depth, int32_t min_match, int32_t
 
 DraftTree run_draft(const std::vector<const Pool*>& pools, const std::vector<double>& weights,
                     const py::handle& context, int32_t budget, int32_t max_depth, int32_t min_match,
-                    int32_t max_match, const py::object& cost) {
+                    int32_t max_match, const py::object& cost, double confidence) {
   Tokens ctx = as_tokens(context, "context");
   if (weights.size() != pools.size()) throw py::value_error("need one weight per pool");
   for (double w : weights)
     if (!(w > 0.0)) throw py::value_error("pool weights must be positive");
   py::object keep;  // owner of the cost buffer, if any
-  const DraftParams p = params(budget, max_depth, min_match, max_match, cost, keep);
+  const DraftParams p = params(budget, max_depth, min_match, max_match, cost, confidence, keep);
   py::gil_scoped_release release;
   return laser::draft(pools.data(), weights.data(), int(pools.size()), ctx.data(), ctx.size(), p);
 }
@@ -94,6 +95,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<DraftTree>(m, "DraftTree", "Draft tree in depth-first pre-order (parent index < child index).")
       .def_readonly("match_len", &DraftTree::match_len)
+      .def_readonly("root_count", &DraftTree::root_count)
       .def_property_readonly("tokens", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.tokens, {t.n}, s); })
       .def_property_readonly("parents", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.parents, {t.n}, s); })
       .def_property_readonly("depth", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.depth, {t.n}, s); })
@@ -133,12 +135,12 @@ PYBIND11_MODULE(_C, m) {
            py::arg("prefix"), py::arg("tokens"), py::arg("weight") = 1.0)
       .def("draft",
            [](const Pool& p, const py::handle& context, int32_t budget, int32_t max_depth, int32_t min_match,
-              int32_t max_match, const py::object& cost) {
+              int32_t max_match, const py::object& cost, double confidence) {
              return run_draft({&p}, {1.0}, context, budget, max_depth > 0 ? max_depth : p.max_depth(), min_match,
-                              max_match, cost);
+                              max_match, cost, confidence);
            },
            py::arg("context"), py::arg("budget") = 64, py::arg("max_depth") = 0, py::arg("min_match") = 1,
-           py::arg("max_match") = 4, py::arg("cost") = py::none())
+           py::arg("max_match") = 4, py::arg("cost") = py::none(), py::arg("confidence") = 1.0)
       .def("count",
            [](const Pool& p, const py::handle& tokens) {
              Tokens t = as_tokens(tokens, "tokens");
@@ -170,11 +172,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("draft_union",
         [](const std::vector<const Pool*>& pools, const std::vector<double>& weights, const py::handle& context,
-           int32_t budget, int32_t max_depth, int32_t min_match, int32_t max_match, const py::object& cost) {
+           int32_t budget, int32_t max_depth, int32_t min_match, int32_t max_match, const py::object& cost,
+           double confidence) {
           if (pools.empty()) throw py::value_error("need at least one pool");
-          return run_draft(pools, weights, context, budget, max_depth, min_match, max_match, cost);
+          return run_draft(pools, weights, context, budget, max_depth, min_match, max_match, cost, confidence);
         },
         py::arg("pools"), py::arg("weights"), py::arg("context"), py::arg("budget") = 64, py::arg("max_depth") = 12,
-        py::arg("min_match") = 1, py::arg("max_match") = 4, py::arg("cost") = py::none(),
+        py::arg("min_match") = 1, py::arg("max_match") = 4, py::arg("cost") = py::none(), py::arg("confidence") = 1.0,
         "Draft from several pools at once; a node's count is the weighted sum of the pools' counts.");
 }

@@ -375,6 +375,7 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   if (prm.budget < 0 || prm.max_depth < 1 || prm.min_match < 1 || prm.max_match < prm.min_match)
     throw std::invalid_argument("need budget >= 0, max_depth >= 1, 1 <= min_match <= max_match");
   if (prm.cost && prm.cost_len < 1) throw std::invalid_argument("cost curve must not be empty");
+  if (!(prm.confidence > 0.0 && prm.confidence <= 1.0)) throw std::invalid_argument("confidence must be in (0, 1]");
   const int P = n_pools;
   for (int p = 0; p < P; ++p) pools[p]->check_tokens(ctx, n_ctx);
   // Each distinct pool: shared lock on its trie, and its child cache held for the whole draft
@@ -397,6 +398,7 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     if (ids[p] >= 0) root_count += weights[p] * pools[p]->nodes()[ids[p]].count;
     t.match_len = std::max(t.match_len, len);
   }
+  t.root_count = root_count;
   int32_t budget = prm.budget;
   if (prm.cost) budget = std::min(budget, prm.cost_len - 1);
 
@@ -498,7 +500,7 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     double gain = 1.0, best = 1.0 / prm.cost[0];
     int32_t best_b = 0;
     for (int32_t b = 1; b <= n; ++b) {
-      gain += std::min(1.0, sel[b - 1].count / root_count);
+      gain += prm.confidence * std::min(1.0, sel[b - 1].count / root_count);
       const double score = gain / prm.cost[b];
       if (score > best) best = score, best_b = b;
     }

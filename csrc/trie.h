@@ -84,6 +84,7 @@ struct DraftTree {
   int32_t match_len = 0;          // length of the matched context suffix (0: no match)
   int32_t n_paths = 0;            // number of leaves
   int32_t path_width = 0;         // longest root-to-leaf path
+  double root_count = 0.0;        // weighted count of the matched context (counts / root_count = chance)
   std::vector<int32_t> tokens;    // [n]
   std::vector<int32_t> parents;   // [n]   DFS index of the parent, -1 = child of the context
   std::vector<int32_t> depth;     // [n]   1 for children of the context
@@ -103,6 +104,7 @@ struct DraftParams {
   // count divided by its root count (the empirical chance that the text follows it).
   const double* cost = nullptr;
   int32_t cost_len = 0;
+  double confidence = 1.0;  // scales each node's empirical chance in the cut (calibrated by the caller)
 };
 
 class Pool {

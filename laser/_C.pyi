@@ -15,6 +15,7 @@ class DraftTree:
     """Draft tree in depth-first pre-order; arrays are zero-copy views owned by the tree."""
 
     match_len: int
+    root_count: float  # weighted count of the matched context; counts / root_count = empirical chance
     @property
     def tokens(self) -> npt.NDArray[np.int32]: ...  # [n]
     @property
@@ -41,6 +42,7 @@ class RetrievalPool:
         min_match: int = 1,
         max_match: int = 4,
         cost: npt.ArrayLike | None = None,
+        confidence: float = 1.0,
     ) -> DraftTree: ...
     def count(self, tokens: npt.ArrayLike) -> float: ...
     def check_tokens(self, tokens: npt.ArrayLike) -> None: ...
@@ -67,4 +69,5 @@ def draft_union(
     min_match: int = 1,
     max_match: int = 4,
     cost: npt.ArrayLike | None = None,
+    confidence: float = 1.0,
 ) -> DraftTree: ...

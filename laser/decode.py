@@ -64,6 +64,9 @@ class DraftConfig:
     max_match: int = 4
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each tree (see calibrate)
+    # The cut trusts pool statistics times a confidence: accepted / predicted over the call
+    # so far (decayed), starting here. Pool counts overstate acceptance on new text.
+    confidence: float = 0.5
 
 
 def _verify_inputs(pending: int, tree, past: int, dtype, device):
@@ -237,12 +240,14 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         model(input_ids=ids[None, :-1].to(device), **{kv: cache}, use_cache=True)
     n, new = L, 0
     stats.time_prefill = time.perf_counter() - t0
+    acc_sum, pred_sum = cfg.confidence, 1.0  # decayed sums of accepted and predicted draft tokens
 
     while new < max_new_tokens:
         # 1. draft: tree from the shared pool + this request's own text
         t0 = time.perf_counter()
+        conf = min(1.0, max(0.05, acc_sum / pred_sum))
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
-                           min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost)
+                           min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost, confidence=conf)
         past = n - 1
         inp, pos, mask, toks, depth, tmask, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
         extra = {"laser_tree_bits": mask_to_bits(block).to(device)} if kernels else {}
@@ -274,6 +279,9 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         if pool is not None and update_pool:
             pool.extend(seq[L:n], out)  # windows inside the output only: no prompt tokens
         n, new = n + out.size, new + out.size
+        if len(tree):
+            predicted = float(np.minimum(1.0, tree.counts / tree.root_count).sum())
+            acc_sum, pred_sum = 0.9 * acc_sum + out.size - 1, 0.9 * pred_sum + predicted
         stats.steps += 1
         stats.accepted.append(out.size - 1)
         stats.tree_sizes.append(len(tree))
