@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--clusters", type=int, default=8, help="K-means groups for collaborative pools")
     g.add_argument("--threshold", type=int, help="router h: interactions needed for a collaborative pool")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=1, help="rows decoded together (continuous batching)")
     g.add_argument("--no-progress", action="store_true")
     r = sub.add_parser("report", help="compare pool modes, strict/relaxed and a (k, p) sweep against greedy")
     r.add_argument("--out-dir", default="report")
@@ -49,10 +50,13 @@ def main(argv=None) -> int:
 
             if args.limit is not None and args.limit < 1:
                 raise ValueError("--limit must be >= 1")
+            if args.batch_size < 1:
+                raise ValueError("--batch-size must be >= 1")
             cfg = JobConfig(dataset=args.dataset, target=args.target, out=args.out, limit=args.limit, pool=args.pool,
                             mode=args.mode, top_k=args.top_k, min_prob=args.min_prob, model=args.model,
                             data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, warm=args.warm,
-                            clusters=args.clusters, threshold=args.threshold, seed=args.seed)
+                            clusters=args.clusters, threshold=args.threshold, seed=args.seed,
+                            batch_size=args.batch_size)
             summary = run_job(cfg, progress=not args.no_progress)
             print(f"wrote {summary['written']} records ({summary['skipped']} already done), "
                   f"{summary['tokens_per_s']:.1f} tok/s, {summary['mean_accepted']:.2f} tokens/step, "

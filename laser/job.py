@@ -41,6 +41,7 @@ class JobConfig:
     seed: int = 0
     save_every: int = 10
     budget: int = 32
+    batch_size: int = 1  # > 1: continuous batching (laser.batch)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -123,34 +124,49 @@ def run_job(cfg: JobConfig, progress: bool = True) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=len(keys), initial=len(keys) - len(pending), unit="rec", dynamic_ncols=True)
-    n_tokens, n_time, accepted = 0, 0.0, []
+    n_tokens, n_time, accepted, written = 0, 0.0, [], 0
+    t_start = time.perf_counter()
+    f = open(out, "a", encoding="utf-8")
+
+    def write(key, group, new, steps, mean_acc, dt):
+        nonlocal n_tokens, n_time, written
+        rec = {"id": key, "group": group, "text": tok.decode(new, skip_special_tokens=True), "tokens": new,
+               "steps": steps, "time": round(dt, 4)}
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+        pools.records += 1
+        written += 1
+        n_tokens, n_time = n_tokens + len(new), time.perf_counter() - t_start
+        accepted.append(mean_acc)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{n_tokens / n_time:.1f}", acc=f"{np.mean(accepted):.2f}")
+        if written % cfg.save_every == 0:
+            pools.save(pool_dir)
+
     try:
-        with open(out, "a", encoding="utf-8") as f:
-            for i, key in enumerate(pending):
-                group = group_fn(key)
+        if cfg.batch_size > 1:
+            from laser.batch import Request, generate_batch
+
+            reqs = [Request(chat_ids(tok, prompt_of(ds, key)), pools.get(group_fn(key)), key) for key in pending]
+            generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
+                           top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft,
+                           on_result=lambda r: write(r.tag, group_fn(r.tag), r.tokens.tolist(), r.stats.steps,
+                                                     r.stats.mean_accepted, r.stats.total_time))
+        else:
+            for key in pending:
                 ids = chat_ids(tok, prompt_of(ds, key))
                 t0 = time.perf_counter()
-                res = laser.generate(model, ids, pool=pools.get(group), max_new_tokens=cfg.max_new_tokens,
+                res = laser.generate(model, ids, pool=pools.get(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
                                      mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft)
-                dt = time.perf_counter() - t0
-                new = res.sequences[0, len(ids):].tolist()
-                rec = {"id": key, "group": group, "text": tok.decode(new, skip_special_tokens=True), "tokens": new,
-                       "steps": res.stats.steps, "time": round(dt, 4)}
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                pools.records += 1
-                n_tokens, n_time = n_tokens + len(new), n_time + dt
-                accepted.append(res.stats.mean_accepted)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(tok_s=f"{n_tokens / n_time:.1f}", acc=f"{np.mean(accepted):.2f}")
-                if (i + 1) % cfg.save_every == 0:
-                    pools.save(pool_dir)
+                write(key, group_fn(key), res.sequences[0, len(ids):].tolist(), res.stats.steps,
+                      res.stats.mean_accepted, time.perf_counter() - t0)
     finally:
+        f.close()
         if bar is not None:
             bar.close()
         pools.save(pool_dir)
-    return {"written": len(pending), "skipped": len(keys) - len(pending), "tokens": n_tokens,
+    return {"written": written, "skipped": len(keys) - len(pending), "tokens": n_tokens,
             "tokens_per_s": n_tokens / n_time if n_time else 0.0,
             "mean_accepted": float(np.mean(accepted)) if accepted else 0.0, "pools": len(pools.pools)}

@@ -1,0 +1,78 @@
+"""Batched decoding: per-row strict == greedy, ragged lengths, refills, EOS, relaxed rule."""
+
+import numpy as np
+import pytest
+import torch
+
+import laser
+from laser.batch import Request, generate_batch
+from test_decode import V, greedy, tiny
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_each_row_equals_its_greedy_output(arch, batch_size):
+    model = tiny(arch, 21)
+    rng = np.random.default_rng(batch_size)
+    prompts = [rng.integers(1, V, int(rng.integers(2, 25))).tolist() for _ in range(7)]  # ragged
+    outs = [greedy(model, p, 28, eos_token_id=None) for p in prompts]
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for p, o in zip(prompts[::2], outs[::2]):
+        pool.insert(o[len(p):])
+    reqs = [Request(p, pool if i % 3 else None, tag=i) for i, p in enumerate(prompts)]
+    res = generate_batch(model, reqs, batch_size=batch_size, max_new_tokens=28, eos_token_id=None, update_pool=False,
+                         draft=laser.DraftConfig(budget=12, max_depth=6))
+    assert [r.tag for r in res] == list(range(7))
+    for p, o, r in zip(prompts, outs, res):
+        assert r.tokens.tolist() == o[len(p):]
+        assert r.stats.new_tokens == 28 and r.stats.steps <= 28
+
+
+def test_rows_finish_independently_at_eos_and_are_refilled():
+    model = tiny("llama", 22)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, V, 6).tolist() for _ in range(6)]
+    outs = [greedy(model, p, 30, eos_token_id=None) for p in prompts]
+    eos = outs[0][6 + 4]  # a token the first row emits early
+    want = [greedy(model, p, 30, eos_token_id=eos) for p in prompts]
+    finished = []
+    res = generate_batch(model, [Request(p, tag=i) for i, p in enumerate(prompts)], batch_size=2, max_new_tokens=30,
+                         eos_token_id=eos, on_result=lambda r: finished.append(r.tag))
+    for p, w, r in zip(prompts, want, res):
+        assert r.tokens.tolist() == w[len(p):]
+    assert sorted(finished) == list(range(6))
+    assert len(res[0].tokens) <= 5
+
+
+def test_relaxed_rows_obey_the_rule():
+    model = tiny("qwen2", 23)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, V, 8).tolist() for _ in range(4)]
+    pool = laser.RetrievalPool(max_depth=8)
+    torch.manual_seed(0)
+    for p in prompts:
+        ids = torch.tensor([p])
+        s = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=True, top_k=3,
+                           pad_token_id=0, eos_token_id=None)
+        pool.insert(s[0, 8:].numpy())
+    k, p_min = 3, 0.005
+    res = generate_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=40,
+                         mode="relaxed", top_k=k, min_prob=p_min, eos_token_id=None)
+    for prompt, r in zip(prompts, res):
+        seq = torch.tensor([prompt + r.tokens.tolist()])
+        with torch.no_grad():
+            logits = model(seq).logits[0].float()
+        for t in range(len(prompt), seq.shape[1]):
+            row, tok = logits[t - 1], int(seq[0, t])
+            ok = tok == int(row.argmax()) or (int((row > row[tok]).sum()) < k and torch.softmax(row, -1)[tok] >= p_min - 1e-5)
+            assert ok
+
+
+def test_batch_bad_input():
+    model = tiny("llama", 24)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_batch(model, [Request([1, 2])], batch_size=0)
+    with pytest.raises(ValueError, match="out of range"):
+        generate_batch(model, [Request([1, 2]), Request([1, V])])
+    with pytest.raises(ValueError, match="context window"):
+        generate_batch(model, [Request([1] * 250)], max_new_tokens=10)
