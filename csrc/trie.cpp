@@ -86,8 +86,10 @@ void Pool::count_windows(const int32_t* seq, int64_t n, int64_t skip_before, dou
   // Windows are processed in chunks small enough that a chunk can never overflow
   // max_nodes, so node ids held across levels stay valid (prune() only runs between chunks).
   const int64_t chunk = std::max<int64_t>(1, (max_nodes_ / 4) / max_depth_);
-  std::vector<int32_t> cur;
-  std::vector<uint64_t> keys, hashes;
+  thread_local std::vector<int32_t> cur_;
+  thread_local std::vector<uint64_t> keys_, hashes_;
+  auto &cur = cur_;
+  auto &keys = keys_, &hashes = hashes_;
   for (int64_t lo = 0; lo < n; lo += chunk) {
     const int64_t hi = std::min(n, lo + chunk);
     if (int64_t(nodes_.size()) + (hi - lo) * max_depth_ > max_nodes_) prune();
@@ -112,10 +114,11 @@ void Pool::count_windows(const int32_t* seq, int64_t n, int64_t skip_before, dou
         __builtin_prefetch(&nodes_[c]);
       }
       for (int64_t i = lo; i < end; ++i) {
-        if (d <= skip_before - i) continue;
+        const int64_t skip = skip_before - i;
+        if (d <= skip) continue;
         Node& nd = nodes_[cur[i - lo]];
         nd.count += weight;
-        nodes_[nd.parent].dirty = 1;
+        if (d == skip + 1 && skip > 0) nodes_[nd.parent].dirty = 1;  // parent not recounted
       }
     }
   }
@@ -147,7 +150,7 @@ int64_t Pool::memory_bytes() const {
   std::shared_lock<std::shared_mutex> lock(mu_);
   std::lock_guard<std::mutex> cache_lock(cache_mu_);
   size_t cached = cache_slot_.capacity() * sizeof(int32_t);
-  for (const auto& l : cache_lists_) cached += l.capacity() * sizeof(Kid) + sizeof(l);
+  for (const auto& l : cache_lists_) cached += l.kids.capacity() * sizeof(Kid) + sizeof(l);
   return int64_t(nodes_.capacity() * sizeof(Node) + edges_.memory_bytes() + cached + sizeof(Pool));
 }
 
@@ -193,15 +196,17 @@ void Pool::best_children(int32_t node, int32_t room, std::vector<Kid>& out) cons
       cache_lists_.clear();
     }
     slot = int32_t(cache_lists_.size());
-    cache_lists_.emplace_back();
-    v.dirty = 1;
+    cache_lists_.push_back(CachedKids{-1.0, -1, {}});
   }
-  std::vector<Kid>& top = cache_lists_[slot];
-  if (v.dirty || int32_t(top.size()) < std::min(room, v.n_children)) {
-    scan(std::max(room, kCacheKeep), top);
+  CachedKids& c = cache_lists_[slot];
+  if (v.dirty || c.parent_count != v.count || c.n_children != v.n_children ||
+      int32_t(c.kids.size()) < std::min(room, v.n_children)) {
+    scan(std::max(room, kCacheKeep), c.kids);
+    c.parent_count = v.count;
+    c.n_children = v.n_children;
     v.dirty = 0;
   }
-  out.insert(out.end(), top.begin(), top.begin() + std::min<size_t>(top.size(), size_t(room)));
+  out.insert(out.end(), c.kids.begin(), c.kids.begin() + std::min<size_t>(c.kids.size(), size_t(room)));
 }
 
 // Decay every count, then drop the lowest-count nodes (and their subtrees) until at

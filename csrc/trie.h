@@ -72,7 +72,7 @@ struct Node {
   int32_t next_sibling;  // -1 at the end of the list
   int32_t n_children;
   int16_t depth;         // 0 for the root
-  mutable uint8_t dirty; // a child was added or recounted since the top-children cache was built
+  mutable uint8_t dirty; // force a rebuild of this node's cached best children
   uint8_t pad_;
   double count;          // weighted number of windows through this node
 };
@@ -169,8 +169,16 @@ class Pool {
   mutable std::shared_mutex mu_;
   // Best children per node (sorted): cache_slot_[node] indexes cache_lists_ (-1: none).
   // Guarded by cache_mu_ (readers share mu_); cleared by prune() and when it grows too big.
+  // A list is valid while the node's count and child count are those it was built at: every
+  // window that recounts a child also recounts its parent, except the first counted depth
+  // of an extend(), which sets `dirty` instead.
+  struct CachedKids {
+    double parent_count;
+    int32_t n_children;
+    std::vector<Kid> kids;
+  };
   mutable std::vector<int32_t> cache_slot_;
-  mutable std::vector<std::vector<Kid>> cache_lists_;
+  mutable std::vector<CachedKids> cache_lists_;
   mutable std::mutex cache_mu_;
 };
 

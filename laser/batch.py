@@ -115,7 +115,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             if row is None:
                 trees.append(None)
                 continue
-            conf = min(1.0, max(0.05, row["acc"] / row["pred"]))
+            conf = min(1.0, max(0.05, row["acc"] / row["pred"])) if cfg.adaptive else cfg.confidence
             trees.append(draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
                                      max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match,
                                      cost=cfg.cost, confidence=conf))

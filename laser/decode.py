@@ -64,9 +64,11 @@ class DraftConfig:
     max_match: int = 4
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each tree (see calibrate)
-    # The cut trusts pool statistics times a confidence: accepted / predicted over the call
-    # so far (decayed), starting here. Pool counts overstate acceptance on new text.
-    confidence: float = 0.5
+    # The cut trusts pool statistics times a confidence. adaptive=True recalibrates it within
+    # a call as accepted / predicted draft tokens (decayed); measured here it shrank trees
+    # too far on CPU (benchmarks/RESULTS.md), so the default trusts the counts.
+    confidence: float = 1.0
+    adaptive: bool = False
 
 
 def _verify_inputs(pending: int, tree, past: int, dtype, device):
@@ -245,7 +247,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
     while new < max_new_tokens:
         # 1. draft: tree from the shared pool + this request's own text
         t0 = time.perf_counter()
-        conf = min(1.0, max(0.05, acc_sum / pred_sum))
+        conf = min(1.0, max(0.05, acc_sum / pred_sum)) if cfg.adaptive else cfg.confidence
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
                            min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost, confidence=conf)
         past = n - 1

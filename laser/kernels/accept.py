@@ -6,7 +6,8 @@ probability of its token and its rank (number of logits strictly above the token
 No softmax tensor and no topk: node tokens are grouped by row (CSR), and each row's
 programs compare the row once against all of that row's node logits.
 
-Kernels: _row_partials (grid R x S, each program one V-chunk) and _row_combine (grid R).
+Kernel: _row_stats (grid R x S, each program one V-chunk; the last program of a row to
+finish, by an atomic ticket, merges the row's partials in _combine: one launch in all).
 Launcher: fused_row_stats. Reference: laser.accept.row_stats_reference.
 """
 
@@ -22,23 +23,27 @@ NEG = tl.constexpr(-3.0e38)  # finite "minus infinity": keeps exp(m_old - m_new)
 
 
 @triton.jit
-def _row_partials(
+def _row_stats(
     logits_ptr,  # [R, V] fp32/fp16/bf16, row stride stride_r
     stride_r,
     V,
     row_start_ptr,  # [R + 1] int32, CSR offsets into node_tok
     node_tok_ptr,  # [n] int64, tokens of the nodes grouped by parent row
-    pm_ptr,  # [R, S] fp32 chunk max
-    pa_ptr,  # [R, S] int32 chunk argmax (first index of the max)
-    pl_ptr,  # [R, S] fp32 chunk sum of exp(x - chunk max)
-    pc_ptr,  # [R, S, C_PAD] int32 chunk count of logits > node logit
+    wsf_ptr,  # fp32 workspace: pm [R, S] chunk max, then pl [R, S] chunk sum of exp(x - chunk max)
+    wsi_ptr,  # int32 workspace: pa [R, S] chunk argmax (first index), then pc [R, S, C_PAD] count > node logit
+    ticket_ptr,  # [R] int32, zero between calls: programs of a row that have finished
+    node_id_ptr, argmax_ptr, prob_ptr, rank_ptr,  # see _combine
+    R,
     S,
     CHUNK,
+    S_PAD: tl.constexpr,
     C_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0)
     s = tl.program_id(1)
+    pm_ptr, pl_ptr = wsf_ptr, wsf_ptr + R * S
+    pa_ptr, pc_ptr = wsi_ptr, wsi_ptr + R * S
     row = logits_ptr + r.to(tl.int64) * stride_r
     lo = tl.load(row_start_ptr + r)
     hi = tl.load(row_start_ptr + r + 1)
@@ -70,16 +75,22 @@ def _row_partials(
     tl.store(pa_ptr + o, a)
     tl.store(pl_ptr + o, l)
     tl.store(pc_ptr + o * C_PAD + cj, cnt)
+    # the row's last program to finish merges its S partials (one launch for everything)
+    done = tl.atomic_add(ticket_ptr + r, 1, sem="acq_rel")
+    if done == S - 1:
+        _combine(r, row, row_start_ptr, node_tok_ptr, node_id_ptr, pm_ptr, pa_ptr, pl_ptr, pc_ptr,
+                 argmax_ptr, prob_ptr, rank_ptr, S, S_PAD, C_PAD)
+        tl.store(ticket_ptr + r, 0)  # ready for the next call
 
 
 @triton.jit
-def _row_combine(
-    logits_ptr,  # [R, V]
-    stride_r,
+def _combine(
+    r,
+    row,  # pointer to logits row r
     row_start_ptr,  # [R + 1] int32
     node_tok_ptr,  # [n] int64 (CSR order)
     node_id_ptr,  # [n] int64 original node index of each CSR entry
-    pm_ptr, pa_ptr, pl_ptr, pc_ptr,  # partials, see _row_partials
+    pm_ptr, pa_ptr, pl_ptr, pc_ptr,  # partials, see _row_stats
     argmax_ptr,  # [R] int64 out
     prob_ptr,  # [n] fp32 out
     rank_ptr,  # [n] int64 out
@@ -87,12 +98,12 @@ def _row_combine(
     S_PAD: tl.constexpr,
     C_PAD: tl.constexpr,
 ):
-    r = tl.program_id(0)
     sj = tl.arange(0, S_PAD)
     smask = sj < S
-    pm = tl.load(pm_ptr + r * S + sj, mask=smask, other=NEG)
-    pa = tl.load(pa_ptr + r * S + sj, mask=smask, other=2147483647)
-    pl = tl.load(pl_ptr + r * S + sj, mask=smask, other=0.0)
+    # .cg: read the other programs' partials from L2, not a stale L1 line
+    pm = tl.load(pm_ptr + r * S + sj, mask=smask, other=NEG, cache_modifier=".cg")
+    pa = tl.load(pa_ptr + r * S + sj, mask=smask, other=2147483647, cache_modifier=".cg")
+    pl = tl.load(pl_ptr + r * S + sj, mask=smask, other=0.0, cache_modifier=".cg")
     M = tl.max(pm, axis=0)
     A = tl.min(tl.where(pm == M, pa, 2147483647), axis=0)
     Z = tl.sum(pl * tl.exp(pm - M), axis=0)
@@ -102,10 +113,11 @@ def _row_combine(
     hi = tl.load(row_start_ptr + r + 1)
     cj = tl.arange(0, C_PAD)
     cmask = cj < hi - lo
-    counts = tl.load(pc_ptr + (r * S + sj[:, None]) * C_PAD + cj[None, :], mask=smask[:, None] & cmask[None, :], other=0)
+    counts = tl.load(pc_ptr + (r * S + sj[:, None]) * C_PAD + cj[None, :], mask=smask[:, None] & cmask[None, :],
+                     other=0, cache_modifier=".cg")
     rank = tl.sum(counts, axis=0)
     toks = tl.load(node_tok_ptr + lo + cj, mask=cmask, other=0)
-    tval = tl.load(logits_ptr + r.to(tl.int64) * stride_r + toks, mask=cmask, other=0.0).to(tl.float32)
+    tval = tl.load(row + toks, mask=cmask, other=0.0).to(tl.float32)
     ids = tl.load(node_id_ptr + lo + cj, mask=cmask, other=0)
     tl.store(prob_ptr + ids, tl.exp(tval - M) / Z, mask=cmask)
     tl.store(rank_ptr + ids, rank.to(tl.int64), mask=cmask)
@@ -127,12 +139,20 @@ def group_by_row(parent_row: torch.Tensor, tokens: torch.Tensor, n_rows: int):
 _WORKSPACE: dict = {}
 
 
-def _workspace(device, nbytes: int) -> torch.Tensor:
-    """A grow-only byte buffer per device for the split partials: no allocation per call."""
-    buf = _WORKSPACE.get(device)
-    if buf is None or buf.numel() < nbytes:
-        buf = _WORKSPACE[device] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
-    return buf
+def _workspace(device, R: int, S: int, C_PAD: int):
+    """Grow-only per-device buffers (fp32 partials, int32 partials, zeroed tickets): no allocation per call.
+
+    One stream at a time: two concurrent launches on one device would share them.
+    """
+    f, i, t = _WORKSPACE.get(device, (None, None, None))
+    if f is None or f.numel() < 2 * R * S:
+        f = torch.empty(max(2 * R * S, 1 << 16), dtype=torch.float32, device=device)
+    if i is None or i.numel() < R * S * (1 + C_PAD):
+        i = torch.empty(max(R * S * (1 + C_PAD), 1 << 18), dtype=torch.int32, device=device)
+    if t is None or t.numel() < R:
+        t = torch.zeros(max(R, 1024), dtype=torch.int32, device=device)
+    _WORKSPACE[device] = (f, i, t)
+    return f, i, t
 
 
 def launch(logits, row_start, node_tok, node_id, widest: int, splits: int | None = None) -> RowStats:
@@ -147,18 +167,12 @@ def launch(logits, row_start, node_tok, node_id, widest: int, splits: int | None
     S = splits
     CHUNK = triton.cdiv(triton.cdiv(V, S), BLOCK) * BLOCK
     S = triton.cdiv(V, CHUNK)
-    ws = _workspace(dev, 4 * R * S * (3 + C_PAD))  # four [R, S(, C_PAD)] 4-byte partials, back to back
-    pm = ws[: 4 * R * S].view(torch.float32).view(R, S)
-    pa = ws[4 * R * S : 8 * R * S].view(torch.int32).view(R, S)
-    pl = ws[8 * R * S : 12 * R * S].view(torch.float32).view(R, S)
-    pc = ws[12 * R * S : 4 * R * S * (3 + C_PAD)].view(torch.int32).view(R, S, C_PAD)
-    _row_partials[(R, S)](logits, logits.stride(0), V, row_start, node_tok, pm, pa, pl, pc, S, CHUNK,
-                          C_PAD=C_PAD, BLOCK=BLOCK)
+    wsf, wsi, tickets = _workspace(dev, R, S, C_PAD)
     argmax = torch.empty(R, dtype=torch.int64, device=dev)
     prob = torch.empty(n, dtype=torch.float32, device=dev)
     rank = torch.empty(n, dtype=torch.int64, device=dev)
-    _row_combine[(R,)](logits, logits.stride(0), row_start, node_tok, node_id, pm, pa, pl, pc, argmax, prob, rank,
-                       S, S_PAD=_pow2(S), C_PAD=C_PAD)
+    _row_stats[(R, S)](logits, logits.stride(0), V, row_start, node_tok, wsf, wsi, tickets, node_id,
+                       argmax, prob, rank, R, S, CHUNK, S_PAD=_pow2(S), C_PAD=C_PAD, BLOCK=BLOCK)
     return RowStats(argmax, prob, rank)
 
 

@@ -1,0 +1,86 @@
+"""Batched throughput: LASER continuous batching vs HF batched greedy, same prompts, one run.
+
+    python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16]
+
+Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; the shared
+pool is warmed with the texts written for other users. Prints tokens/s per method and
+batch size, and LASER's ratio to HF batched greedy at the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import laser
+from laser.batch import Request, generate_batch
+from laser.data import chat_ids, load_dataset, user_prompt
+
+
+def hf_batched(model, tok, prompts, B, new):
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tokens, t0 = 0, time.perf_counter()
+    for i in range(0, len(prompts), B):
+        chunk = prompts[i : i + B]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        out = model.generate(ids.to(model.device), attention_mask=attn.to(model.device), max_new_tokens=new,
+                             do_sample=False, pad_token_id=pad)
+        gen = out[:, width:]
+        for row in gen.tolist():  # count up to and including the first EOS, like LASER
+            tokens += next((j + 1 for j, t in enumerate(row) if t == tok.eos_token_id), len(row))
+    return tokens / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--warm", type=int, default=16)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, tok = laser.load_model(device=args.device)
+    ds = load_dataset("ml-100k")
+    users = sorted(ds.users, key=int)
+    order = np.random.default_rng(0).permutation(len(users))
+    eval_users = [users[i] for i in order[: args.prompts]]
+    warm_users = [users[i] for i in order[args.prompts : args.prompts + args.warm]]
+    prompts = [chat_ids(tok, user_prompt(ds, u)) for u in eval_users]
+    cost = laser.calibrate(model, context_len=int(np.mean([len(p) for p in prompts])), sizes=(0, 1, 2, 4, 8, 16, 32))
+    cfg = laser.DraftConfig(budget=32, max_depth=10, cost=cost)
+    pool = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
+    warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
+    generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg)
+    print(f"pool warmed with {len(warm)} users' texts: {len(pool)} nodes")
+
+    rows = []
+    for B in args.batch:
+        hf = hf_batched(model, tok, prompts, B, args.new)
+        line = {"B": B, "hf": hf}
+        for mode in ("strict", "relaxed"):
+            t0 = time.perf_counter()
+            res = generate_batch(model, [Request(p, pool) for p in prompts], batch_size=B, max_new_tokens=args.new,
+                                 mode=mode, draft=cfg, update_pool=False)
+            line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
+            line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
+        rows.append(line)
+        print(f"B={B:2d}: HF {hf:6.1f} tok/s, LASER strict {line['strict']:6.1f} ({line['strict'] / hf:.2f}x), "
+              f"relaxed {line['relaxed']:6.1f} ({line['relaxed'] / hf:.2f}x)", flush=True)
+
+    print(f"\n{len(prompts)} ML-100K user prompts x {args.new} new tokens, SmolLM2-135M on {args.device}")
+    print(f"{'B':>3s} {'HF greedy tok/s':>16s} {'strict tok/s':>13s} {'x HF':>6s} {'relaxed tok/s':>14s} {'x HF':>6s} {'tok/step s/r':>13s}")
+    for r in rows:
+        print(f"{r['B']:3d} {r['hf']:16.1f} {r['strict']:13.1f} {r['strict'] / r['hf']:6.2f} {r['relaxed']:14.1f} "
+              f"{r['relaxed'] / r['hf']:6.2f} {r['strict_step']:6.2f}/{r['relaxed_step']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
