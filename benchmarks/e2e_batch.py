@@ -3,7 +3,8 @@
     python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16]
 
 Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; the shared
-pool is warmed with the texts written for other users. Prints tokens/s per method and
+pool is warmed with the texts written for other users. Each batch size gets its own
+verification cost curve (laser.calibrate(batch=B)): a tree node costs B tokens there. Prints tokens/s per method and
 batch size, and LASER's ratio to HF batched greedy at the same batch size.
 """
 
@@ -54,11 +55,12 @@ def main(argv=None):
     eval_users = [users[i] for i in order[: args.prompts]]
     warm_users = [users[i] for i in order[args.prompts : args.prompts + args.warm]]
     prompts = [chat_ids(tok, user_prompt(ds, u)) for u in eval_users]
-    cost = laser.calibrate(model, context_len=int(np.mean([len(p) for p in prompts])), sizes=(0, 1, 2, 4, 8, 16, 32))
-    cfg = laser.DraftConfig(budget=32, max_depth=10, cost=cost)
+    ctx_len = int(np.mean([len(p) for p in prompts]))
+    cost_at = {B: laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), batch=B) for B in set(args.batch) | {8}}
+    cfg_at = {B: laser.DraftConfig(budget=32, max_depth=10, cost=c) for B, c in cost_at.items()}
     pool = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
     warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
-    generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg)
+    generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg_at[8])
     print(f"pool warmed with {len(warm)} users' texts: {len(pool)} nodes")
 
     rows = []
@@ -68,7 +70,7 @@ def main(argv=None):
         for mode in ("strict", "relaxed"):
             t0 = time.perf_counter()
             res = generate_batch(model, [Request(p, pool) for p in prompts], batch_size=B, max_new_tokens=args.new,
-                                 mode=mode, draft=cfg, update_pool=False)
+                                 mode=mode, draft=cfg_at[B], update_pool=False)
             line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
             line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
         rows.append(line)

@@ -298,26 +298,28 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
 
 
 @torch.no_grad()
-def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), repeats: int = 3) -> np.ndarray:
+def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), repeats: int = 3,
+              batch: int = 1) -> np.ndarray:
     """Measure the verification cost curve on this hardware: cost[b] = seconds for b tree nodes.
 
-    Times one forward of b + 1 tokens after a `context_len` prefix (median of `repeats`),
-    interpolated linearly to every b in [0, max(sizes)]. Pass it as DraftConfig(cost=...).
+    Times one forward of `batch` rows of b + 1 tokens after a `context_len` prefix (median
+    of `repeats`), interpolated linearly to every b in [0, max(sizes)]. Pass it as
+    DraftConfig(cost=...); for laser.batch, calibrate with the batch size it will run.
     """
     device, kv = model.device, cache_kwarg(model)
     dtype = next(model.parameters()).dtype
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, vocab, (1, context_len), generator=gen).to(device)
+    ctx = torch.randint(0, vocab, (batch, context_len), generator=gen).to(device)
     cache = new_cache(model)
     model(input_ids=ctx, **{kv: cache}, use_cache=True)
     medians = []
     for b in sizes:
         times = []
         for _ in range(repeats + 1):  # first run warms up
-            inp = torch.randint(0, vocab, (1, b + 1), generator=gen).to(device)
-            pos = (context_len + torch.arange(b + 1))[None].to(device)
-            mask = torch.zeros(1, 1, b + 1, context_len + b + 1, dtype=dtype, device=device)
+            inp = torch.randint(0, vocab, (batch, b + 1), generator=gen).to(device)
+            pos = (context_len + torch.arange(b + 1))[None].expand(batch, -1).to(device)
+            mask = torch.zeros(batch, 1, b + 1, context_len + b + 1, dtype=dtype, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -118,7 +118,10 @@ def run_job(cfg: JobConfig, progress: bool = True) -> dict:
     pools.records = len(records)
 
     prompt_of = user_prompt if cfg.target == "users" else item_prompt
-    draft = laser.DraftConfig(budget=cfg.budget, max_depth=10)
+    # the tree budget follows this machine's measured verification cost (at this batch size)
+    ctx_len = len(chat_ids(tok, prompt_of(ds, keys[0]))) if keys else 256
+    cost = laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), repeats=2, batch=cfg.batch_size)
+    draft = laser.DraftConfig(budget=cfg.budget, max_depth=10, cost=cost)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -28,7 +28,7 @@ NEG = tl.constexpr(-3.0e38)
 @triton.jit
 def _tree_attn(
     q_ptr, k_ptr, v_ptr, bits_ptr, o_ptr,  # q/o [B, Hq, n, D]; k/v [B, Hkv, past + n, D]; bits [n, W] int64
-    pm_ptr, pl_ptr, pacc_ptr,  # split partials: [B*Hq, SPLITS, n_pad] m, l and [B*Hq, SPLITS, n_pad, D] acc
+    ws_ptr,  # fp32 workspace for the split partials: m, l [B*Hq*SPLITS*n_pad] then acc [.., D]
     sq_b, sq_h, sq_n,
     sk_b, sk_h, sk_t,
     sv_b, sv_h, sv_t,
@@ -38,6 +38,8 @@ def _tree_attn(
     SPLITS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Program (m-block, b*h, split): split s covers past keys [s*chunk, (s+1)*chunk); the last split also the tree."""
+    P = tl.num_programs(1) * SPLITS * n_pad  # rows of partials: B*Hq*SPLITS*n_pad
+    pm_ptr, pl_ptr, pacc_ptr = ws_ptr, ws_ptr + P, ws_ptr + 2 * P
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -109,12 +111,14 @@ def _tree_attn(
 
 @triton.jit
 def _tree_attn_combine(
-    o_ptr, pm_ptr, pl_ptr, pacc_ptr,  # see _tree_attn
+    o_ptr, ws_ptr,  # see _tree_attn
     so_b, so_h, so_n,
     Hq, n, n_pad,
     D: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """Merge the SPLITS partial softmax states of each query row."""
+    P = tl.num_programs(1) * SPLITS * n_pad
+    pm_ptr, pl_ptr, pacc_ptr = ws_ptr, ws_ptr + P, ws_ptr + 2 * P
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -135,6 +139,17 @@ def _tree_attn_combine(
     out = acc / l_all[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mrow[:, None])
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(device, n: int) -> torch.Tensor:
+    """Grow-only fp32 buffer per device for the split partials: no allocation per call (one stream)."""
+    buf = _WORKSPACE.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _WORKSPACE[device] = torch.empty(max(n, 1 << 20), dtype=torch.float32, device=device)
+    return buf
 
 
 def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None = None) -> torch.Tensor:
@@ -176,14 +191,9 @@ def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None
     chunk = triton.cdiv(triton.cdiv(max(past, 1), splits), BLOCK_N) * BLOCK_N
     splits = max(1, triton.cdiv(past, chunk)) if past else 1
     n_pad = m_blocks * BLOCK_M
-    if splits > 1:
-        pm = torch.empty(B * Hq, splits, n_pad, dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-        pacc = torch.empty(B * Hq, splits, n_pad, D, dtype=torch.float32, device=q.device)
-    else:
-        pm = pl = pacc = out  # unused
+    ws = _workspace(q.device, B * Hq * splits * n_pad * (2 + D)) if splits > 1 else out  # out: unused
     grid = (m_blocks, B * Hq, splits)
-    _tree_attn[grid](q, k, v, bits, out, pm, pl, pacc,
+    _tree_attn[grid](q, k, v, bits, out, ws,
                      q.stride(0), q.stride(1), q.stride(2),
                      k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2),
@@ -191,7 +201,7 @@ def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None
                      Hq, n, n_pad, past, chunk, Hq // Hkv, scale,
                      W=W, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits, UPCAST=upcast, PREC=prec)
     if splits > 1:
-        _tree_attn_combine[(m_blocks, B * Hq)](out, pm, pl, pacc, out.stride(0), out.stride(1), out.stride(2),
+        _tree_attn_combine[(m_blocks, B * Hq)](out, ws, out.stride(0), out.stride(1), out.stride(2),
                                                Hq, n, n_pad, D=D, BLOCK_M=BLOCK_M, SPLITS=splits)
     return out
 
