@@ -100,6 +100,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("parents", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.parents, {t.n}, s); })
       .def_property_readonly("depth", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.depth, {t.n}, s); })
       .def_property_readonly("counts", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.counts, {t.n}, s); })
+      .def_property_readonly("rank", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.rank, {t.n}, s); })
       .def_property_readonly("mask", [](py::object s) {
         auto& t = s.cast<DraftTree&>();
         return py::array(py::dtype("bool"), {t.n, t.n}, {t.n, 1}, t.mask.data(), s);

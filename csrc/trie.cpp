@@ -537,6 +537,7 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   t.parents.resize(n);
   t.depth.resize(n);
   t.counts.resize(n);
+  t.rank.assign(order.begin(), order.end());
   t.mask.assign(size_t(n) * n, 0);
   auto& is_leaf = S.is_leaf;
   is_leaf.assign(n, 1);

@@ -89,6 +89,7 @@ struct DraftTree {
   std::vector<int32_t> parents;   // [n]   DFS index of the parent, -1 = child of the context
   std::vector<int32_t> depth;     // [n]   1 for children of the context
   std::vector<float> counts;      // [n]   pool count (weighted sum across pools)
+  std::vector<int32_t> rank;      // [n]   selection order (best-first); rank < b is a subtree
   std::vector<uint8_t> mask;      // [n, n] mask[i*n + j] = j is an ancestor of i or j == i
   std::vector<int32_t> paths;     // [n_paths, path_width] DFS indices root->leaf, -1 padded
 };

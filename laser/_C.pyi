@@ -25,6 +25,8 @@ class DraftTree:
     @property
     def counts(self) -> npt.NDArray[np.float32]: ...  # [n]
     @property
+    def rank(self) -> npt.NDArray[np.int32]: ...  # [n] best-first selection order; rank < b is a subtree
+    @property
     def mask(self) -> npt.NDArray[np.bool_]: ...  # [n, n] ancestor-or-self
     @property
     def paths(self) -> npt.NDArray[np.int32]: ...  # [n_leaves, max_depth], -1 padded

@@ -5,8 +5,9 @@ State (nothing survives a call):
           columns [0, lens[r]); columns past that are garbage, hidden by the mask.
   seqs    per row: prompt + committed tokens (int32 numpy); the last token is pending
           (not in the cache), so lens[r] == len(seqs[r]) - 1.
-Each step: every live row drafts its own tree from its own pools; trees are padded to
-one node count q - 1; one forward over [B, q] with per-row positions and a per-row 4-D
+Each step: every live row drafts its own tree from its own pools; with a cost curve the
+trees are cut to one best-first budget chosen for the whole batch, then padded to one
+node count q - 1; one forward over [B, q] with per-row positions and a per-row 4-D
 mask; per-row acceptance; then row r's pending + accepted path move to columns
 [lens[r], lens[r] + a_r) (a gather, not a recompute). A finished row is refilled with the
 next queued prompt (its prompt is prefilled alone and copied into the row).
@@ -24,6 +25,51 @@ from laser import RetrievalPool, draft_union
 from laser.accept import accept_flags, longest_path, row_stats
 from laser.decode import DecodeStats, DraftConfig, _check_args
 from laser.hf import _layers, cache_kwarg, new_cache
+
+
+@dataclass
+class _Tree:
+    """A draft tree (or its best-first prefix) in DFS order, as numpy arrays."""
+
+    tokens: np.ndarray  # [m]
+    parents: np.ndarray  # [m], -1 = child of the context
+    depth: np.ndarray  # [m]
+    mask: np.ndarray  # [m, m] ancestor-or-self
+    counts: np.ndarray  # [m]
+    root_count: float
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _common_budget(trees, cost: np.ndarray, confidence: float) -> list:
+    """Cut every row's tree to its first b best-first nodes, one b for the whole batch.
+
+    Rows are padded to the largest tree, so the batch pays cost[b] for its widest row:
+    b maximises sum over rows of (1 + expected accepted in the first b nodes) / cost[b].
+    """
+    live = [t for t in trees if t is not None]
+    top = min(max((len(t) for t in live), default=0), len(cost) - 1)
+    total = np.zeros(top + 1)
+    for t in live:
+        chance = np.zeros(len(t))
+        if len(t):
+            chance[t.rank] = confidence * np.minimum(1.0, t.counts / t.root_count)
+        gain = np.concatenate([[0.0], np.cumsum(chance)])
+        total += 1.0 + gain[np.minimum(np.arange(top + 1), len(t))]
+    b = int(np.argmax(total / cost[: top + 1]))
+    out = []
+    for t in trees:
+        if t is None:
+            out.append(None)
+            continue
+        keep = np.flatnonzero(t.rank < b)  # a subtree, still in DFS order
+        new = np.full(len(t), -1, dtype=np.int64)
+        new[keep] = np.arange(keep.size)
+        parents = t.parents[keep]
+        out.append(_Tree(t.tokens[keep], np.where(parents >= 0, new[np.maximum(parents, 0)], -1).astype(np.int32),
+                         t.depth[keep], t.mask[np.ix_(keep, keep)], t.counts[keep], t.root_count))
+    return out
 
 
 @dataclass
@@ -119,6 +165,8 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             trees.append(draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
                                      max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match,
                                      cost=cfg.cost, confidence=conf))
+        if cfg.cost is not None:
+            trees = _common_budget(trees, cfg.cost, cfg.confidence)
         q = 1 + max(len(t) for t in trees if t is not None)
         W = int(lens.max())
         ids = np.zeros((B, q), dtype=np.int64)

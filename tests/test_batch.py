@@ -76,3 +76,20 @@ def test_batch_bad_input():
         generate_batch(model, [Request([1, 2]), Request([1, V])])
     with pytest.raises(ValueError, match="context window"):
         generate_batch(model, [Request([1] * 250)], max_new_tokens=10)
+
+
+def test_common_budget_cut_keeps_rows_exact():
+    """With a cost curve every row's tree is cut to one best-first prefix; outputs stay greedy."""
+    model = tiny("llama", 25)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, V, int(rng.integers(3, 15))).tolist() for _ in range(5)]
+    outs = [greedy(model, p, 24, eos_token_id=None) for p in prompts]
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for p, o in zip(prompts, outs):
+        pool.insert(o[len(p):])
+    cost = 1.0 + 0.2 * np.arange(17)  # each node costs a fifth of a step: trees get cut
+    res = generate_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=24,
+                         eos_token_id=None, update_pool=False, draft=laser.DraftConfig(budget=16, cost=cost))
+    for p, o, r in zip(prompts, outs, res):
+        assert r.tokens.tolist() == o[len(p):]
+    assert max(max(r.stats.tree_sizes) for r in res) < 16
