@@ -64,40 +64,18 @@ def _tree_attn(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kmask = offs_n < hi
-        k = tl.load(kbase + offs_n[:, None] * sk_t + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(vbase + offs_n[:, None] * sv_t + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, kbase, vbase, offs_n, kmask, kmask[None, :], m_i, l_i, acc, offs_d,
+                                sk_t, sv_t, scale, UPCAST, PREC)
     # 2. the tree (last split only): key j visible to query i iff bit j of row i is set
     if split == SPLITS - 1:
         for start in range(0, n, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             jmask = offs_j < n
-            k = tl.load(kbase + (past + offs_j)[:, None] * sk_t + offs_d[None, :], mask=jmask[:, None], other=0.0)
-            v = tl.load(vbase + (past + offs_j)[:, None] * sv_t + offs_d[None, :], mask=jmask[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
             words = tl.load(bits_ptr + offs_m[:, None] * W + offs_j[None, :] // 64,
                             mask=mrow[:, None] & jmask[None, :], other=0)
             seen = ((words >> (offs_j[None, :] % 64).to(tl.int64)) & 1) != 0
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _attend(q, kbase, vbase, past + offs_j, jmask, seen, m_i, l_i, acc, offs_d,
+                                    sk_t, sv_t, scale, UPCAST, PREC)
     if SPLITS == 1:
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
@@ -107,6 +85,26 @@ def _tree_attn(
         tl.store(pm_ptr + row, m_i, mask=mrow)
         tl.store(pl_ptr + row, l_i, mask=mrow)
         tl.store(pacc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=mrow[:, None])
+
+
+@triton.jit
+def _attend(q, kbase, vbase, rows, rmask, visible, m_i, l_i, acc, offs_d, sk_t, sv_t, scale,
+            UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step: queries q [BLOCK_M, D] over key/value rows `rows` [BLOCK_N]
+    (rmask: in range), where `visible` [BLOCK_M, BLOCK_N] (or broadcastable) allows."""
+    k = tl.load(kbase + rows[:, None] * sk_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    v = tl.load(vbase + rows[:, None] * sv_t + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
 
 
 @triton.jit
