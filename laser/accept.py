@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -70,3 +71,29 @@ def longest_path(flags: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor) -
     score = torch.where(ok, depth, torch.zeros_like(depth))
     best = int(score.argmax())  # argmax returns the first maximum: DFS order breaks ties
     return best if bool(ok[best]) else -1
+
+
+def chance(tree) -> np.ndarray:
+    """[n] the pool's empirical chance that the text follows each node: count / matched count."""
+    return np.minimum(1.0, tree.counts / tree.root_count) if len(tree) else np.zeros(0)
+
+
+def accept_tree(logits, tree, toks, mode: str, top_k: int, min_prob: float, eos: np.ndarray, room: int):
+    """Judge one verified tree and pick what to commit.
+
+    logits [m+1, V] (row 0: pending, row i+1: node i); toks [m] int64 on logits' device.
+    Returns (path: DFS indices root..best of the accepted nodes, out: tokens to commit =
+    accepted path + bonus, cut at the first EOS and at `room`, stopped: EOS reached).
+    """
+    device = logits.device
+    parent_row = torch.from_numpy(tree.parents + 1).to(device=device, dtype=torch.long)
+    rs = row_stats(logits, parent_row, toks)
+    flags = accept_flags(rs, parent_row, toks, mode, top_k, min_prob)
+    mask = torch.from_numpy(tree.mask).to(device)
+    best = longest_path(flags, mask, torch.from_numpy(tree.depth).to(device=device, dtype=torch.long))
+    path = np.flatnonzero(tree.mask[best]) if best >= 0 else np.empty(0, np.int64)
+    out = np.append(tree.tokens[path], int(rs.argmax[best + 1]))[:room]
+    stop = np.flatnonzero(np.isin(out, eos))
+    if stop.size:
+        out = out[: stop[0] + 1]
+    return path, out, bool(stop.size)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from laser import RetrievalPool, draft_union
-from laser.accept import accept_flags, longest_path, row_stats
+from laser.accept import accept_tree, chance
 from laser.decode import DecodeStats, DraftConfig, _check_args
 from laser.hf import _layers, cache_kwarg, new_cache
 
@@ -52,10 +52,9 @@ def _common_budget(trees, cost: np.ndarray, confidence: float) -> list:
     top = min(max((len(t) for t in live), default=0), len(cost) - 1)
     total = np.zeros(top + 1)
     for t in live:
-        chance = np.zeros(len(t))
-        if len(t):
-            chance[t.rank] = confidence * np.minimum(1.0, t.counts / t.root_count)
-        gain = np.concatenate([[0.0], np.cumsum(chance)])
+        by_rank = np.zeros(len(t))
+        by_rank[t.rank] = confidence * chance(t)
+        gain = np.concatenate([[0.0], np.cumsum(by_rank)])
         total += 1.0 + gain[np.minimum(np.arange(top + 1), len(t))]
     b = int(np.argmax(total / cost[: top + 1]))
     out = []
@@ -197,16 +196,9 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             if row is None:
                 continue
             m = len(t)
-            toks = torch.from_numpy(t.tokens).to(device=device, dtype=torch.long)
-            parent_row = torch.from_numpy(t.parents + 1).to(device=device, dtype=torch.long)
-            rs = row_stats(logits[r, : m + 1], parent_row, toks)
-            flags = accept_flags(rs, parent_row, toks, mode, top_k, min_prob)
-            best = longest_path(flags, torch.from_numpy(t.mask).to(device), torch.from_numpy(t.depth).to(device).long())
-            path = np.flatnonzero(t.mask[best]) if best >= 0 else np.empty(0, np.int64)
-            out = np.append(t.tokens[path], int(rs.argmax[best + 1]))[: max_new_tokens - row["new"]]
-            stop = np.flatnonzero(np.isin(out, eos))
-            if stop.size:
-                out = out[: stop[0] + 1]
+            toks = torch.from_numpy(ids[r, 1 : m + 1]).to(device)
+            path, out, stop = accept_tree(logits[r, : m + 1], t, toks, mode, top_k, min_prob, eos,
+                                          max_new_tokens - row["new"])
             keep = np.concatenate([[0], path[: out.size - 1] + 1])  # pending + committed path, block offsets
             src += [(r, W + j) for j in keep]
             dst += [(r, lens[r] + j) for j in range(keep.size)]
@@ -216,15 +208,15 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             row["pools"][-1].extend(seq[:n], out)  # the request's own prompt/output pool
             if update_pool and requests[row["i"]].pool is not None:
                 requests[row["i"]].pool.extend(seq[row["L"] : n], out)
-            if m:
+            if cfg.adaptive and m:
                 row["acc"] = 0.9 * row["acc"] + out.size - 1
-                row["pred"] = 0.9 * row["pred"] + float(np.minimum(1.0, t.counts / t.root_count).sum())
+                row["pred"] = 0.9 * row["pred"] + float(chance(t).sum())
             row["n"], row["new"] = n + out.size, row["new"] + out.size
             st = row["stats"]
             st.steps += 1
             st.accepted.append(out.size - 1)
             st.tree_sizes.append(m)
-            if stop.size or row["new"] >= max_new_tokens:
+            if stop or row["new"] >= max_new_tokens:
                 st.new_tokens = row["new"]
                 res = Result(requests[row["i"]].tag, seq[row["L"] : row["n"]].copy(), st)
                 results[row["i"]] = res

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from laser import RetrievalPool, draft_union
-from laser.accept import accept_flags, kernels_forced, longest_path, row_stats
+from laser.accept import accept_tree, chance, kernels_forced
 from laser.hf import cache_kwarg, cache_length, compact_cache, new_cache
 from laser.kernels.bits import mask_to_bits
 
@@ -75,13 +75,12 @@ def _verify_inputs(pending: int, tree, past: int, dtype, device):
     """Inputs of one verification forward over [pending] + tree (m + 1 tokens).
 
     Returns input_ids [1, m+1], position_ids [1, m+1], a 4-D additive mask
-    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), the tree
-    as torch tensors, and the [m+1, m+1] bool block of the mask over [pending] + tree.
+    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), the tree's
+    tokens as a tensor, and the [m+1, m+1] bool block of the mask over [pending] + tree.
     """
     m = len(tree)
     toks = torch.from_numpy(tree.tokens).to(device=device, dtype=torch.long)  # [m]
     depth = torch.from_numpy(tree.depth).to(device=device, dtype=torch.long)  # [m]
-    tmask = torch.from_numpy(tree.mask).to(device)  # [m, m] bool
     input_ids = torch.cat([torch.tensor([pending], device=device), toks])[None]
     position_ids = (past + torch.cat([torch.zeros(1, dtype=torch.long, device=device), depth]))[None]
     block = np.zeros((m + 1, m + 1), dtype=bool)  # [pending] + tree: everyone sees pending, nodes their ancestors
@@ -90,7 +89,7 @@ def _verify_inputs(pending: int, tree, past: int, dtype, device):
     visible = torch.ones(m + 1, past + m + 1, dtype=torch.bool, device=device)
     visible[:, past:] = torch.from_numpy(block).to(device)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
-    return input_ids, position_ids, mask[None, None], toks, depth, tmask, block
+    return input_ids, position_ids, mask[None, None], toks, block
 
 
 @contextlib.contextmanager
@@ -251,7 +250,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
                            min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost, confidence=conf)
         past = n - 1
-        inp, pos, mask, toks, depth, tmask, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
+        inp, pos, mask, toks, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
         extra = {"laser_tree_bits": mask_to_bits(block).to(device)} if kernels else {}
         t1 = time.perf_counter()
         # 2. verify: one forward over [pending] + tree
@@ -259,18 +258,10 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
                        **extra).logits
         logits = _process(logits[0].float(), seq, n, tree, logits_processor)  # [m+1, V]
         t2 = time.perf_counter()
-        # 3. accept: longest agreeing root path, then the bonus token after it
-        parent_row = torch.from_numpy(tree.parents + 1).to(device=device, dtype=torch.long)
-        rs = row_stats(logits, parent_row, toks)
-        best = longest_path(accept_flags(rs, parent_row, toks, mode, top_k, min_prob), tmask, depth)
-        path = np.flatnonzero(tree.mask[best]) if best >= 0 else np.empty(0, np.int64)  # root..best
-        bonus = int(rs.argmax[best + 1])
+        # 3. accept: longest agreeing root path + the bonus token, cut at EOS / max_new_tokens
+        path, out, stop = accept_tree(logits, tree, toks, mode, top_k, min_prob, eos, max_new_tokens - new)
         t3 = time.perf_counter()
-        # 4. commit: tokens (cut at EOS / max_new_tokens), KV cache, pools
-        out = np.append(tree.tokens[path], bonus)[: max_new_tokens - new]
-        stop = np.flatnonzero(np.isin(out, eos))
-        if stop.size:
-            out = out[: stop[0] + 1]
+        # 4. commit: tokens, KV cache, pools
         seq[n : n + out.size] = out
         # cache holds past + pending + tree; keep pending and the committed path nodes
         keep = torch.from_numpy(np.concatenate([[0], path[: out.size - 1] + 1])).to(device)
@@ -281,9 +272,8 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         if pool is not None and update_pool:
             pool.extend(seq[L:n], out)  # windows inside the output only: no prompt tokens
         n, new = n + out.size, new + out.size
-        if len(tree):
-            predicted = float(np.minimum(1.0, tree.counts / tree.root_count).sum())
-            acc_sum, pred_sum = 0.9 * acc_sum + out.size - 1, 0.9 * pred_sum + predicted
+        if cfg.adaptive and len(tree):
+            acc_sum, pred_sum = 0.9 * acc_sum + out.size - 1, 0.9 * pred_sum + float(chance(tree).sum())
         stats.steps += 1
         stats.accepted.append(out.size - 1)
         stats.tree_sizes.append(len(tree))
@@ -291,7 +281,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         stats.time_verify += t2 - t1
         stats.time_accept += t3 - t2
         stats.time_cache += time.perf_counter() - t3
-        if stop.size:
+        if stop:
             break
     stats.new_tokens = new
     return DecodeOutput(torch.from_numpy(seq[:n].astype(np.int64))[None], stats)

@@ -159,11 +159,11 @@ def run_job(cfg: JobConfig, progress: bool = True) -> dict:
                                                      r.stats.mean_accepted, r.stats.total_time))
         else:
             for key in pending:
-                ids = chat_ids(tok, prompt_of(ds, key))
+                ids, group = chat_ids(tok, prompt_of(ds, key)), group_fn(key)
                 t0 = time.perf_counter()
-                res = laser.generate(model, ids, pool=pools.get(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
+                res = laser.generate(model, ids, pool=pools.get(group), max_new_tokens=cfg.max_new_tokens,
                                      mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft)
-                write(key, group_fn(key), res.sequences[0, len(ids):].tolist(), res.stats.steps,
+                write(key, group, res.sequences[0, len(ids):].tolist(), res.stats.steps,
                       res.stats.mean_accepted, time.perf_counter() - t0)
     finally:
         f.close()
