@@ -5,7 +5,8 @@
 //
 // Invariants (checked by tests/test_pool.py):
 //   * node 0 is the root; every other node has parent < its own index (nodes are
-//     appended, and prune() renumbers breadth-first);
+//     appended, and prune() renumbers breadth-first). Nodes store no parent: the child
+//     lists and the edge map hold the structure;
 //   * without pruning, a parent's count >= the sum of its children's counts (a window
 //     increments every node on its path). draft() does not rely on it: a node enters the
 //     frontier only after its parent was selected, so the result is always a tree;
@@ -14,6 +15,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -22,6 +25,30 @@
 #include <vector>
 
 namespace laser {
+
+// Allocator for the pool's big arrays (nodes, edge slots): blocks of 2 MiB and more are
+// 2 MiB-aligned and marked for transparent huge pages, so random node visits in a
+// million-node trie do not each miss the TLB. Small blocks come from malloc.
+template <typename T>
+struct HugePageAllocator {
+  using value_type = T;
+  HugePageAllocator() = default;
+  template <typename U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}
+  T* allocate(size_t n);
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const HugePageAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const HugePageAllocator<U>&) const { return false; }
+};
+void* huge_page_alloc(size_t bytes);  // malloc-compatible (free() releases it)
+template <typename T>
+T* HugePageAllocator<T>::allocate(size_t n) {
+  void* p = huge_page_alloc(n * sizeof(T));
+  if (!p) throw std::bad_alloc();
+  return static_cast<T*>(p);
+}
 
 // Raised for truncated, corrupt or foreign pool files.
 struct PoolFormatError : std::runtime_error {
@@ -61,20 +88,21 @@ class EdgeMap {
     uint64_t key;
     int64_t child;
   };
-  std::vector<Slot> slots_;
+  std::vector<Slot, HugePageAllocator<Slot>> slots_;
   size_t size_ = 0, mask_ = 0;
 };
 
 struct Node {
-  int32_t token;         // token on the edge from parent; -1 for the root
-  int32_t parent;        // -1 for the root
-  int32_t first_child;   // -1 if leaf; children form a singly linked list
-  int32_t next_sibling;  // -1 at the end of the list
+  int32_t token;          // token on the edge from parent; -1 for the root
+  int32_t first_child;    // -1 if leaf; children form a singly linked list
+  int32_t next_sibling;   // -1 at the end of the list
   int32_t n_children;
-  int16_t depth;         // 0 for the root
-  mutable uint8_t dirty; // force a rebuild of this node's cached best children
+  mutable int32_t cache;  // index of this node's best-children list in the cache (-1: none;
+                          // stale after a cache clear, detected through CachedKids::owner)
+  int16_t depth;          // 0 for the root
+  mutable uint8_t dirty;  // force a rebuild of this node's cached best children
   uint8_t pad_;
-  double count;          // weighted number of windows through this node
+  double count;           // weighted number of windows through this node
 };
 static_assert(sizeof(Node) == 32, "Node is one half cache line");
 
@@ -137,7 +165,7 @@ class Pool {
   static std::unique_ptr<Pool> load(const std::string& path);
 
   // Internals used by draft(); callers must hold lock_shared().
-  const std::vector<Node>& nodes() const { return nodes_; }
+  const std::vector<Node, HugePageAllocator<Node>>& nodes() const { return nodes_; }
   int32_t child(int32_t parent, int32_t token) const { return edges_.find(parent, token); }
   // Deepest node matching a suffix of ctx with min_match <= length <= max_match, or -1.
   int32_t match(const int32_t* ctx, int64_t n, int32_t min_match, int32_t max_match, int32_t* len) const;
@@ -149,8 +177,18 @@ class Pool {
     double count;
     int32_t token, node;
   };
-  // Appends up to `room` best children of `node` to `out`. Caller holds cache_mutex().
-  void best_children(int32_t node, int32_t room, std::vector<Kid>& out) const;
+  // The best min(room, n_children) children of `node`, sorted: sets *len and returns them.
+  // A node with at most kSmallFanout children is read straight from its child list into
+  // `small` (caller storage for kSmallFanout Kids): one memory access per child instead of
+  // three for a cache lookup. Otherwise the result is the node's cached list, valid until
+  // that list is rebuilt (a later call for the same node with a larger room, or after its
+  // children changed) or the cache is cleared, which only reserve_cache() does. Caller
+  // holds cache_mutex().
+  static constexpr int32_t kSmallFanout = 2;
+  const Kid* best_children(int32_t node, int32_t room, int32_t* len, Kid* small) const;
+  // Clears the cache if `n` more lists would pass its bound, so that the next n
+  // best_children() calls never invalidate each other. Caller holds cache_mutex().
+  void reserve_cache(int32_t n) const;
   std::mutex& cache_mutex() const { return cache_mu_; }
 
  private:
@@ -165,20 +203,22 @@ class Pool {
   int64_t vocab_size_, max_nodes_;
   double decay_;
   int64_t prunes_ = 0;
-  std::vector<Node> nodes_;
+  std::vector<Node, HugePageAllocator<Node>> nodes_;
   EdgeMap edges_;
+  std::vector<int32_t> win_node_;          // count_windows scratch (under the write lock):
+  std::vector<uint64_t> win_key_, win_hash_;  // per active window: node, edge key, hash
   mutable std::shared_mutex mu_;
-  // Best children per node (sorted): cache_slot_[node] indexes cache_lists_ (-1: none).
-  // Guarded by cache_mu_ (readers share mu_); cleared by prune() and when it grows too big.
-  // A list is valid while the node's count and child count are those it was built at: every
-  // window that recounts a child also recounts its parent, except the first counted depth
-  // of an extend(), which sets `dirty` instead.
+  // Best children per node (sorted): Node::cache indexes cache_lists_, valid if that list's
+  // owner is the node. Guarded by cache_mu_ (readers share mu_); cleared by prune() and by
+  // reserve_cache() when it grows too big. A list is valid while the node's count and child
+  // count are those it was built at: every window that recounts a child also recounts its
+  // parent, except the first counted depth of an extend(), which sets `dirty` instead.
   struct CachedKids {
-    double parent_count;
+    int32_t owner;
     int32_t n_children;
+    double parent_count;
     std::vector<Kid> kids;
   };
-  mutable std::vector<int32_t> cache_slot_;
   mutable std::vector<CachedKids> cache_lists_;
   mutable std::mutex cache_mu_;
 };
