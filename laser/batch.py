@@ -23,7 +23,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_tree, chance
-from laser.decode import DecodeStats, DraftConfig, _check_args
+from laser.decode import DecodeStats, DraftConfig, _check_args, min_match
 from laser.hf import _layers, cache_kwarg, new_cache
 
 
@@ -162,7 +162,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
                 continue
             conf = min(1.0, max(0.05, row["acc"] / row["pred"])) if cfg.adaptive else cfg.confidence
             trees.append(draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
-                                     max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match,
+                                     max_depth=cfg.max_depth, min_match=min_match(cfg, mode), max_match=cfg.max_match,
                                      cost=cfg.cost, confidence=conf))
         if cfg.cost is not None:
             trees = _common_budget(trees, cfg.cost, cfg.confidence)

@@ -60,7 +60,12 @@ class DecodeOutput:
 class DraftConfig:
     budget: int = 32  # hard cap on tree nodes per step
     max_depth: int = 8  # cap on draft depth below the context
-    min_match: int = 1
+    # Shortest context suffix a draft may start from; None = by mode: 2 in strict mode, 1 in
+    # relaxed. A 1-token suffix is a weak context: in strict mode its drafts were accepted
+    # at about half the rate the pool counts predict, so the cost cut kept trees that did
+    # not pay (2 gave 1.16x more strict speed); relaxed acceptance is high enough that they
+    # do pay (2 cost relaxed 20%). Measurements in benchmarks/RESULTS.md.
+    min_match: int | None = None
     max_match: int = 4
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each tree (see calibrate)
@@ -69,6 +74,11 @@ class DraftConfig:
     # too far on CPU (benchmarks/RESULTS.md), so the default trusts the counts.
     confidence: float = 1.0
     adaptive: bool = False
+
+
+def min_match(cfg: DraftConfig, mode: str) -> int:
+    """The shortest matched suffix for drafting: cfg.min_match, or 2 (strict) / 1 (relaxed)."""
+    return cfg.min_match if cfg.min_match is not None else (2 if mode == "strict" else 1)
 
 
 def _verify_inputs(pending: int, tree, past: int, dtype, device):
@@ -173,6 +183,8 @@ def _check_args(model, ids: torch.Tensor, max_new_tokens: int, mode: str, top_k:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if not (0.0 <= min_prob <= 1.0):
         raise ValueError(f"min_prob must be in [0, 1], got {min_prob!r}")
+    if cfg.min_match is not None and not 1 <= cfg.min_match <= cfg.max_match:
+        raise ValueError(f"need 1 <= min_match <= max_match, got {cfg.min_match} and {cfg.max_match}")
     if cfg.budget < 0 or cfg.max_depth < 1 or cfg.prompt_weight < 0:
         raise ValueError("budget must be >= 0, max_depth >= 1 and prompt_weight >= 0")
     return ids
@@ -248,7 +260,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         t0 = time.perf_counter()
         conf = min(1.0, max(0.05, acc_sum / pred_sum)) if cfg.adaptive else cfg.confidence
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
-                           min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost, confidence=conf)
+                           min_match=min_match(cfg, mode), max_match=cfg.max_match, cost=cfg.cost, confidence=conf)
         past = n - 1
         inp, pos, mask, toks, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
         extra = {"laser_tree_bits": mask_to_bits(block).to(device)} if kernels else {}

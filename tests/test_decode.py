@@ -166,6 +166,8 @@ def test_bad_input_raises_clear_errors():
         generate(model, torch.ones(2, 4, dtype=torch.long), max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [1, 2], max_new_tokens=0)
+    with pytest.raises(ValueError, match="min_match"):
+        generate(model, [1, 2], max_new_tokens=3, draft=DraftConfig(min_match=5, max_match=4))
 
 
 def test_cache_length_is_checked_every_step(monkeypatch):

@@ -225,6 +225,42 @@ def test_max_nodes_cap_over_a_million_windows():
     assert len(pool.draft(frequent[:3], budget=8)) > 0
 
 
+def test_draft_arguments_are_parsed_like_python():
+    """draft/draft_union parse their own arguments (no pybind11 dispatcher): same rules as a def."""
+    pool = RetrievalPool()
+    pool.insert([1, 2, 3, 1, 2, 4])
+    want = tree_tuple(pool.draft([1, 2], 8, 0, 1, 4, None, 1.0))
+    assert tree_tuple(pool.draft([1, 2], budget=8)) == want
+    assert tree_tuple(pool.draft(context=[1, 2], confidence=1.0, budget=np.int64(8))) == want
+    assert tree_tuple(pool.draft(**{"context": [1, 2], "bud" + "get": 8})) == want  # non-interned names
+    assert tree_tuple(draft_union([pool], [1.0], [1, 2], budget=8, max_depth=12)) == want
+    assert tree_tuple(draft_union(pools=[pool], weights=[1.0], context=[1, 2], budget=8)) == want
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        pool.draft([1], bogus=1)
+    with pytest.raises(TypeError, match="multiple values for argument 'budget'"):
+        pool.draft([1], 4, budget=4)
+    with pytest.raises(TypeError, match="missing required argument 'context'"):
+        pool.draft(budget=4)
+    with pytest.raises(TypeError, match="at most 7 arguments"):
+        pool.draft([1], 1, 1, 1, 1, None, 1.0, 5)
+    with pytest.raises(TypeError, match="budget must be an int"):
+        pool.draft([1], budget=2.5)
+    with pytest.raises(TypeError, match="confidence must be a float"):
+        pool.draft([1], confidence="high")
+    with pytest.raises(ValueError, match="int32 range"):
+        pool.draft([1], budget=2**40)
+    with pytest.raises(ValueError, match="budget"):
+        pool.draft([1], budget=-1)
+    with pytest.raises(TypeError, match="RetrievalPool"):
+        draft_union([pool, None], [1.0, 1.0], [1])
+    with pytest.raises(TypeError):
+        draft_union([pool, "pool"], [1.0, 1.0], [1])
+    with pytest.raises(TypeError, match="missing required argument 'weights'"):
+        draft_union([pool], context=[1])
+    with pytest.raises(TypeError):  # still a method of RetrievalPool only
+        RetrievalPool.draft("not a pool", [1])
+
+
 def test_token_id_validation():
     pool = RetrievalPool(vocab_size=100)
     with pytest.raises(ValueError, match="out of range"):
