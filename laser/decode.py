@@ -63,8 +63,8 @@ class DraftConfig:
     # Shortest context suffix a draft may start from; None = by mode: 2 in strict mode, 1 in
     # relaxed. A 1-token suffix is a weak context: in strict mode its drafts were accepted
     # at about half the rate the pool counts predict, so the cost cut kept trees that did
-    # not pay (2 gave 1.16x more strict speed); relaxed acceptance is high enough that they
-    # do pay (2 cost relaxed 20%). Measurements in benchmarks/RESULTS.md.
+    # not pay (2 gave 1.16x more strict speed); relaxed accepts more of them and lost a
+    # little with 2 (1.49x vs 1.52x). Measurements in benchmarks/RESULTS.md.
     min_match: int | None = None
     max_match: int = 4
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
