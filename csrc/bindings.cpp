@@ -49,8 +49,8 @@ Tokens as_tokens(const py::handle& obj, const char* what) {
 }
 
 template <typename T>
-py::array_t<T> view(const std::vector<T>& v, std::vector<py::ssize_t> shape, py::handle owner) {
-  return py::array_t<T>(shape, v.data(), owner);  // zero-copy; `owner` keeps the tree alive
+py::array_t<T> view(const T* data, std::vector<py::ssize_t> shape, py::handle owner) {
+  return py::array_t<T>(shape, data, owner);  // zero-copy; `owner` keeps the tree alive
 }
 
 DraftParams params(int32_t budget, int32_t max_depth, int32_t min_match, int32_t max_match,
@@ -73,17 +73,16 @@ DraftParams params(int32_t budget, int32_t max_depth, int32_t min_match, int32_t
   return p;
 }
 
-DraftTree run_draft(const std::vector<const Pool*>& pools, const std::vector<double>& weights,
+DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_pools,
                     const py::handle& context, int32_t budget, int32_t max_depth, int32_t min_match,
                     int32_t max_match, const py::object& cost, double confidence) {
   Tokens ctx = as_tokens(context, "context");
-  if (weights.size() != pools.size()) throw py::value_error("need one weight per pool");
-  for (double w : weights)
-    if (!(w > 0.0)) throw py::value_error("pool weights must be positive");
+  for (size_t i = 0; i < n_pools; ++i)
+    if (!(weights[i] > 0.0)) throw py::value_error("pool weights must be positive");
   py::object keep;  // owner of the cost buffer, if any
   const DraftParams p = params(budget, max_depth, min_match, max_match, cost, confidence, keep);
   py::gil_scoped_release release;
-  return laser::draft(pools.data(), weights.data(), int(pools.size()), ctx.data(), ctx.size(), p);
+  return laser::draft(pools, weights, int(n_pools), ctx.data(), ctx.size(), p);
 }
 
 // ---- Hot calls: Pool.draft and draft_union run once per decode step. pybind11's generic
@@ -168,7 +167,9 @@ PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
     bind_args(sig, args, nargs, kwnames, a);
     const Pool& p = py::handle(self).cast<const Pool&>();
     const int32_t max_depth = int_arg(a[2], "max_depth", 0);
-    DraftTree t = run_draft({&p}, {1.0}, a[0], int_arg(a[1], "budget", 64), max_depth > 0 ? max_depth : p.max_depth(),
+    const Pool* one = &p;
+    const double unit = 1.0;
+    DraftTree t = run_draft(&one, &unit, 1, a[0], int_arg(a[1], "budget", 64), max_depth > 0 ? max_depth : p.max_depth(),
                             int_arg(a[3], "min_match", 1), int_arg(a[4], "max_match", 4),
                             py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None), float_arg(a[6], "confidence", 1.0));
     return py::cast(std::move(t)).release().ptr();
@@ -185,9 +186,10 @@ PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t narg
     const auto pools = py::handle(a[0]).cast<std::vector<const Pool*>>();
     const auto weights = py::handle(a[1]).cast<std::vector<double>>();
     if (pools.empty()) throw py::value_error("need at least one pool");
+    if (weights.size() != pools.size()) throw py::value_error("need one weight per pool");
     for (const Pool* p : pools)
       if (!p) throw py::type_error("pools must be RetrievalPool objects");
-    DraftTree t = run_draft(pools, weights, a[2], int_arg(a[3], "budget", 64), int_arg(a[4], "max_depth", 12),
+    DraftTree t = run_draft(pools.data(), weights.data(), pools.size(), a[2], int_arg(a[3], "budget", 64), int_arg(a[4], "max_depth", 12),
                             int_arg(a[5], "min_match", 1), int_arg(a[6], "max_match", 4),
                             py::reinterpret_borrow<py::object>(a[7] ? a[7] : Py_None), float_arg(a[8], "confidence", 1.0));
     return py::cast(std::move(t)).release().ptr();
@@ -222,7 +224,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("rank", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.rank, {t.n}, s); })
       .def_property_readonly("mask", [](py::object s) {
         auto& t = s.cast<DraftTree&>();
-        return py::array(py::dtype("bool"), {t.n, t.n}, {t.n, 1}, t.mask.data(), s);
+        return py::array(py::dtype("bool"), {t.n, t.n}, {t.n, 1}, t.mask, s);
       })
       .def_property_readonly("paths", [](py::object s) {
         auto& t = s.cast<DraftTree&>();

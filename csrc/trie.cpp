@@ -394,6 +394,20 @@ std::unique_ptr<Pool> Pool::load(const std::string& path) {
 
 // ---------------------------------------------------------------- draft + flatten
 
+void DraftTree::allocate(int32_t n_nodes, int32_t leaves, int32_t width) {
+  n = n_nodes, n_paths = leaves, path_width = width;
+  const size_t per_node = size_t(n), n_paths_words = size_t(leaves) * size_t(width);
+  const size_t mask_words = (size_t(n) * size_t(n) + 3) / 4;
+  buf.reset(new int32_t[5 * per_node + n_paths_words + mask_words]);  // uninitialised
+  int32_t* p = buf.get();
+  tokens = p, parents = p + per_node, depth = p + 2 * per_node, rank = p + 3 * per_node;
+  counts = reinterpret_cast<float*>(p + 4 * per_node);
+  paths = p + 5 * per_node;
+  std::fill(paths, paths + n_paths_words, -1);
+  mask = reinterpret_cast<uint8_t*>(paths + n_paths_words);
+  std::memset(mask, 0, size_t(n) * size_t(n));
+}
+
 namespace {
 using Kid = Pool::Kid;
 struct Cand {
@@ -471,17 +485,28 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   if (prm.cost) budget = std::min(budget, prm.cost_len - 1);
   // Each distinct pool: shared lock on its trie, and its child cache held for the whole draft
   // (one lock per call instead of one per expanded node), with room for `budget` lists.
-  std::vector<std::shared_lock<std::shared_mutex>> locks;
-  std::vector<std::unique_lock<std::mutex>> cache_locks;
-  for (int p = 0; p < P; ++p) {
-    if (std::find(pools, pools + p, pools[p]) == pools + p) {
-      locks.emplace_back(pools[p]->mutex());
-      cache_locks.emplace_back(pools[p]->cache_mutex());
-      pools[p]->reserve_cache(budget + 1);
+  struct Locks {  // released in reverse order on every exit path
+    const Pool* const* pools;
+    int n = 0;
+    ~Locks() {
+      for (int i = n - 1; i >= 0; --i)
+        if (std::find(pools, pools + i, pools[i]) == pools + i) {
+          pools[i]->cache_mutex().unlock();
+          pools[i]->mutex().unlock_shared();
+        }
     }
+  } held{pools};
+  for (int p = 0; p < P; ++p) {
+    if (std::find(pools, pools + p, pools[p]) != pools + p) continue;  // already held
+    pools[p]->mutex().lock_shared();
+    pools[p]->cache_mutex().lock();
+    held.n = p + 1;  // from here on the destructor releases this pool's locks
+    pools[p]->reserve_cache(budget + 1);
   }
   // Each pool matches its own longest suffix; the root's count sums the matched nodes.
-  std::vector<int32_t> ids(P);
+  int32_t ids_small[8];
+  std::vector<int32_t> ids_big(P > 8 ? P : 0);
+  int32_t* ids = P > 8 ? ids_big.data() : ids_small;
   DraftTree t;
   double root_count = 0.0;
   for (int p = 0; p < P; ++p) {
@@ -553,14 +578,14 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
 
   sel.reserve(budget);
   sel_ids.reserve(size_t(budget) * P);
-  if (t.match_len > 0) expand(ids.data(), 0, -1, budget);
+  if (t.match_len > 0) expand(ids, 0, -1, budget);
   while (int32_t(sel.size()) < budget && !heap.empty()) {
     std::pop_heap(heap.begin(), heap.end(), Worse{});
     const Cand c = cands[heap.back().cand];
     heap.pop_back();
     const int32_t s = int32_t(sel.size());
     sel.push_back(c);
-    sel_ids.insert(sel_ids.end(), c.ids, c.ids + P);
+    if (P == 1) sel_ids.push_back(*c.ids); else sel_ids.insert(sel_ids.end(), c.ids, c.ids + P);
     if (c.left > 0) push(c.kid + 1, P == 1 ? &c.kid[1].node : c.ids + P, c.left - 1, c.depth, c.parent);
     expand(sel_ids.data() + size_t(s) * P, c.depth, s, budget - s - 1);
   }
@@ -598,37 +623,29 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     for (int32_t c = head[s]; c >= 0; c = next[c]) stack.push_back(c);
     std::reverse(stack.begin() + mark, stack.end());
   }
-  t.n = n;
-  t.tokens.resize(n);
-  t.parents.resize(n);
-  t.depth.resize(n);
-  t.counts.resize(n);
-  t.rank.assign(order.begin(), order.end());
-  t.mask.assign(size_t(n) * n, 0);
+  // leaves and the longest path, from the selection (is_leaf by selection index)
   auto& is_leaf = S.is_leaf;
   is_leaf.assign(n, 1);
+  int32_t leaves = 0, width = 0;
+  for (int32_t s = 0; s < n; ++s)
+    if (sel[s].parent >= 0) is_leaf[sel[s].parent] = 0;
+  for (int32_t s = 0; s < n; ++s)
+    if (is_leaf[s]) ++leaves, width = std::max(width, sel[s].depth);
+  t.allocate(n, leaves, width);
   for (int32_t i = 0; i < n; ++i) {
     const Cand& c = sel[order[i]];
     t.tokens[i] = c.token;
     t.parents[i] = c.parent < 0 ? -1 : dfs_of[c.parent];
     t.depth[i] = c.depth;
     t.counts[i] = float(c.count);
-    uint8_t* row = t.mask.data() + size_t(i) * n;
-    if (t.parents[i] >= 0) {
-      std::memcpy(row, t.mask.data() + size_t(t.parents[i]) * n, size_t(t.parents[i]) + 1);
-      is_leaf[t.parents[i]] = 0;
-    }
+    t.rank[i] = order[i];
+    uint8_t* row = t.mask + size_t(i) * n;
+    if (t.parents[i] >= 0) std::memcpy(row, t.mask + size_t(t.parents[i]) * n, size_t(t.parents[i]) + 1);
     row[i] = 1;
   }
-  for (int32_t i = 0; i < n; ++i) {
-    if (!is_leaf[i]) continue;
-    ++t.n_paths;
-    t.path_width = std::max(t.path_width, t.depth[i]);
-  }
-  t.paths.assign(size_t(t.n_paths) * t.path_width, -1);
   for (int32_t i = 0, row = 0; i < n; ++i) {
-    if (!is_leaf[i]) continue;
-    for (int32_t j = i; j >= 0; j = t.parents[j]) t.paths[size_t(row) * t.path_width + t.depth[j] - 1] = j;
+    if (!is_leaf[order[i]]) continue;
+    for (int32_t j = i; j >= 0; j = t.parents[j]) t.paths[size_t(row) * width + t.depth[j] - 1] = j;
     ++row;
   }
   return t;

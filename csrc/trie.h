@@ -107,19 +107,24 @@ struct Node {
 static_assert(sizeof(Node) == 32, "Node is one half cache line");
 
 // Flattened draft tree, nodes in depth-first pre-order (parent index < child index).
+// Every array lives in one allocation (`buf`); the pointers point into it, so a moved
+// tree keeps them valid and a tree is never copied.
 struct DraftTree {
   int32_t n = 0;                  // number of nodes (<= budget)
   int32_t match_len = 0;          // length of the matched context suffix (0: no match)
   int32_t n_paths = 0;            // number of leaves
   int32_t path_width = 0;         // longest root-to-leaf path
   double root_count = 0.0;        // weighted count of the matched context (counts / root_count = chance)
-  std::vector<int32_t> tokens;    // [n]
-  std::vector<int32_t> parents;   // [n]   DFS index of the parent, -1 = child of the context
-  std::vector<int32_t> depth;     // [n]   1 for children of the context
-  std::vector<float> counts;      // [n]   pool count (weighted sum across pools)
-  std::vector<int32_t> rank;      // [n]   selection order (best-first); rank < b is a subtree
-  std::vector<uint8_t> mask;      // [n, n] mask[i*n + j] = j is an ancestor of i or j == i
-  std::vector<int32_t> paths;     // [n_paths, path_width] DFS indices root->leaf, -1 padded
+  int32_t* tokens = nullptr;      // [n]
+  int32_t* parents = nullptr;     // [n]   DFS index of the parent, -1 = child of the context
+  int32_t* depth = nullptr;       // [n]   1 for children of the context
+  float* counts = nullptr;        // [n]   pool count (weighted sum across pools)
+  int32_t* rank = nullptr;        // [n]   selection order (best-first); rank < b is a subtree
+  int32_t* paths = nullptr;       // [n_paths, path_width] DFS indices root->leaf, -1 padded
+  uint8_t* mask = nullptr;        // [n, n] mask[i*n + j] = j is an ancestor of i or j == i (zeroed)
+  std::unique_ptr<int32_t[]> buf;
+  // Sets n, n_paths, path_width and the array pointers; paths start at -1, mask at 0.
+  void allocate(int32_t n_nodes, int32_t leaves, int32_t width);
 };
 
 struct DraftParams {
