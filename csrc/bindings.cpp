@@ -24,6 +24,11 @@ struct Tokens {
 };
 
 Tokens as_tokens(const py::handle& obj, const char* what) {
+  if (py::isinstance<py::array_t<int32_t, py::array::c_style>>(obj)) {  // the common case, no conversion
+    auto a = py::reinterpret_borrow<py::array_t<int32_t>>(obj);
+    if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
+    return Tokens{std::move(a)};
+  }
   py::array a = py::array::ensure(obj);
   if (!a) throw py::type_error(std::string(what) + " must be an integer array-like");
   if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
