@@ -24,14 +24,11 @@ struct Tokens {
 };
 
 Tokens as_tokens(const py::handle& obj, const char* what) {
-  if (py::isinstance<py::array_t<int32_t, py::array::c_style>>(obj)) {  // the common case, no conversion
-    auto a = py::reinterpret_borrow<py::array_t<int32_t>>(obj);
-    if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
-    return Tokens{std::move(a)};
-  }
-  py::array a = py::array::ensure(obj);
+  const bool ready = py::isinstance<py::array_t<int32_t, py::array::c_style>>(obj);  // the common case
+  py::array a = ready ? py::reinterpret_borrow<py::array>(obj) : py::array::ensure(obj);
   if (!a) throw py::type_error(std::string(what) + " must be an integer array-like");
   if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
+  if (ready) return Tokens{py::reinterpret_borrow<py::array_t<int32_t>>(a)};
   const char kind = a.dtype().kind();
   if (a.size() > 0 && kind != 'i' && kind != 'u')
     throw py::type_error(std::string(what) + " must hold integers, got dtype " + std::string(py::str(a.dtype())));
@@ -78,22 +75,44 @@ DraftParams params(int32_t budget, int32_t max_depth, int32_t min_match, int32_t
   return p;
 }
 
-DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_pools,
-                    const py::handle& context, int32_t budget, int32_t max_depth, int32_t min_match,
-                    int32_t max_match, const py::object& cost, double confidence) {
-  Tokens ctx = as_tokens(context, "context");
+// ---- Hot calls: Pool.draft and draft_union run once per decode step. pybind11's generic
+// dispatcher copies the kwargs dict and creates a str per parameter name on every call
+// (~1.2 us of a ~6 us 64-node draft), so these two are plain METH_FASTCALL functions whose
+// keyword names are interned once and matched by pointer.
+
+int32_t int_arg(PyObject* o, const char* name, int32_t dflt) {
+  if (!o) return dflt;
+  if (PyFloat_Check(o) || !PyIndex_Check(o)) throw py::type_error(std::string(name) + " must be an int");
+  const long long v = PyLong_AsLongLong(py::reinterpret_steal<py::object>(PyNumber_Index(o)).ptr());
+  if (PyErr_Occurred()) throw py::error_already_set();
+  if (v < INT32_MIN || v > INT32_MAX) throw py::value_error(std::string(name) + " is out of the int32 range");
+  return int32_t(v);
+}
+
+double float_arg(PyObject* o, const char* name, double dflt) {
+  if (!o) return dflt;
+  const double v = PyFloat_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::type_error(std::string(name) + " must be a float");
+  }
+  return v;
+}
+
+// a = [context, budget, max_depth (already resolved into `max_depth`), min_match, max_match,
+// cost, confidence]: the arguments after the pools, as bind_args() left them.
+DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_pools, PyObject* const* a,
+                    int32_t max_depth) {
+  Tokens ctx = as_tokens(a[0], "context");
   for (size_t i = 0; i < n_pools; ++i)
     if (!(weights[i] > 0.0)) throw py::value_error("pool weights must be positive");
   py::object keep;  // owner of the cost buffer, if any
-  const DraftParams p = params(budget, max_depth, min_match, max_match, cost, confidence, keep);
+  const DraftParams p = params(int_arg(a[1], "budget", 64), max_depth, int_arg(a[3], "min_match", 1),
+                               int_arg(a[4], "max_match", 4), py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None),
+                               float_arg(a[6], "confidence", 1.0), keep);
   py::gil_scoped_release release;
   return laser::draft(pools, weights, int(n_pools), ctx.data(), ctx.size(), p);
 }
-
-// ---- Hot calls: Pool.draft and draft_union run once per decode step. pybind11's generic
-// dispatcher copies the kwargs dict and creates a str per parameter name on every call
-// (~1.5 us of a ~6 us 64-node draft), so these two are plain METH_FASTCALL functions whose
-// keyword names are interned once and matched by pointer.
 
 struct Signature {
   const char* fn;
@@ -128,25 +147,6 @@ void bind_args(Signature& sig, PyObject* const* args, Py_ssize_t nargs, PyObject
     if (!out[i]) throw py::type_error(std::string(sig.fn) + "() missing required argument '" + sig.names[i] + "'");
 }
 
-int32_t int_arg(PyObject* o, const char* name, int32_t dflt) {
-  if (!o) return dflt;
-  if (PyFloat_Check(o) || !PyIndex_Check(o)) throw py::type_error(std::string(name) + " must be an int");
-  const long long v = PyLong_AsLongLong(py::reinterpret_steal<py::object>(PyNumber_Index(o)).ptr());
-  if (PyErr_Occurred()) throw py::error_already_set();
-  if (v < INT32_MIN || v > INT32_MAX) throw py::value_error(std::string(name) + " is out of the int32 range");
-  return int32_t(v);
-}
-
-double float_arg(PyObject* o, const char* name, double dflt) {
-  if (!o) return dflt;
-  const double v = PyFloat_AsDouble(o);
-  if (v == -1.0 && PyErr_Occurred()) {
-    PyErr_Clear();
-    throw py::type_error(std::string(name) + " must be a float");
-  }
-  return v;
-}
-
 template <typename F>
 PyObject* guarded(F&& body) {
   try {
@@ -170,14 +170,10 @@ PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
   return guarded([&] {
     PyObject* a[7];
     bind_args(sig, args, nargs, kwnames, a);
-    const Pool& p = py::handle(self).cast<const Pool&>();
-    const int32_t max_depth = int_arg(a[2], "max_depth", 0);
-    const Pool* one = &p;
+    const Pool* one = &py::handle(self).cast<const Pool&>();
     const double unit = 1.0;
-    DraftTree t = run_draft(&one, &unit, 1, a[0], int_arg(a[1], "budget", 64), max_depth > 0 ? max_depth : p.max_depth(),
-                            int_arg(a[3], "min_match", 1), int_arg(a[4], "max_match", 4),
-                            py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None), float_arg(a[6], "confidence", 1.0));
-    return py::cast(std::move(t)).release().ptr();
+    const int32_t max_depth = int_arg(a[2], "max_depth", 0);  // <= 0: the pool's own
+    return py::cast(run_draft(&one, &unit, 1, a, max_depth > 0 ? max_depth : one->max_depth())).release().ptr();
   });
 }
 
@@ -194,10 +190,9 @@ PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t narg
     if (weights.size() != pools.size()) throw py::value_error("need one weight per pool");
     for (const Pool* p : pools)
       if (!p) throw py::type_error("pools must be RetrievalPool objects");
-    DraftTree t = run_draft(pools.data(), weights.data(), pools.size(), a[2], int_arg(a[3], "budget", 64), int_arg(a[4], "max_depth", 12),
-                            int_arg(a[5], "min_match", 1), int_arg(a[6], "max_match", 4),
-                            py::reinterpret_borrow<py::object>(a[7] ? a[7] : Py_None), float_arg(a[8], "confidence", 1.0));
-    return py::cast(std::move(t)).release().ptr();
+    return py::cast(run_draft(pools.data(), weights.data(), pools.size(), a + 2, int_arg(a[4], "max_depth", 12)))
+        .release()
+        .ptr();
   });
 }
 
