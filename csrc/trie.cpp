@@ -485,23 +485,26 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   if (prm.cost) budget = std::min(budget, prm.cost_len - 1);
   // Each distinct pool: shared lock on its trie, and its child cache held for the whole draft
   // (one lock per call instead of one per expanded node), with room for `budget` lists.
-  struct Locks {  // released in reverse order on every exit path
-    const Pool* const* pools;
-    int n = 0;
+  // Taken in address order, one global order, so concurrent drafts over the same pools in
+  // different argument orders cannot deadlock; released in reverse on every exit path.
+  struct Locks {
+    const Pool* small[8];
+    std::vector<const Pool*> big;
+    const Pool** list = small;
+    int n = 0, held = 0;
     ~Locks() {
-      for (int i = n - 1; i >= 0; --i)
-        if (std::find(pools, pools + i, pools[i]) == pools + i) {
-          pools[i]->cache_mutex().unlock();
-          pools[i]->mutex().unlock_shared();
-        }
+      for (int i = held - 1; i >= 0; --i) list[i]->cache_mutex().unlock(), list[i]->mutex().unlock_shared();
     }
-  } held{pools};
-  for (int p = 0; p < P; ++p) {
-    if (std::find(pools, pools + p, pools[p]) != pools + p) continue;  // already held
-    pools[p]->mutex().lock_shared();
-    pools[p]->cache_mutex().lock();
-    held.n = p + 1;  // from here on the destructor releases this pool's locks
-    pools[p]->reserve_cache(budget + 1);
+  } locks;
+  if (P > 8) locks.big.resize(P), locks.list = locks.big.data();
+  for (int p = 0; p < P; ++p)
+    if (std::find(locks.list, locks.list + locks.n, pools[p]) == locks.list + locks.n) locks.list[locks.n++] = pools[p];
+  std::sort(locks.list, locks.list + locks.n);
+  for (int i = 0; i < locks.n; ++i) {
+    locks.list[i]->mutex().lock_shared();
+    locks.list[i]->cache_mutex().lock();
+    locks.held = i + 1;
+    locks.list[i]->reserve_cache(budget + 1);
   }
   // Each pool matches its own longest suffix; the root's count sums the matched nodes.
   int32_t ids_small[8];

@@ -287,6 +287,26 @@ def test_token_id_validation():
         pool.insert([1, 2], weight=0.0)
 
 
+def test_concurrent_union_drafts_in_opposite_orders_finish():
+    """Pools are locked in one global order: [a, b] and [b, a] drafting at once cannot deadlock."""
+    a, b = RetrievalPool(), RetrievalPool()
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a.insert(rng.integers(0, 20, 50))
+        b.insert(rng.integers(0, 20, 50))
+
+    def work(pools):
+        for _ in range(3000):
+            draft_union(pools, [1.0, 2.0], [1, 2, 3], budget=16)
+
+    threads = [threading.Thread(target=work, args=(order,), daemon=True) for order in ([a, b], [b, a], [a, b], [b, a])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "drafts deadlocked"
+
+
 def test_concurrent_insert_and_draft():
     """Insert/draft release the GIL; a pool's own lock keeps concurrent use consistent."""
     pool = RetrievalPool(max_depth=6, max_nodes=5_000)
