@@ -147,8 +147,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             pools, weights = [requests[i].pool, local], [1.0, weights[0]]
         budget = cfg.budget if (cfg.prompt_weight > 0 or requests[i].pool is not None) else 0
         st = DecodeStats(time_prefill=time.perf_counter() - t0)
-        rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, pools=pools, weights=weights, budget=budget, stats=st,
-                       acc=cfg.confidence, pred=1.0)
+        rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, pools=pools, weights=weights, budget=budget, stats=st)
         lens[r] = L - 1
 
     for r in range(B):
@@ -160,10 +159,9 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             if row is None:
                 trees.append(None)
                 continue
-            conf = min(1.0, max(0.05, row["acc"] / row["pred"])) if cfg.adaptive else cfg.confidence
             trees.append(draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
                                      max_depth=cfg.max_depth, min_match=min_match(cfg, mode), max_match=cfg.max_match,
-                                     cost=cfg.cost, confidence=conf))
+                                     cost=cfg.cost, confidence=cfg.confidence))
         if cfg.cost is not None:
             trees = _common_budget(trees, cfg.cost, cfg.confidence)
         q = 1 + max(len(t) for t in trees if t is not None)
@@ -208,9 +206,6 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             row["pools"][-1].extend(seq[:n], out)  # the request's own prompt/output pool
             if update_pool and requests[row["i"]].pool is not None:
                 requests[row["i"]].pool.extend(seq[row["L"] : n], out)
-            if cfg.adaptive and m:
-                row["acc"] = 0.9 * row["acc"] + out.size - 1
-                row["pred"] = 0.9 * row["pred"] + float(chance(t).sum())
             row["n"], row["new"] = n + out.size, row["new"] + out.size
             st = row["stats"]
             st.steps += 1

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from laser import RetrievalPool, draft_union
-from laser.accept import accept_tree, chance, kernels_forced
+from laser.accept import accept_tree, kernels_forced
 from laser.hf import cache_kwarg, cache_length, compact_cache, new_cache
 from laser.kernels.bits import mask_to_bits
 
@@ -69,11 +69,10 @@ class DraftConfig:
     max_match: int = 4
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each tree (see calibrate)
-    # The cut trusts pool statistics times a confidence. adaptive=True recalibrates it within
-    # a call as accepted / predicted draft tokens (decayed); measured here it shrank trees
-    # too far on CPU (benchmarks/RESULTS.md), so the default trusts the counts.
+    # The cut trusts pool statistics times a fixed confidence. A per-call online estimate
+    # (accepted / predicted, decayed) was tried and removed: it shrank trees too far, and a
+    # tree cut to zero stops it from learning (benchmarks/RESULTS.md).
     confidence: float = 1.0
-    adaptive: bool = False
 
 
 def min_match(cfg: DraftConfig, mode: str) -> int:
@@ -253,14 +252,12 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         model(input_ids=ids[None, :-1].to(device), **{kv: cache}, use_cache=True)
     n, new = L, 0
     stats.time_prefill = time.perf_counter() - t0
-    acc_sum, pred_sum = cfg.confidence, 1.0  # decayed sums of accepted and predicted draft tokens
 
     while new < max_new_tokens:
         # 1. draft: tree from the shared pool + this request's own text
         t0 = time.perf_counter()
-        conf = min(1.0, max(0.05, acc_sum / pred_sum)) if cfg.adaptive else cfg.confidence
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
-                           min_match=min_match(cfg, mode), max_match=cfg.max_match, cost=cfg.cost, confidence=conf)
+                           min_match=min_match(cfg, mode), max_match=cfg.max_match, cost=cfg.cost, confidence=cfg.confidence)
         past = n - 1
         inp, pos, mask, toks, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
         extra = {"laser_tree_bits": mask_to_bits(block).to(device)} if kernels else {}
@@ -284,8 +281,6 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         if pool is not None and update_pool:
             pool.extend(seq[L:n], out)  # windows inside the output only: no prompt tokens
         n, new = n + out.size, new + out.size
-        if cfg.adaptive and len(tree):
-            acc_sum, pred_sum = 0.9 * acc_sum + out.size - 1, 0.9 * pred_sum + float(chance(tree).sum())
         stats.steps += 1
         stats.accepted.append(out.size - 1)
         stats.tree_sizes.append(len(tree))
