@@ -60,17 +60,18 @@ def accept_flags(stats: RowStats, parent_row: torch.Tensor, tokens: torch.Tensor
     return exact | ((stats.rank < top_k) & (stats.prob >= min_prob))
 
 
-def longest_path(flags: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor) -> int:
+def longest_path(flags: np.ndarray, mask: np.ndarray, depth: np.ndarray) -> int:
     """Deepest node whose whole root path is accepted; -1 if none. First in DFS order on ties.
 
-    flags [n] bool; mask [n, n] bool ancestor-or-self; depth [n] int64.
+    flags [n] bool; mask [n, n] bool ancestor-or-self; depth [n] (>= 1). All numpy: the
+    trees live on the host, and only the flags cross from the device (one copy per step).
     """
-    if flags.numel() == 0:
+    if flags.size == 0:
         return -1
-    ok = ~(mask & ~flags[None, :]).any(dim=1)  # every ancestor-or-self accepted
-    score = torch.where(ok, depth, torch.zeros_like(depth))
+    ok = ~(mask & ~flags[None, :]).any(axis=1)  # every ancestor-or-self accepted
+    score = np.where(ok, depth, 0)
     best = int(score.argmax())  # argmax returns the first maximum: DFS order breaks ties
-    return best if bool(ok[best]) else -1
+    return best if ok[best] else -1
 
 
 def chance(tree) -> np.ndarray:
@@ -78,22 +79,35 @@ def chance(tree) -> np.ndarray:
     return np.minimum(1.0, tree.counts / tree.root_count) if len(tree) else np.zeros(0)
 
 
-def accept_tree(logits, tree, toks, mode: str, top_k: int, min_prob: float, eos: np.ndarray, room: int):
-    """Judge one verified tree and pick what to commit.
+def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_prob: float, eos: np.ndarray,
+                 rooms: list[int]) -> list:
+    """Judge B verified trees at once and pick what each row commits.
 
-    logits [m+1, V] (row 0: pending, row i+1: node i); toks [m] int64 on logits' device.
-    Returns (path: DFS indices root..best of the accepted nodes, out: tokens to commit =
-    accepted path + bonus, cut at the first EOS and at `room`, stopped: EOS reached).
+    logits [B, q, V]: row r's position 0 is its pending token, position i + 1 its node i
+    (positions past len(trees[r]) + 1 are padding). trees[r] is None for an idle row.
+    One row_stats pass over all B * q rows and one device-to-host copy for the whole batch.
+    Returns per row None (idle) or (path: DFS indices root..best of the accepted nodes,
+    out: tokens to commit = accepted path + bonus, cut at the first EOS and at rooms[r],
+    stopped: EOS reached).
     """
-    device = logits.device
-    parent_row = torch.from_numpy(tree.parents + 1).to(device=device, dtype=torch.long)
-    rs = row_stats(logits, parent_row, toks)
-    flags = accept_flags(rs, parent_row, toks, mode, top_k, min_prob)
-    mask = torch.from_numpy(tree.mask).to(device)
-    best = longest_path(flags, mask, torch.from_numpy(tree.depth).to(device=device, dtype=torch.long))
-    path = np.flatnonzero(tree.mask[best]) if best >= 0 else np.empty(0, np.int64)
-    out = np.append(tree.tokens[path], int(rs.argmax[best + 1]))[:room]
-    stop = np.flatnonzero(np.isin(out, eos))
-    if stop.size:
-        out = out[: stop[0] + 1]
-    return path, out, bool(stop.size)
+    B, q, V = logits.shape
+    live = [r for r, t in enumerate(trees) if t is not None]
+    parent_row = np.concatenate([r * q + trees[r].parents.astype(np.int64) + 1 for r in live] or [np.zeros(0, np.int64)])
+    tokens = np.concatenate([trees[r].tokens.astype(np.int64) for r in live] or [np.zeros(0, np.int64)])
+    both = torch.from_numpy(np.stack([parent_row, tokens])).to(logits.device)  # [2, N]
+    rs = row_stats(logits.reshape(B * q, V), both[0], both[1])
+    flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
+    host = torch.cat([rs.argmax, flags.long()]).cpu().numpy()  # the step's one sync
+    argmax, flags = host[: B * q].reshape(B, q), host[B * q :].astype(bool)
+    out_rows, at = [None] * B, 0
+    for r in live:
+        t = trees[r]
+        f, at = flags[at : at + len(t)], at + len(t)
+        best = longest_path(f, t.mask, t.depth)
+        path = np.flatnonzero(t.mask[best]) if best >= 0 else np.empty(0, np.int64)
+        out = np.append(t.tokens[path], argmax[r, best + 1])[: rooms[r]]
+        stop = np.flatnonzero(np.isin(out, eos))
+        if stop.size:
+            out = out[: stop[0] + 1]
+        out_rows[r] = (path, out, bool(stop.size))
+    return out_rows

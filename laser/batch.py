@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from laser import RetrievalPool, draft_union
-from laser.accept import accept_tree, chance
+from laser.accept import accept_trees, chance
 from laser.decode import DecodeStats, DraftConfig, _check_args, min_match
 from laser.hf import _layers, cache_kwarg, new_cache
 
@@ -190,13 +190,13 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
                        attention_mask=mask, **{kv: cache}, use_cache=True).logits.float()  # [B, q, V]
         t2 = time.perf_counter()
         src, dst, new_lens = [], [], lens.copy()
-        for r, (row, t) in enumerate(zip(rows, trees)):  # 3. accept per row
+        judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once
+                              [max_new_tokens - row["new"] if row else 0 for row in rows])
+        for r, (row, t) in enumerate(zip(rows, trees)):
             if row is None:
                 continue
             m = len(t)
-            toks = torch.from_numpy(ids[r, 1 : m + 1]).to(device)
-            path, out, stop = accept_tree(logits[r, : m + 1], t, toks, mode, top_k, min_prob, eos,
-                                          max_new_tokens - row["new"])
+            path, out, stop = judged[r]
             keep = np.concatenate([[0], path[: out.size - 1] + 1])  # pending + committed path, block offsets
             src += [(r, W + j) for j in keep]
             dst += [(r, lens[r] + j) for j in range(keep.size)]

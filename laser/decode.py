@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from laser import RetrievalPool, draft_union
-from laser.accept import accept_tree, kernels_forced
+from laser.accept import accept_trees, kernels_forced
 from laser.hf import cache_kwarg, cache_length, compact_cache, new_cache
 from laser.kernels.bits import mask_to_bits
 
@@ -84,8 +84,8 @@ def _verify_inputs(pending: int, tree, past: int, dtype, device):
     """Inputs of one verification forward over [pending] + tree (m + 1 tokens).
 
     Returns input_ids [1, m+1], position_ids [1, m+1], a 4-D additive mask
-    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), the tree's
-    tokens as a tensor, and the [m+1, m+1] bool block of the mask over [pending] + tree.
+    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), and the
+    [m+1, m+1] bool block of the mask over [pending] + tree.
     """
     m = len(tree)
     toks = torch.from_numpy(tree.tokens).to(device=device, dtype=torch.long)  # [m]
@@ -98,7 +98,7 @@ def _verify_inputs(pending: int, tree, past: int, dtype, device):
     visible = torch.ones(m + 1, past + m + 1, dtype=torch.bool, device=device)
     visible[:, past:] = torch.from_numpy(block).to(device)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
-    return input_ids, position_ids, mask[None, None], toks, block
+    return input_ids, position_ids, mask[None, None], block
 
 
 @contextlib.contextmanager
@@ -259,7 +259,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
                            min_match=min_match(cfg, mode), max_match=cfg.max_match, cost=cfg.cost, confidence=cfg.confidence)
         past = n - 1
-        inp, pos, mask, toks, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
+        inp, pos, mask, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
         extra = {"laser_tree_bits": mask_to_bits(block).to(device)} if kernels else {}
         t1 = time.perf_counter()
         # 2. verify: one forward over [pending] + tree
@@ -268,7 +268,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         logits = _process(logits[0].float(), seq, n, tree, logits_processor)  # [m+1, V]
         t2 = time.perf_counter()
         # 3. accept: longest agreeing root path + the bonus token, cut at EOS / max_new_tokens
-        path, out, stop = accept_tree(logits, tree, toks, mode, top_k, min_prob, eos, max_new_tokens - new)
+        path, out, stop = accept_trees(logits[None], [tree], mode, top_k, min_prob, eos, [max_new_tokens - new])[0]
         t3 = time.perf_counter()
         # 4. commit: tokens, KV cache, pools
         seq[n : n + out.size] = out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import laser
-from laser.accept import accept_flags, longest_path, row_stats_reference
+from laser.accept import accept_flags, accept_trees, longest_path, row_stats_reference
 from laser.kernels.accept import fused_row_stats
 from laser.kernels.bits import mask_to_bits
 from laser.kernels.tree_attention import tree_attention, tree_attention_reference
@@ -76,11 +76,10 @@ def test_known_ranks_and_ties_at_kth_place():
 
 def test_longest_path_from_flags():
     t = random_tree(20, 1)
-    mask = torch.from_numpy(t.mask)
-    depth = torch.from_numpy(t.depth).long()
-    flags = torch.ones(len(t), dtype=torch.bool)
+    mask, depth = t.mask, t.depth
+    flags = np.ones(len(t), dtype=bool)
     best = longest_path(flags, mask, depth)
-    assert depth[best] == depth.max() and best == int(torch.nonzero(depth == depth.max())[0])
+    assert depth[best] == depth.max() and best == int(np.flatnonzero(depth == depth.max())[0])
     flags[:] = False
     assert longest_path(flags, mask, depth) == -1
     flags[0] = True  # only the first node: path of length 1
@@ -91,6 +90,44 @@ def test_longest_path_from_flags():
         assert longest_path(flags, mask, depth) == kid
         flags[0] = False  # an accepted child of a rejected parent does not count
         assert longest_path(flags, mask, depth) == -1
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("mode", ["strict", "relaxed"])
+def test_accept_trees_batch_equals_rows_alone(mode, kernels, monkeypatch):
+    """A padded batch (with an idle row) judges every row as that row's tree alone would.
+
+    kernels=True runs the fused Triton statistics (interpreted on the CPU, native on CUDA).
+    """
+    if kernels:
+        monkeypatch.setenv("LASER_FORCE_KERNELS", "1")
+    trees = [random_tree(12, 7), None, random_tree(5, 8), random_tree(20, 9)]
+    q, V = 1 + max(len(t) for t in trees if t is not None), 8
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(len(trees), q, V, generator=g) * 2
+    for r, t in enumerate(trees):  # make the drafted tokens likely winners, so paths get long
+        if t is not None:
+            logits[r, t.parents + 1, torch.from_numpy(t.tokens).long()] += 3.0
+    eos, rooms = np.array([5]), [100, 0, 3, 100]
+    batch = accept_trees(logits.to(DEV), trees, mode, 2, 0.1, eos, rooms)
+    assert batch[1] is None
+    for r, t in enumerate(trees):
+        if t is None:
+            continue
+        path, out, stop = batch[r]
+        alone = accept_trees(logits[r : r + 1, : len(t) + 1].to(DEV), [t], mode, 2, 0.1, eos, [rooms[r]])[0]
+        assert np.array_equal(path, alone[0]) and np.array_equal(out, alone[1]) and stop == alone[2]
+        # the committed path is a root path of accepted nodes, then the bonus = argmax after it
+        x = logits[r].double()
+        for j, node in enumerate(path[: out.size - 1]):
+            row = x[t.parents[node] + 1]
+            tok = int(t.tokens[node])
+            rank, prob = int((row > row[tok]).sum()), float(torch.softmax(row, 0)[tok])
+            assert tok == int(row.argmax()) or (mode == "relaxed" and rank < 2 and prob >= 0.1)
+            assert j == 0 or t.parents[node] == path[j - 1]
+        if out.size == len(path) + 1:
+            assert out[-1] == int(x[path[-1] + 1 if len(path) else 0].argmax())
+        assert out.size <= rooms[r] and (stop == bool(np.isin(out, eos).any()))
 
 
 # ---------------------------------------------------------------- tree attention
