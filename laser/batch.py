@@ -9,8 +9,8 @@ Each step: every live row drafts its own tree from its own pools; with a cost cu
 trees are cut to one best-first budget chosen for the whole batch, then padded to one
 node count q - 1; one forward over [B, q] with per-row positions and a per-row 4-D
 mask; per-row acceptance; then row r's pending + accepted path move to columns
-[lens[r], lens[r] + a_r) (a gather, not a recompute). A finished row is refilled with the
-next queued prompt (its prompt is prefilled alone and copied into the row).
+[lens[r], lens[r] + a_r) (a gather, not a recompute). Rows that finish are refilled with
+the next queued prompts (one padded prefill forward for all rows freed in a step).
 """
 
 from __future__ import annotations
@@ -85,21 +85,56 @@ class Result:
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
-def _set_row(cache, r: int, B: int, keys_vals) -> None:
-    """Copy one sequence's KV (list of ([1, H, L, D], [1, H, L, D]) per layer) into row r, columns [0, L)."""
+def _prefill_rows(model, cache, kv: str, B: int, rows: list[int], prompts: list[np.ndarray]) -> None:
+    """Prefill prompts[j][:-1] into cache row rows[j], columns [0, len - 1): one forward for all.
+
+    The prompts are right-padded to one length (a 2-D attention mask hides the padding, so
+    positions are 0..len-2 as in an unbatched prefill) and the padded block is copied into
+    the rows as a whole: columns past a row's length are garbage, hidden by later masks.
+    """
+    L = max(p.size for p in prompts) - 1
+    if L == 0:
+        return
+    ids = np.zeros((len(rows), L), dtype=np.int64)
+    att = np.zeros((len(rows), L), dtype=np.int64)
+    for j, p in enumerate(prompts):
+        ids[j, : p.size - 1], att[j, : p.size - 1] = p[:-1], 1
+    device = model.device
+    one = new_cache(model)
+    model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(att).to(device),
+          **{kv: one}, use_cache=True)
     if cache.get_seq_length() == 0:  # first fill: let the cache create its [B, H, 0, D] layers
-        for idx, (nk, nv) in enumerate(keys_vals):
+        for idx, (nk, nv, _) in enumerate(_layers(one)):
             shape = (B, nk.shape[1], 0, nk.shape[3])
             cache.update(nk.new_zeros(shape), nv.new_zeros(shape), idx)
-    for (k, v, put), (nk, nv) in zip(_layers(cache), keys_vals):
-        L = nk.shape[2]
+    at = torch.tensor(rows, device=device)
+    for (k, v, put), (nk, nv, _) in zip(_layers(cache), _layers(one)):
         if k.shape[2] < L:
-            pad = L - k.shape[2]
-            k = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], pad, k.shape[3])], dim=2)
-            v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], pad, v.shape[3])], dim=2)
-        k[r, :, :L] = nk[0]
-        v[r, :, :L] = nv[0]
+            pad = (k.shape[0], k.shape[1], L - k.shape[2], k.shape[3])
+            k, v = torch.cat([k, k.new_zeros(pad)], dim=2), torch.cat([v, v.new_zeros(pad)], dim=2)
+        k[at, :, :L] = nk
+        v[at, :, :L] = nv
         put(k, v)
+
+
+def _move_columns(cache, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+    """In every layer, copy column src[i] of row rows[i] to column dst[i] (all heads): a gather.
+
+    Each layer's keys/values are contiguous [B, H, W, D] (the cache's own concatenation):
+    seen as [B * H * W, D], a column of one row is H flat rows, so one index_select and
+    one index_copy_ per tensor move them all.
+    """
+    flat = {}
+    for k, v, _ in _layers(cache):
+        Bk, H, W, D = k.shape
+        if (H, W) not in flat:
+            base = (rows[:, None] * H + np.arange(H)[None, :]) * W  # [n, H]
+            both = np.stack([(base + src[:, None]).ravel(), (base + dst[:, None]).ravel()])
+            flat[H, W] = torch.from_numpy(both).to(k.device)
+        s, d = flat[H, W]
+        for t in (k, v):
+            tf = t.view(Bk * H * W, D)  # raises if not contiguous, rather than copying
+            tf.index_copy_(0, d, tf.index_select(0, s))
 
 
 @torch.no_grad()
@@ -129,29 +164,30 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
     rows: list[dict | None] = [None] * B  # live row state: req index, seq, n, new, local pool, stats
     lens = np.zeros(B, dtype=np.int64)
 
-    def start(r: int) -> None:
-        i = queue.pop()
-        ids = np.asarray(requests[i].input_ids, dtype=np.int32)
-        L = ids.size
+    def start(free: list[int]) -> None:
+        """Fill the free rows with the next queued prompts (one prefill forward for all of them)."""
+        take = [(r, queue.pop()) for r in free[: len(queue)]]
+        if not take:
+            return
         t0 = time.perf_counter()
-        one = new_cache(model)
-        if L > 1:
-            model(input_ids=torch.from_numpy(ids[None, :-1].astype(np.int64)).to(device), **{kv: one}, use_cache=True)
-            _set_row(cache, r, B, [(k, v) for k, v, _ in _layers(one)])
-        seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
-        seq[:L] = ids
-        local = RetrievalPool(max_depth=12)
-        local.insert(ids)
-        pools, weights = [local], [cfg.prompt_weight if cfg.prompt_weight > 0 else 1.0]
-        if requests[i].pool is not None:
-            pools, weights = [requests[i].pool, local], [1.0, weights[0]]
-        budget = cfg.budget if (cfg.prompt_weight > 0 or requests[i].pool is not None) else 0
-        st = DecodeStats(time_prefill=time.perf_counter() - t0)
-        rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, pools=pools, weights=weights, budget=budget, stats=st)
-        lens[r] = L - 1
+        prompts = [np.asarray(requests[i].input_ids, dtype=np.int32) for _, i in take]
+        _prefill_rows(model, cache, kv, B, [r for r, _ in take], prompts)
+        prefill = (time.perf_counter() - t0) / len(take)
+        for (r, i), ids in zip(take, prompts):
+            L = ids.size
+            seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
+            seq[:L] = ids
+            local = RetrievalPool(max_depth=12)
+            local.insert(ids)
+            pools, weights = [local], [cfg.prompt_weight if cfg.prompt_weight > 0 else 1.0]
+            if requests[i].pool is not None:
+                pools, weights = [requests[i].pool, local], [1.0, weights[0]]
+            budget = cfg.budget if (cfg.prompt_weight > 0 or requests[i].pool is not None) else 0
+            rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, pools=pools, weights=weights, budget=budget,
+                           stats=DecodeStats(time_prefill=prefill))
+            lens[r] = L - 1
 
-    for r in range(B):
-        start(r)
+    start(list(range(B)))
     while any(row is not None for row in rows):
         t0 = time.perf_counter()
         trees = []
@@ -189,7 +225,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
         logits = model(input_ids=torch.from_numpy(ids).to(device), position_ids=torch.from_numpy(pos).to(device),
                        attention_mask=mask, **{kv: cache}, use_cache=True).logits.float()  # [B, q, V]
         t2 = time.perf_counter()
-        src, dst, new_lens = [], [], lens.copy()
+        moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
         judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once
                               [max_new_tokens - row["new"] if row else 0 for row in rows])
         for r, (row, t) in enumerate(zip(rows, trees)):
@@ -198,8 +234,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             m = len(t)
             path, out, stop = judged[r]
             keep = np.concatenate([[0], path[: out.size - 1] + 1])  # pending + committed path, block offsets
-            src += [(r, W + j) for j in keep]
-            dst += [(r, lens[r] + j) for j in range(keep.size)]
+            moves += [(r, W + j, lens[r] + i) for i, j in enumerate(keep)]
             new_lens[r] = lens[r] + keep.size
             seq, n = row["seq"], row["n"]
             seq[n : n + out.size] = out
@@ -220,18 +255,12 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
                 rows[r] = None
         t3 = time.perf_counter()
         # 4. commit: move each row's kept block columns next to its past (gather), then refill
-        if src:
-            rs_, sc = torch.tensor(src, device=device).T
-            _, dc = torch.tensor(dst, device=device).T
-            for k, v, put in _layers(cache):
-                k[rs_, :, dc] = k[rs_, :, sc]
-                v[rs_, :, dc] = v[rs_, :, sc]
+        if moves:
+            _move_columns(cache, *np.array(moves, dtype=np.int64).T)
         lens[:] = new_lens
-        for r in range(B):
-            if rows[r] is None and queue:
-                start(r)
-            elif rows[r] is None:
-                lens[r] = 0
+        free = [r for r in range(B) if rows[r] is None]
+        lens[free] = 0
+        start(free)
         for row in rows:
             if row is not None:
                 st = row["stats"]
