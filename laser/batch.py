@@ -10,7 +10,8 @@ trees are cut to one best-first budget chosen for the whole batch, then padded t
 node count q - 1; one forward over [B, q] with per-row positions and a per-row 4-D
 mask; per-row acceptance; then row r's pending + accepted path move to columns
 [lens[r], lens[r] + a_r) (a gather, not a recompute). Rows that finish are refilled with
-the next queued prompts (one padded prefill forward for all rows freed in a step).
+the next queued prompts (one padded prefill forward for all rows freed in a step); once
+the queue is empty, finished rows leave the batch (B shrinks) instead of being computed.
 """
 
 from __future__ import annotations
@@ -260,7 +261,14 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
         lens[:] = new_lens
         free = [r for r in range(B) if rows[r] is None]
         lens[free] = 0
-        start(free)
+        if queue:
+            start(free)
+        elif free and len(free) < B:  # nothing left to start: drop finished rows from the batch
+            keep = [r for r in range(B) if rows[r] is not None]
+            at = torch.tensor(keep, device=device)
+            for k, v, put in _layers(cache):
+                put(k.index_select(0, at), v.index_select(0, at))
+            rows, lens, B = [rows[r] for r in keep], lens[keep], len(keep)
         for row in rows:
             if row is not None:
                 st = row["stats"]

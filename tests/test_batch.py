@@ -44,6 +44,26 @@ def test_rows_finish_independently_at_eos_and_are_refilled():
     assert len(res[0].tokens) <= 5
 
 
+def test_finished_rows_leave_the_batch_once_the_queue_is_empty():
+    model = tiny("llama", 22)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, V, 6).tolist() for _ in range(3)]
+    outs = [greedy(model, p, 30, eos_token_id=None) for p in prompts]
+    eos = outs[0][6 + 4]  # the first row stops early
+    want = [greedy(model, p, 30, eos_token_id=eos) for p in prompts]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        res = generate_batch(model, [Request(p) for p in prompts], batch_size=3, max_new_tokens=30, eos_token_id=eos)
+    finally:
+        hook.remove()
+    for p, w, r in zip(prompts, want, res):
+        assert r.tokens.tolist() == w[len(p):]
+    lengths = sorted(len(r.tokens) for r in res)
+    assert widths[0] == 3 and widths[-1] == 1 and widths == sorted(widths, reverse=True)
+    assert lengths[0] < lengths[-1] and 2 in widths  # the batch shrank as rows finished
+
+
 def test_relaxed_rows_obey_the_rule():
     model = tiny("qwen2", 23)
     rng = np.random.default_rng(1)
