@@ -138,6 +138,36 @@ def _move_columns(cache, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> 
             tf.index_copy_(0, d, tf.index_select(0, s))
 
 
+def _verify_inputs(rows, trees, lens: np.ndarray, dtype, device):
+    """Inputs of one batched verification forward; q = 1 + the largest tree, W = max(lens).
+
+    Returns input_ids [B, q] (pending token, then the row's tree in DFS order, zero-padded),
+    position_ids [B, q] (lens[r] + depth) and a 4-D additive mask [B, 1, q, W + q]: row r
+    sees its own past (columns < lens[r]), the pending column W, and its ancestors inside
+    the block; padded nodes see only themselves and pending, so every row stays finite.
+    """
+    B = len(rows)
+    q = 1 + max(len(t) for t in trees if t is not None)
+    W = int(lens.max())
+    ids = np.zeros((B, q), dtype=np.int64)
+    pos = np.zeros((B, q), dtype=np.int64)
+    visible = np.zeros((B, q, W + q), dtype=bool)
+    for r, (row, t) in enumerate(zip(rows, trees)):
+        visible[r, :, W] = True
+        if row is None:
+            continue
+        m = len(t)
+        ids[r, 0], ids[r, 1 : m + 1] = row["seq"][row["n"] - 1], t.tokens
+        pos[r, :] = lens[r]
+        pos[r, 1 : m + 1] += t.depth
+        visible[r, :, : lens[r]] = True
+        visible[r, 1 : m + 1, W + 1 : W + 1 + m] = t.mask
+        visible[r, m + 1 :, W + 1 + m :] = np.eye(q - 1 - m, dtype=bool)
+    mask = torch.zeros(B, 1, q, W + q, dtype=dtype, device=device)
+    mask.masked_fill_(~torch.from_numpy(visible).to(device)[:, None], torch.finfo(dtype).min)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), mask
+
+
 @torch.no_grad()
 def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_tokens: int = 128,
                    mode: str = "strict", top_k: int = 2, min_prob: float = 0.1, eos_token_id="auto",
@@ -191,40 +221,20 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
     start(list(range(B)))
     while any(row is not None for row in rows):
         t0 = time.perf_counter()
-        trees = []
-        for r, row in enumerate(rows):  # 1. draft per row
-            if row is None:
-                trees.append(None)
-                continue
-            trees.append(draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
-                                     max_depth=cfg.max_depth, min_match=min_match(cfg, mode), max_match=cfg.max_match,
-                                     cost=cfg.cost, confidence=cfg.confidence))
+        trees = [None if row is None else  # 1. draft per row, from the row's own pools
+                 draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
+                             max_depth=cfg.max_depth, min_match=min_match(cfg, mode), max_match=cfg.max_match,
+                             cost=cfg.cost, confidence=cfg.confidence) for row in rows]
         if cfg.cost is not None:
             trees = _common_budget(trees, cfg.cost, cfg.confidence)
-        q = 1 + max(len(t) for t in trees if t is not None)
+        ids, pos, mask = _verify_inputs(rows, trees, lens, dtype, device)
         W = int(lens.max())
-        ids = np.zeros((B, q), dtype=np.int64)
-        pos = np.zeros((B, q), dtype=np.int64)
-        visible = np.zeros((B, q, W + q), dtype=bool)
-        for r, (row, t) in enumerate(zip(rows, trees)):
-            visible[r, :, W] = True  # everyone sees column W (pending); padding rows too, to stay finite
-            if row is None:
-                continue
-            m = len(t)
-            ids[r, 0], ids[r, 1 : m + 1] = row["seq"][row["n"] - 1], t.tokens
-            pos[r, :] = lens[r]
-            pos[r, 1 : m + 1] += t.depth
-            visible[r, :, : lens[r]] = True
-            visible[r, 1 : m + 1, W + 1 : W + 1 + m] = t.mask
-            visible[r, m + 1 :, W + 1 + m :] = np.eye(q - 1 - m, dtype=bool)  # padded nodes: themselves
-        mask = torch.zeros(B, 1, q, W + q, dtype=dtype, device=device)
-        mask.masked_fill_(~torch.from_numpy(visible).to(device)[:, None], torch.finfo(dtype).min)
         # the block is appended at column W for every row: crop each layer to W first
         for k, v, put in _layers(cache):
             put(k[:, :, :W], v[:, :, :W])
         t1 = time.perf_counter()
-        logits = model(input_ids=torch.from_numpy(ids).to(device), position_ids=torch.from_numpy(pos).to(device),
-                       attention_mask=mask, **{kv: cache}, use_cache=True).logits.float()  # [B, q, V]
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
+                       use_cache=True).logits.float()  # 2. verify: [B, q, V]
         t2 = time.perf_counter()
         moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
         judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once
