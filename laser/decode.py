@@ -295,39 +295,47 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
 
 
 @torch.no_grad()
-def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), repeats: int = 3,
+def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), repeats: int = 5,
               batch: int = 1) -> np.ndarray:
     """Measure the verification cost curve on this hardware: cost[b] = seconds for b tree nodes.
 
-    Times one forward of `batch` rows of b + 1 tokens after a `context_len` prefix (median
-    of `repeats`), interpolated linearly to every b in [0, max(sizes)]. Pass it as
-    DraftConfig(cost=...); for laser.batch, calibrate with the batch size it will run.
+    Times one forward of `batch` rows of b + 1 tokens after a `context_len` prefix. After
+    one warm-up round, `repeats` rounds each time every size once (round-robin, so a slow
+    spell of a shared machine touches all sizes alike, not the few measured during it);
+    cost = per-size median, made non-decreasing in b (a forward over more tokens never
+    costs less; a dip is noise), interpolated linearly to every b in [0, max(sizes)].
+    Pass it as DraftConfig(cost=...); for laser.batch, calibrate with its batch size.
     """
     device, kv = model.device, cache_kwarg(model)
     dtype = next(model.parameters()).dtype
     vocab = model.get_output_embeddings().weight.shape[0]
+    sizes = sorted(set(int(b) for b in sizes))
+    if not sizes or sizes[0] < 0 or repeats < 1:
+        raise ValueError("calibrate needs sizes >= 0 and repeats >= 1")
     gen = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, vocab, (batch, context_len), generator=gen).to(device)
     cache = new_cache(model)
-    model(input_ids=ctx, **{kv: cache}, use_cache=True)
-    medians = []
-    for b in sizes:
-        times = []
-        for _ in range(repeats + 1):  # first run warms up
-            inp = torch.randint(0, vocab, (batch, b + 1), generator=gen).to(device)
-            pos = (context_len + torch.arange(b + 1))[None].expand(batch, -1).to(device)
-            mask = torch.zeros(batch, 1, b + 1, context_len + b + 1, dtype=dtype, device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            compact_cache(cache, context_len, torch.empty(0, dtype=torch.long, device=device))
-        medians.append(float(np.median(times[1:])))
-    grid = np.arange(max(sizes) + 1)
-    return np.interp(grid, np.asarray(sizes, dtype=np.float64), np.asarray(medians))
+    model(input_ids=torch.randint(0, vocab, (batch, context_len), generator=gen).to(device), **{kv: cache},
+          use_cache=True)
+
+    def forward(b: int) -> float:
+        inp = torch.randint(0, vocab, (batch, b + 1), generator=gen).to(device)
+        pos = (context_len + torch.arange(b + 1))[None].expand(batch, -1).to(device)
+        mask = torch.zeros(batch, 1, b + 1, context_len + b + 1, dtype=dtype, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        compact_cache(cache, context_len, torch.empty(0, dtype=torch.long, device=device))
+        return dt
+
+    for b in sizes:  # warm-up round
+        forward(b)
+    times = np.array([[forward(b) for b in sizes] for _ in range(repeats)])  # [repeats, len(sizes)]
+    medians = np.maximum.accumulate(np.median(times, axis=0))
+    return np.interp(np.arange(sizes[-1] + 1), np.asarray(sizes, dtype=np.float64), medians)
 
 
 def hf_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,

@@ -226,8 +226,10 @@ def test_hf_custom_generate_entry_point():
 
 def test_calibrated_cost_curve_drives_budget():
     model = tiny("llama", 13)
-    cost = decode.calibrate(model, context_len=32, sizes=(0, 4, 16), repeats=1)
-    assert cost.shape == (17,) and (cost > 0).all()
+    cost = decode.calibrate(model, context_len=32, sizes=(16, 0, 4), repeats=2)
+    assert cost.shape == (17,) and (cost > 0).all() and (np.diff(cost) >= 0).all()
+    with pytest.raises(ValueError):
+        decode.calibrate(model, sizes=(-1, 4))
     prompt = [1, 2, 3]
     want = greedy(model, prompt, 20, eos_token_id=None)
     pool = laser.RetrievalPool()
