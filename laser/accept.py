@@ -44,11 +44,12 @@ def row_stats_reference(logits: torch.Tensor, parent_row: torch.Tensor, tokens: 
     return RowStats(argmax, prob, rank)
 
 
-def row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor) -> RowStats:
+def row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor, widest: int | None = None) -> RowStats:
+    """widest: most nodes sharing one parent row, if known on the host (spares the kernel path a sync)."""
     if (logits.is_cuda or kernels_forced()) and parent_row.numel() > 0:
         from laser.kernels.accept import fused_row_stats
 
-        return fused_row_stats(logits, parent_row, tokens)
+        return fused_row_stats(logits, parent_row, tokens, widest=widest)
     return row_stats_reference(logits, parent_row, tokens)
 
 
@@ -95,7 +96,8 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
     parent_row = np.concatenate([r * q + trees[r].parents.astype(np.int64) + 1 for r in live] or [np.zeros(0, np.int64)])
     tokens = np.concatenate([trees[r].tokens.astype(np.int64) for r in live] or [np.zeros(0, np.int64)])
     both = torch.from_numpy(np.stack([parent_row, tokens])).to(logits.device)  # [2, N]
-    rs = row_stats(logits.reshape(B * q, V), both[0], both[1])
+    widest = int(np.bincount(parent_row).max()) if parent_row.size else 0
+    rs = row_stats(logits.reshape(B * q, V), both[0], both[1], widest)
     flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
     host = torch.cat([rs.argmax, flags.long()]).cpu().numpy()  # the step's one sync
     argmax, flags = host[: B * q].reshape(B, q), host[B * q :].astype(bool)

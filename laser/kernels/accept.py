@@ -127,13 +127,19 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def group_by_row(parent_row: torch.Tensor, tokens: torch.Tensor, n_rows: int):
-    """CSR of nodes by parent row: (row_start [R+1] int32, tokens [n], node ids [n], widest row)."""
+def group_by_row(parent_row: torch.Tensor, tokens: torch.Tensor, n_rows: int, widest: int | None = None):
+    """CSR of nodes by parent row: (row_start [R+1] int32, tokens [n], node ids [n], widest row).
+
+    widest (most nodes in one row) sizes the kernel; pass it when known on the host, which
+    saves a device-to-host sync.
+    """
     order = torch.argsort(parent_row, stable=True)
     counts = torch.bincount(parent_row, minlength=n_rows)
     row_start = torch.zeros(n_rows + 1, dtype=torch.int32, device=parent_row.device)
     row_start[1:] = torch.cumsum(counts, 0)
-    return row_start, tokens.index_select(0, order).contiguous(), order, int(counts.max()) if counts.numel() else 0
+    if widest is None:
+        widest = int(counts.max()) if counts.numel() else 0
+    return row_start, tokens.index_select(0, order).contiguous(), order, widest
 
 
 _WORKSPACE: dict = {}
@@ -176,8 +182,9 @@ def launch(logits, row_start, node_tok, node_id, widest: int, splits: int | None
     return RowStats(argmax, prob, rank)
 
 
-def fused_row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor, splits: int | None = None) -> RowStats:
-    """logits [R, V]; parent_row [n] int64 in [0, R); tokens [n] int64 in [0, V)."""
+def fused_row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor, splits: int | None = None,
+                    widest: int | None = None) -> RowStats:
+    """logits [R, V]; parent_row [n] int64 in [0, R); tokens [n] int64 in [0, V); widest: see group_by_row."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be a 2-D [R, V] tensor, contiguous along V")
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -188,5 +195,5 @@ def fused_row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torc
         raise TypeError("parent_row and tokens must be int64")
     if logits.shape[1] >= 2**31:
         raise ValueError("vocabulary too large for int32 indices")
-    row_start, node_tok, node_id, widest = group_by_row(parent_row, tokens, logits.shape[0])
+    row_start, node_tok, node_id, widest = group_by_row(parent_row, tokens, logits.shape[0], widest)
     return launch(logits, row_start, node_tok, node_id, widest, splits)
