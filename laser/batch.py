@@ -24,7 +24,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, chance
-from laser.decode import DecodeStats, DraftConfig, _check_args, min_match
+from laser.decode import DecodeStats, DraftConfig, _check_args, _verify_inputs, min_match
 from laser.hf import _layers, cache_kwarg, new_cache
 
 
@@ -138,36 +138,6 @@ def _move_columns(cache, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> 
             tf.index_copy_(0, d, tf.index_select(0, s))
 
 
-def _verify_inputs(rows, trees, lens: np.ndarray, dtype, device):
-    """Inputs of one batched verification forward; q = 1 + the largest tree, W = max(lens).
-
-    Returns input_ids [B, q] (pending token, then the row's tree in DFS order, zero-padded),
-    position_ids [B, q] (lens[r] + depth) and a 4-D additive mask [B, 1, q, W + q]: row r
-    sees its own past (columns < lens[r]), the pending column W, and its ancestors inside
-    the block; padded nodes see only themselves and pending, so every row stays finite.
-    """
-    B = len(rows)
-    q = 1 + max(len(t) for t in trees if t is not None)
-    W = int(lens.max())
-    ids = np.zeros((B, q), dtype=np.int64)
-    pos = np.zeros((B, q), dtype=np.int64)
-    visible = np.zeros((B, q, W + q), dtype=bool)
-    for r, (row, t) in enumerate(zip(rows, trees)):
-        visible[r, :, W] = True
-        if row is None:
-            continue
-        m = len(t)
-        ids[r, 0], ids[r, 1 : m + 1] = row["seq"][row["n"] - 1], t.tokens
-        pos[r, :] = lens[r]
-        pos[r, 1 : m + 1] += t.depth
-        visible[r, :, : lens[r]] = True
-        visible[r, 1 : m + 1, W + 1 : W + 1 + m] = t.mask
-        visible[r, m + 1 :, W + 1 + m :] = np.eye(q - 1 - m, dtype=bool)
-    mask = torch.zeros(B, 1, q, W + q, dtype=dtype, device=device)
-    mask.masked_fill_(~torch.from_numpy(visible).to(device)[:, None], torch.finfo(dtype).min)
-    return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), mask
-
-
 @torch.no_grad()
 def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_tokens: int = 128,
                    mode: str = "strict", top_k: int = 2, min_prob: float = 0.1, eos_token_id="auto",
@@ -227,7 +197,8 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
                              cost=cfg.cost, confidence=cfg.confidence) for row in rows]
         if cfg.cost is not None:
             trees = _common_budget(trees, cfg.cost, cfg.confidence)
-        ids, pos, mask = _verify_inputs(rows, trees, lens, dtype, device)
+        pending = np.array([row["seq"][row["n"] - 1] if row else 0 for row in rows])
+        ids, pos, mask, _ = _verify_inputs(pending, trees, lens, dtype, device)
         W = int(lens.max())
         # the block is appended at column W for every row: crop each layer to W first
         for k, v, put in _layers(cache):

@@ -80,25 +80,37 @@ def min_match(cfg: DraftConfig, mode: str) -> int:
     return cfg.min_match if cfg.min_match is not None else (2 if mode == "strict" else 1)
 
 
-def _verify_inputs(pending: int, tree, past: int, dtype, device):
-    """Inputs of one verification forward over [pending] + tree (m + 1 tokens).
+def _verify_inputs(pending: np.ndarray, trees: list, lens: np.ndarray, dtype, device):
+    """Inputs of one verification forward over B rows of [pending] + tree (generate: B = 1).
 
-    Returns input_ids [1, m+1], position_ids [1, m+1], a 4-D additive mask
-    [1, 1, m+1, past+m+1] (whole past visible + ancestor mask inside the tree), and the
-    [m+1, m+1] bool block of the mask over [pending] + tree.
+    pending [B]: each row's last committed token (not in the cache yet); trees[r] None = an
+    idle row; lens [B]: positions cached per row. With q = 1 + the largest tree and
+    W = max(lens), returns input_ids [B, q] (pending, then the tree in DFS order, zero-
+    padded), position_ids [B, q] (lens[r] + depth), a 4-D additive mask [B, 1, q, W + q] and
+    its bool form visible [B, q, W + q]: row r sees its own past (columns < lens[r]), the
+    pending column W and its ancestors inside the block; padded nodes see only themselves
+    and pending, so every row stays finite.
     """
-    m = len(tree)
-    toks = torch.from_numpy(tree.tokens).to(device=device, dtype=torch.long)  # [m]
-    depth = torch.from_numpy(tree.depth).to(device=device, dtype=torch.long)  # [m]
-    input_ids = torch.cat([torch.tensor([pending], device=device), toks])[None]
-    position_ids = (past + torch.cat([torch.zeros(1, dtype=torch.long, device=device), depth]))[None]
-    block = np.zeros((m + 1, m + 1), dtype=bool)  # [pending] + tree: everyone sees pending, nodes their ancestors
-    block[:, 0] = True
-    block[1:, 1:] = tree.mask
-    visible = torch.ones(m + 1, past + m + 1, dtype=torch.bool, device=device)
-    visible[:, past:] = torch.from_numpy(block).to(device)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
-    return input_ids, position_ids, mask[None, None], block
+    B = len(trees)
+    q = 1 + max(len(t) for t in trees if t is not None)
+    W = int(lens.max())
+    ids = np.zeros((B, q), dtype=np.int64)
+    pos = np.zeros((B, q), dtype=np.int64)
+    visible = np.zeros((B, q, W + q), dtype=bool)
+    visible[:, :, W] = True
+    for r, t in enumerate(trees):
+        if t is None:
+            continue
+        m = len(t)
+        ids[r, 0], ids[r, 1 : m + 1] = pending[r], t.tokens
+        pos[r, :] = lens[r]
+        pos[r, 1 : m + 1] += t.depth
+        visible[r, :, : lens[r]] = True
+        visible[r, 1 : m + 1, W + 1 : W + 1 + m] = t.mask
+        visible[r, m + 1 :, W + 1 + m :] = np.eye(q - 1 - m, dtype=bool)
+    mask = torch.zeros(B, 1, q, W + q, dtype=dtype, device=device)
+    mask.masked_fill_(~torch.from_numpy(visible).to(device)[:, None], torch.finfo(dtype).min)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), mask, visible
 
 
 @contextlib.contextmanager
@@ -259,8 +271,8 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
                            min_match=min_match(cfg, mode), max_match=cfg.max_match, cost=cfg.cost, confidence=cfg.confidence)
         past = n - 1
-        inp, pos, mask, block = _verify_inputs(int(seq[n - 1]), tree, past, dtype, device)
-        extra = {"laser_tree_bits": mask_to_bits(block).to(device)} if kernels else {}
+        inp, pos, mask, visible = _verify_inputs(seq[n - 1 : n], [tree], np.array([past]), dtype, device)
+        extra = {"laser_tree_bits": mask_to_bits(visible[0, :, past:]).to(device)} if kernels else {}
         t1 = time.perf_counter()
         # 2. verify: one forward over [pending] + tree
         logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
