@@ -24,7 +24,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, chance
-from laser.decode import DecodeStats, DraftConfig, _check_args, _verify_inputs, min_match
+from laser.decode import DecodeStats, DraftConfig, _check_args, _draft_sources, _verify_inputs, min_match
 from laser.hf import _layers, cache_kwarg, new_cache
 
 
@@ -178,13 +178,8 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             L = ids.size
             seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
             seq[:L] = ids
-            local = RetrievalPool(max_depth=12)
-            local.insert(ids)
-            pools, weights = [local], [cfg.prompt_weight if cfg.prompt_weight > 0 else 1.0]
-            if requests[i].pool is not None:
-                pools, weights = [requests[i].pool, local], [1.0, weights[0]]
-            budget = cfg.budget if (cfg.prompt_weight > 0 or requests[i].pool is not None) else 0
-            rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, pools=pools, weights=weights, budget=budget,
+            local, pools, weights, budget = _draft_sources(requests[i].pool, ids, cfg)
+            rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, local=local, pools=pools, weights=weights, budget=budget,
                            stats=DecodeStats(time_prefill=prefill))
             lens[r] = L - 1
 
@@ -220,7 +215,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             new_lens[r] = lens[r] + keep.size
             seq, n = row["seq"], row["n"]
             seq[n : n + out.size] = out
-            row["pools"][-1].extend(seq[:n], out)  # the request's own prompt/output pool
+            row["local"].extend(seq[:n], out)  # the request's own prompt/output pool
             if update_pool and requests[row["i"]].pool is not None:
                 requests[row["i"]].pool.extend(seq[row["L"] : n], out)
             row["n"], row["new"] = n + out.size, row["new"] + out.size

@@ -80,6 +80,21 @@ def min_match(cfg: DraftConfig, mode: str) -> int:
     return cfg.min_match if cfg.min_match is not None else (2 if mode == "strict" else 1)
 
 
+def _draft_sources(pool: RetrievalPool | None, prompt: np.ndarray, cfg: DraftConfig):
+    """Where one request drafts from: (local, pools, weights, budget).
+
+    local is the request's private pool, holding its prompt (its output is streamed in by
+    the caller). The request drafts from the shared pool (weight 1) and from local
+    (cfg.prompt_weight; 0 leaves it out); with neither, budget 0: one token per step.
+    """
+    local = RetrievalPool(max_depth=pool.max_depth if pool is not None else 12)
+    local.insert(prompt)
+    pairs = [(p, w) for p, w in ((pool, 1.0), (local, cfg.prompt_weight)) if p is not None and w > 0]
+    if not pairs:
+        return local, [local], [1.0], 0
+    return local, [p for p, _ in pairs], [w for _, w in pairs], cfg.budget
+
+
 def _verify_inputs(pending: np.ndarray, trees: list, lens: np.ndarray, dtype, device):
     """Inputs of one verification forward over B rows of [pending] + tree (generate: B = 1).
 
@@ -247,15 +262,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
     L = ids.numel()
     seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
     seq[:L] = ids.cpu().numpy()
-    local = RetrievalPool(max_depth=pool.max_depth if pool is not None else 12)
-    local.insert(seq[:L])
-    pools, weights = [], []
-    for p, w in ((pool, 1.0), (local, cfg.prompt_weight)):
-        if p is not None and w > 0:
-            pools.append(p)
-            weights.append(w)
-    if not pools:  # no drafting at all: plain greedy, one token per step
-        pools, weights, cfg = [local], [1.0], DraftConfig(budget=0, max_depth=cfg.max_depth)
+    local, pools, weights, budget = _draft_sources(pool, seq[:L], cfg)
 
     # prefill: cache <- prompt[:-1]; the last prompt token is pending
     t0 = time.perf_counter()
@@ -268,7 +275,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
     while new < max_new_tokens:
         # 1. draft: tree from the shared pool + this request's own text
         t0 = time.perf_counter()
-        tree = draft_union(pools, weights, seq[:n], budget=cfg.budget, max_depth=cfg.max_depth,
+        tree = draft_union(pools, weights, seq[:n], budget=budget, max_depth=cfg.max_depth,
                            min_match=min_match(cfg, mode), max_match=cfg.max_match, cost=cfg.cost, confidence=cfg.confidence)
         past = n - 1
         inp, pos, mask, visible = _verify_inputs(seq[n - 1 : n], [tree], np.array([past]), dtype, device)

@@ -64,6 +64,21 @@ def test_finished_rows_leave_the_batch_once_the_queue_is_empty():
     assert lengths[0] < lengths[-1] and 2 in widths  # the batch shrank as rows finished
 
 
+def test_prompt_weight_zero_turns_prompt_lookup_off_in_batches():
+    """Same draft sources as laser.generate: prompt_weight=0 leaves the request's own pool out."""
+    model = tiny("llama", 26)
+    prompt = [1, 2, 3] * 4  # the prompt pool alone would draft after "... 2 3"
+    cfg = laser.DraftConfig(budget=8, prompt_weight=0.0)
+    res = generate_batch(model, [Request(prompt, laser.RetrievalPool()), Request(prompt)], batch_size=2,
+                         max_new_tokens=10, eos_token_id=None, draft=cfg, update_pool=False)
+    want = greedy(model, prompt, 10, eos_token_id=None)[len(prompt):]
+    for r in res:
+        assert r.tokens.tolist() == want and set(r.stats.tree_sizes) == {0}
+    on = generate_batch(model, [Request(prompt, laser.RetrievalPool())], max_new_tokens=10, eos_token_id=None,
+                        draft=laser.DraftConfig(budget=8), update_pool=False)
+    assert max(on[0].stats.tree_sizes) > 0
+
+
 def test_relaxed_rows_obey_the_rule():
     model = tiny("qwen2", 23)
     rng = np.random.default_rng(1)
