@@ -4,12 +4,14 @@
 
 At these sizes (0.02-0.1 ms) do_bench also times the host: Python launchers and argument
 checks. The "graph" columns replay the same call from a CUDA graph
-(do_bench_cudagraph), which leaves the device time alone.
+(do_bench_cudagraph), which leaves the device time alone; "host" is what one call costs
+the CPU (back-to-back calls, no sync): a call costs max(host, device) in a loop.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import torch
@@ -46,6 +48,19 @@ def graphed(fn):
         return None
 
 
+def host(fn, n=300):
+    """Median over 5 rounds of the host time per call, n back-to-back calls per round (ms)."""
+    per = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        per.append((time.perf_counter() - t0) / n * 1e3)
+        torch.cuda.synchronize()
+    return float(np.median(per))
+
+
 def fmt(x):
     return f"{x:8.4f}" if x is not None else f"{'n/a':>8s}"
 
@@ -70,7 +85,8 @@ def main():
             plain = bench(lambda: F.scaled_dot_product_attention(q, k, v))
             ours_g = graphed(lambda: tree_attention(q, k, v, bits))
             plain_g = graphed(lambda: F.scaled_dot_product_attention(q, k, v))
-            rows.append(("tree attention", f"ctx {ctx}, {n} nodes, {H}x{D} bf16", ours, masked, plain, ours_g, plain_g))
+            rows.append(("tree attention", f"ctx {ctx}, {n} nodes, {H}x{D} bf16", ours, masked, plain, ours_g, plain_g,
+                         host(lambda: tree_attention(q, k, v, bits))))
     for V in (32_000, 49_152, 128_256):
         for n in (64, 128):
             t = tree(n)
@@ -88,16 +104,17 @@ def main():
                 return logits.argmax(-1), in_top & (p >= 0.1)
 
             ref = bench(torch_path)
-            rows.append(("fused accept", f"V {V}, {n} nodes, fp32", fused, ref, None, graphed(lambda: launch(logits, *csr)), None))
+            rows.append(("fused accept", f"V {V}, {n} nodes, fp32", fused, ref, None, graphed(lambda: launch(logits, *csr)), None,
+                         host(lambda: launch(logits, *csr))))
 
     print(f"\nKernel timings on {name}, torch {torch.__version__}, triton {triton.__version__} (median ms)")
     print(f"{'kernel':15s} {'shape':34s} {'triton':>8s} {'torch':>8s} {'unmasked':>9s} {'vs unmasked':>12s}"
-          f" {'graph':>8s} {'unm.graph':>9s} {'vs unm.(graph)':>15s}")
-    for kind, shape, ours, ref, plain, ours_g, plain_g in rows:
+          f" {'graph':>8s} {'unm.graph':>9s} {'vs unm.(graph)':>15s} {'host':>8s}")
+    for kind, shape, ours, ref, plain, ours_g, plain_g, cpu in rows:
         vs = f"{ours / plain:11.2f}x" if plain else f"{'-':>12s}"
         vs_g = f"{ours_g / plain_g:14.2f}x" if ours_g and plain_g else f"{'-':>15s}"
         print(f"{kind:15s} {shape:34s} {ours:8.4f} {ref:8.4f} {fmt(plain)} {vs}"
-              f" {fmt(ours_g)} {fmt(plain_g)} {vs_g}  ({ref / ours:.2f}x faster than torch)")
+              f" {fmt(ours_g)} {fmt(plain_g)} {vs_g} {fmt(cpu)}  ({ref / ours:.2f}x faster than torch)")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,14 @@ def main(argv=None):
                                  mode=mode, draft=cfg_at[B], update_pool=False)
             line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
             line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
+            # every row's stats hold each batch step's phase times: per step, averaged over rows
+            per = {k: 1e3 * float(np.mean([getattr(r.stats, "time_" + k) / r.stats.steps for r in res]))
+                   for k in ("draft", "verify", "accept", "cache")}
+            line[mode + "_phases"] = " ".join(f"{k} {v:.1f}" for k, v in per.items())
         rows.append(line)
         print(f"B={B:2d}: HF {hf:6.1f} tok/s, LASER strict {line['strict']:6.1f} ({line['strict'] / hf:.2f}x), "
-              f"relaxed {line['relaxed']:6.1f} ({line['relaxed'] / hf:.2f}x)", flush=True)
+              f"relaxed {line['relaxed']:6.1f} ({line['relaxed'] / hf:.2f}x); ms per step: strict "
+              f"{line['strict_phases']}; relaxed {line['relaxed_phases']}", flush=True)
 
     print(f"\n{len(prompts)} ML-100K user prompts x {args.new} new tokens, SmolLM2-135M on {args.device}")
     print(f"{'B':>3s} {'HF greedy tok/s':>16s} {'strict tok/s':>13s} {'x HF':>6s} {'relaxed tok/s':>14s} {'x HF':>6s} {'tok/step s/r':>13s}")

@@ -32,6 +32,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = kernels ]; then
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = batch ]; then
-  timeout ${BATCH_TIMEOUT:-330} python3 benchmarks/e2e_batch.py --device cuda --prompts 32 --warm 32 --batch 16 8 4 1 \
+  # BATCH_ARGS: e.g. "--prompts 128 --warm 32 --batch 16 8" (a long queue: the steady state)
+  timeout ${BATCH_TIMEOUT:-330} python3 benchmarks/e2e_batch.py --device cuda ${BATCH_ARGS:---prompts 32 --warm 32 --batch 16 8 4 1} \
     2>&1 | grep -v Warning | tee "$OUT/batch.log"
 fi

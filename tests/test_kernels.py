@@ -74,6 +74,22 @@ def test_known_ranks_and_ties_at_kth_place():
         assert strict.cpu().tolist() == [True, False, False, False, True, False]
 
 
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_fused_argmax_ties_within_a_lane_and_across_chunks(splits):
+    """The kernel keeps a running max per lane (columns j, j + BLOCK, ...) and per chunk:
+    equal maxima in one lane, in other lanes and in other chunks all resolve to the first."""
+    V = 5000
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(3))
+    for c in (4000, 7 + 1024, 7 + 128, 7):  # 128 <= BLOCK <= 1024, powers of two: 7 + BLOCK shares 7's lane
+        logits[0, c] = 50.0
+    logits[1, 4999] = logits[1, 2500] = 60.0
+    parent_row, tokens = torch.tensor([0, 0, 1]), torch.tensor([7, 4000, 4999])
+    got = fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), splits=splits)
+    assert got.argmax.cpu().tolist() == [7, 2500]
+    assert got.rank.cpu().tolist() == [0, 0, 0]
+    torch.testing.assert_close(got.prob.cpu(), row_stats_reference(logits, parent_row, tokens).prob, rtol=2e-5, atol=1e-7)
+
+
 def test_longest_path_from_flags():
     t = random_tree(20, 1)
     mask, depth = t.mask, t.depth

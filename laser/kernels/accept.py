@@ -6,12 +6,15 @@ probability of its token and its rank (number of logits strictly above the token
 No softmax tensor and no topk: node tokens are grouped by row (CSR), and each row's
 programs compare the row once against all of that row's node logits.
 
-Kernel: _row_stats (grid R x S, each program one V-chunk; the last program of a row to
-finish, by an atomic ticket, merges the row's partials in _combine: one launch in all).
+Kernel: _row_stats (grid R x S, each program one V-chunk, kept per lane and reduced once at
+the end; the last program of a row to finish, by an atomic ticket, merges the row's
+partials in _combine: one launch in all).
 Launcher: fused_row_stats. Reference: laser.accept.row_stats_reference.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -53,23 +56,29 @@ def _row_stats(
     # padding nodes get +inf so that nothing counts as greater
     tval = tl.load(row + toks, mask=cmask, other=float("inf")).to(tl.float32)
 
-    m = tl.full((), NEG, tl.float32)
-    l = tl.full((), 0.0, tl.float32)
-    a = tl.full((), 0, tl.int32)
-    cnt = tl.zeros((C_PAD,), tl.int32)
+    # Per-lane running state over this program's chunk: lane j sees columns start + j,
+    # start + j + BLOCK, ... The loop body is elementwise (no cross-thread reduction); the
+    # lanes are reduced once after it.
+    lanes = tl.arange(0, BLOCK)
+    m = tl.full((BLOCK,), NEG, tl.float32)  # lane max
+    a = tl.zeros((BLOCK,), tl.int32)  # lane argmax (first index: columns grow along a lane)
+    l = tl.zeros((BLOCK,), tl.float32)  # lane sum of exp(x - m)
+    cnt = tl.zeros((C_PAD, BLOCK), tl.int32)  # cnt[c, j]: lane j's logits above node c's
     start = s * CHUNK
     end = tl.minimum(start + CHUNK, V)
     for off in range(0, CHUNK, BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        valid = idx < end
-        x = tl.load(row + idx, mask=valid, other=float("-inf")).to(tl.float32)  # interpreter: fp32 at once
-        bm = tl.max(x, axis=0)
-        bi = tl.min(tl.where(x == bm, idx, 2147483647), axis=0)
-        a = tl.where(bm > m, bi, a)  # strict: the earliest maximum wins
-        m_new = tl.maximum(m, bm)
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        idx = start + off + lanes
+        x = tl.load(row + idx, mask=idx < end, other=float("-inf")).to(tl.float32)  # interpreter: fp32 at once
+        a = tl.where(x > m, idx, a)
+        m_new = tl.maximum(m, x)
+        l = l * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
-        cnt += tl.sum((x[None, :] > tval[:, None]).to(tl.int32), axis=1)
+        cnt += (x[None, :] > tval[:, None]).to(tl.int32)
+    mx = tl.max(m, axis=0)
+    a = tl.min(tl.where(m == mx, a, 2147483647), axis=0)  # earliest column holding the max
+    l = tl.sum(l * tl.exp(m - mx), axis=0)
+    m = mx
+    cnt = tl.sum(cnt, axis=1)
     o = r * S + s
     tl.store(pm_ptr + o, m)
     tl.store(pa_ptr + o, a)
@@ -161,18 +170,33 @@ def _workspace(device, R: int, S: int, C_PAD: int):
     return f, i, t
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter on the CPU: 4, keeps tests small)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=4096)
+def _config(device: torch.device, R: int, V: int, widest: int, splits: int | None):
+    """(C_PAD, BLOCK, S, CHUNK) for R rows of V logits whose widest row holds `widest` nodes.
+
+    BLOCK keeps the per-lane count tile [C_PAD, BLOCK] at <= 4096 entries (registers);
+    S splits each row so that about 8 programs per SM run, each over >= 2 blocks.
+    """
+    C_PAD = _pow2(max(widest, 1))
+    BLOCK = max(128, min(1024, 4096 // C_PAD))
+    if splits is None:
+        splits = min(triton.cdiv(8 * _sm_count(device), R), triton.cdiv(V, 2 * BLOCK))
+    CHUNK = triton.cdiv(triton.cdiv(V, max(1, splits)), BLOCK) * BLOCK
+    return C_PAD, BLOCK, triton.cdiv(V, CHUNK), CHUNK
+
+
 def launch(logits, row_start, node_tok, node_id, widest: int, splits: int | None = None) -> RowStats:
-    """Run both kernels on a prepared CSR (see group_by_row)."""
+    """Run the kernel on a prepared CSR (see group_by_row): one launch, three output buffers."""
     R, V = logits.shape
     n = node_tok.numel()
     dev = logits.device
-    C_PAD = _pow2(max(widest, 1))
-    BLOCK = max(64, min(2048, 8192 // C_PAD))
-    if splits is None:  # enough programs to fill the GPU, chunks of at least a few blocks
-        splits = max(1, min(triton.cdiv(V, 4 * BLOCK), triton.cdiv(4 * 132, R)))
-    S = splits
-    CHUNK = triton.cdiv(triton.cdiv(V, S), BLOCK) * BLOCK
-    S = triton.cdiv(V, CHUNK)
+    C_PAD, BLOCK, S, CHUNK = _config(dev, R, V, widest, splits)
     wsf, wsi, tickets = _workspace(dev, R, S, C_PAD)
     argmax = torch.empty(R, dtype=torch.int64, device=dev)
     prob = torch.empty(n, dtype=torch.float32, device=dev)
