@@ -69,10 +69,12 @@ def _row_stats(
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + lanes
         x = tl.load(row + idx, mask=idx < end, other=float("-inf")).to(tl.float32)  # interpreter: fp32 at once
-        a = tl.where(x > m, idx, a)
-        m_new = tl.maximum(m, x)
-        l = l * tl.exp(m - m_new) + tl.exp(x - m_new)
-        m = m_new
+        # one exp per logit: e = exp(-|x - m|) rescales l when x is a new max, else is x's term
+        gt = x > m
+        e = tl.exp(-tl.abs(x - m))
+        l = tl.where(gt, l * e + 1.0, l + e)
+        a = tl.where(gt, idx, a)
+        m = tl.where(gt, x, m)
         cnt += (x[None, :] > tval[:, None]).to(tl.int32)
     mx = tl.max(m, axis=0)
     a = tl.min(tl.where(m == mx, a, 2147483647), axis=0)  # earliest column holding the max
