@@ -8,8 +8,9 @@ not yet in the cache), row i + 1 is tree node i. Node i is judged on the row of 
 - relaxed: accept iff token == argmax, or (rank < k and prob >= p), where rank is the
            number of logits strictly greater than the token's (ties favour the token).
 
-On CUDA the per-row statistics come from the fused Triton kernel; elsewhere from the
-torch reference below. Both return the same `RowStats`.
+Relaxed mode's per-row statistics come from the fused Triton kernel on CUDA, elsewhere
+from the torch reference below; both return the same `RowStats`. Strict mode needs only
+each row's argmax, one torch call on any device.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
 
     logits [B, q, V]: row r's position 0 is its pending token, position i + 1 its node i
     (positions past len(trees[r]) + 1 are padding). trees[r] is None for an idle row.
-    One row_stats pass over all B * q rows and one device-to-host copy for the whole batch.
+    One pass over all B * q rows (strict: argmax; relaxed: row_stats) and one device-to-host
+    copy for the whole batch.
     Returns per row None (idle) or (path: DFS indices root..best of the accepted nodes,
     out: tokens to commit = accepted path + bonus, cut at the first EOS and at rooms[r],
     stopped: EOS reached).
@@ -96,10 +98,15 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
     parent_row = np.concatenate([r * q + trees[r].parents.astype(np.int64) + 1 for r in live] or [np.zeros(0, np.int64)])
     tokens = np.concatenate([trees[r].tokens.astype(np.int64) for r in live] or [np.zeros(0, np.int64)])
     both = torch.from_numpy(np.stack([parent_row, tokens])).to(logits.device)  # [2, N]
-    widest = int(np.bincount(parent_row).max()) if parent_row.size else 0
-    rs = row_stats(logits.reshape(B * q, V), both[0], both[1], widest)
-    flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
-    host = torch.cat([rs.argmax, flags.long()]).cpu().numpy()  # the step's one sync
+    flat = logits.reshape(B * q, V)
+    if mode == "strict":  # strict needs each row's argmax only: no probabilities, no ranks
+        argmax = flat.argmax(dim=-1)
+        flags = both[1] == argmax.index_select(0, both[0])
+    else:
+        widest = int(np.bincount(parent_row).max()) if parent_row.size else 0  # sizes the kernel, no sync
+        rs = row_stats(flat, both[0], both[1], widest)
+        argmax, flags = rs.argmax, accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
+    host = torch.cat([argmax, flags.long()]).cpu().numpy()  # the step's one sync
     argmax, flags = host[: B * q].reshape(B, q), host[B * q :].astype(bool)
     out_rows, at = [None] * B, 0
     for r in live:

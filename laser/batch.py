@@ -24,6 +24,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, chance
+from laser.cpu import small_row_linears
 from laser.decode import DecodeStats, DraftConfig, _check_args, _draft_sources, _verify_inputs, min_match
 from laser.hf import _layers, cache_kwarg, new_cache
 
@@ -199,8 +200,9 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
         for k, v, put in _layers(cache):
             put(k[:, :, :W], v[:, :, :W])
         t1 = time.perf_counter()
-        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
-                       use_cache=True).logits.float()  # 2. verify: [B, q, V]
+        with small_row_linears(model, ids.numel()):
+            logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
+                           use_cache=True).logits.float()  # 2. verify: [B, q, V]
         t2 = time.perf_counter()
         moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
         judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once

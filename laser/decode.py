@@ -19,6 +19,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, kernels_forced
+from laser.cpu import small_row_linears
 from laser.hf import cache_kwarg, cache_length, compact_cache, new_cache
 from laser.kernels.bits import mask_to_bits
 
@@ -282,8 +283,9 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         extra = {"laser_tree_bits": mask_to_bits(visible[0, :, past:]).to(device)} if kernels else {}
         t1 = time.perf_counter()
         # 2. verify: one forward over [pending] + tree
-        logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
-                       **extra).logits
+        with small_row_linears(model, inp.numel()):
+            logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
+                           **extra).logits
         logits = _process(logits[0].float(), seq, n, tree, logits_processor)  # [m+1, V]
         t2 = time.perf_counter()
         # 3. accept: longest agreeing root path + the bonus token, cut at EOS / max_new_tokens
@@ -343,7 +345,8 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
+        with small_row_linears(model, inp.numel()):
+            model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

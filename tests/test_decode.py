@@ -238,3 +238,46 @@ def test_calibrated_cost_curve_drives_budget():
                    draft=DraftConfig(budget=64, cost=cost))
     assert res.sequences[0].tolist() == want
     assert max(res.stats.tree_sizes) <= 16
+
+
+# ---------------------------------------------------------------- CPU small-row linears
+
+@pytest.mark.parametrize("rows,bias", [(2, False), (17, True), (48, False)])
+def test_split_linear_equals_linear(rows, bias):
+    from laser.cpu import SplitLinear
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 24, generator=g)
+    w = torch.randn(40, 24, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    mode = SplitLinear(4)
+    with mode:
+        got = torch.nn.functional.linear(x, w, b)
+    assert mode.split_calls == 1 and got.shape == (1, rows, 40)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_split_linear_leaves_other_shapes_alone():
+    from laser.cpu import SplitLinear
+
+    mode = SplitLinear(4)
+    with mode:
+        torch.nn.functional.linear(torch.randn(1, 24), torch.randn(40, 24))  # 1 row: a GEMV
+        torch.nn.functional.linear(torch.randn(64, 24), torch.randn(40, 24))  # MKL threads these itself
+        torch.nn.functional.linear(torch.randn(5, 24), torch.randn(42, 24))  # 42 features: no 4 equal blocks
+        torch.nn.functional.linear(torch.randn(5, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64))
+    assert mode.split_calls == 0
+
+
+def test_verification_forward_under_split_matches_plain():
+    """A tiny Llama's tree-sized forward gives the same logits with and without the split."""
+    from laser.cpu import SplitLinear
+
+    model = tiny("llama", 0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    plain = model(input_ids=ids).logits
+    mode = SplitLinear(4)
+    with mode:
+        split = model(input_ids=ids).logits
+    assert mode.split_calls > 0
+    torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
