@@ -30,8 +30,8 @@ def kernels_forced() -> bool:
 @dataclass
 class RowStats:
     argmax: torch.Tensor  # [R] int64, argmax of every logits row
-    prob: torch.Tensor  # [n] float32, softmax prob of node i's token in its parent row
-    rank: torch.Tensor  # [n] int64, number of logits in the parent row strictly above the token's
+    prob: torch.Tensor | None  # [n] float32, softmax prob of node i's token in its parent row (None: strict)
+    rank: torch.Tensor | None  # [n] int64, number of logits in the parent row strictly above the token's (None: strict)
 
 
 def row_stats_reference(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor) -> RowStats:
@@ -99,14 +99,13 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
     tokens = np.concatenate([trees[r].tokens.astype(np.int64) for r in live] or [np.zeros(0, np.int64)])
     both = torch.from_numpy(np.stack([parent_row, tokens])).to(logits.device)  # [2, N]
     flat = logits.reshape(B * q, V)
-    if mode == "strict":  # strict needs each row's argmax only: no probabilities, no ranks
-        argmax = flat.argmax(dim=-1)
-        flags = both[1] == argmax.index_select(0, both[0])
+    if mode == "strict":  # strict reads each row's argmax only: no probabilities, no ranks
+        rs = RowStats(flat.argmax(dim=-1), None, None)
     else:
         widest = int(np.bincount(parent_row).max()) if parent_row.size else 0  # sizes the kernel, no sync
         rs = row_stats(flat, both[0], both[1], widest)
-        argmax, flags = rs.argmax, accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
-    host = torch.cat([argmax, flags.long()]).cpu().numpy()  # the step's one sync
+    flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
+    host = torch.cat([rs.argmax, flags.long()]).cpu().numpy()  # the step's one sync
     argmax, flags = host[: B * q].reshape(B, q), host[B * q :].astype(bool)
     out_rows, at = [None] * B, 0
     for r in live:
