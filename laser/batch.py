@@ -202,7 +202,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
         t1 = time.perf_counter()
         with small_row_linears(model, ids.numel()):
             logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
-                           use_cache=True).logits.float()  # 2. verify: [B, q, V]
+                           use_cache=True).logits  # 2. verify: [B, q, V], the model's dtype (acceptance reads it as is)
         t2 = time.perf_counter()
         moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
         judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once

@@ -152,7 +152,8 @@ def _process(logits: torch.Tensor, seq: np.ndarray, n: int, tree, processor) -> 
     equal depth have equal prefix lengths and go through the processor as one batch.
     """
     if processor is None:
-        return logits
+        return logits  # acceptance reads any float dtype: no fp32 copy of [m+1, V]
+    logits = logits.float()  # HF's processors see fp32 scores, as in its own generate
     device = logits.device
     base = torch.from_numpy(seq[:n].astype(np.int64)).to(device)
     out = logits.clone()
@@ -286,7 +287,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         with small_row_linears(model, inp.numel()):
             logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
                            **extra).logits
-        logits = _process(logits[0].float(), seq, n, tree, logits_processor)  # [m+1, V]
+        logits = _process(logits[0], seq, n, tree, logits_processor)  # [m+1, V], the model's dtype
         t2 = time.perf_counter()
         # 3. accept: longest agreeing root path + the bonus token, cut at EOS / max_new_tokens
         path, out, stop = accept_trees(logits[None], [tree], mode, top_k, min_prob, eos, [max_new_tokens - new])[0]

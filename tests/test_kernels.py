@@ -146,6 +146,26 @@ def test_accept_trees_batch_equals_rows_alone(mode, kernels, monkeypatch):
         assert out.size <= rooms[r] and (stop == bool(np.isin(out, eos).any()))
 
 
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("mode", ["strict", "relaxed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_accept_trees_reads_half_logits_as_their_fp32_values(dtype, mode, kernels, monkeypatch):
+    """The decoders hand acceptance the model's own logits dtype (no fp32 copy): judging
+    bf16/fp16 logits must equal judging the same values cast to fp32."""
+    if kernels:
+        monkeypatch.setenv("LASER_FORCE_KERNELS", "1")
+    trees = [random_tree(12, 7), random_tree(20, 9)]
+    q, V = 21, 8
+    logits = (torch.randn(2, q, V, generator=torch.Generator().manual_seed(2)) * 2).to(dtype)
+    for r, t in enumerate(trees):
+        logits[r, t.parents + 1, torch.from_numpy(t.tokens).long()] += 3.0
+    eos, rooms = np.array([5]), [100, 100]
+    half = accept_trees(logits.to(DEV), trees, mode, 2, 0.1, eos, rooms)
+    full = accept_trees(logits.float().to(DEV), trees, mode, 2, 0.1, eos, rooms)
+    for a, b in zip(half, full):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
 # ---------------------------------------------------------------- tree attention
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
