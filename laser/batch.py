@@ -24,9 +24,9 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, chance
-from laser.cpu import small_row_linears
+from laser.cpu import split_linears
 from laser.decode import DecodeStats, DraftConfig, _check_args, _draft_sources, _verify_inputs, min_match
-from laser.hf import _layers, cache_kwarg, new_cache
+from laser.hf import _layers, cache_kwarg, fill_only, new_cache
 
 
 @dataclass
@@ -103,8 +103,9 @@ def _prefill_rows(model, cache, kv: str, B: int, rows: list[int], prompts: list[
         ids[j, : p.size - 1], att[j, : p.size - 1] = p[:-1], 1
     device = model.device
     one = new_cache(model)
-    model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(att).to(device),
-          **{kv: one}, use_cache=True)
+    with split_linears(model, ids.size):
+        model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(att).to(device),
+              **{kv: one}, use_cache=True, **fill_only(model))
     if cache.get_seq_length() == 0:  # first fill: let the cache create its [B, H, 0, D] layers
         for idx, (nk, nv, _) in enumerate(_layers(one)):
             shape = (B, nk.shape[1], 0, nk.shape[3])
@@ -200,7 +201,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
         for k, v, put in _layers(cache):
             put(k[:, :, :W], v[:, :, :W])
         t1 = time.perf_counter()
-        with small_row_linears(model, ids.numel()):
+        with split_linears(model, ids.numel()):
             logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
                            use_cache=True).logits  # 2. verify: [B, q, V], the model's dtype (acceptance reads it as is)
         t2 = time.perf_counter()

@@ -1,15 +1,24 @@
-"""Verification forwards on a multi-core CPU: small-row linears as a batched matmul.
+"""Forwards on a multi-core CPU: linears as a batched matmul over blocks of output features.
 
-A verification forward multiplies every weight by a few rows (the pending token plus a
-small tree: 2-48 rows). At those shapes torch's fp32 `F.linear` (MKL sgemm) runs on one
-core: on the 2-core benchmark machine a 17-row linear took the same time with 1 and 2
-threads, while 64 rows used both. Split along the output features into `ways` equal
-blocks, the same product as one `torch.bmm` of `ways` batches keeps every core busy:
-a forward over 17 tokens at context 300 went from 167 to 130 ms (benchmarks/RESULTS.md).
+torch's fp32 `F.linear` (MKL sgemm) is slow at the row counts LASER runs: one pending
+token plus a small tree (1-65 rows), B such rows, or a prompt (a few hundred rows). On the
+2-core benchmark machine, with the weights streaming from DRAM as in a real forward
+(median ms, benchmarks/RESULTS.md):
 
-`small_row_linears(model, rows)` routes F.linear through that split for one forward,
-through torch's public TorchFunctionMode: no module of the model is touched, and outside
-the `with` block nothing changes. The result equals F.linear up to fp32 summation order.
+  rows                      1      2      4      17     65     300
+  576 -> 1536  F.linear     0.28   0.50   0.49   0.71   1.18   4.90
+               split        0.17   0.24   0.30   0.44   1.02   4.12
+  576 -> 49152 F.linear     10.0   21.2   21.5   27.7   61.8   241
+  (lm head)    split        4.9    7.2    6.9    22.4   47.1   185
+
+Split along the output features into `ways` equal blocks, the same product is one
+`torch.bmm` of `ways` batches, which keeps every core busy. Up to FEW_ROWS rows the
+weight is the bmm's left operand (x^T is the small one MKL packs: [T, N/T, K] @ [K, rows]),
+above that the right one ([rows, K] @ [T, K, N/T]); each layout is the faster one there.
+
+`split_linears(model, rows)` routes F.linear through the split for one forward, through
+torch's public TorchFunctionMode: no module of the model is touched, and outside the
+`with` block nothing changes. The result equals F.linear up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -20,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-MIN_ROWS, MAX_ROWS = 2, 48  # 1 row is a GEMV (already multi-threaded); >= 64 rows MKL threads itself
+FEW_ROWS = 4  # up to here the weight-major layout is faster (table above)
+MAX_ROWS = 4096  # measured up to 300 rows; beyond a few thousand MKL's own threading is fine
 
 
 class SplitLinear(TorchFunctionMode):
-    """F.linear(x [..., K], w [N, K], b) over MIN_ROWS..MAX_ROWS rows as bmm of `ways` N-blocks."""
+    """F.linear(x [..., K], w [N, K], b) over 1..MAX_ROWS rows as bmm of `ways` N-blocks."""
 
     def __init__(self, ways: int):
         super().__init__()
@@ -37,19 +47,24 @@ class SplitLinear(TorchFunctionMode):
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows, (N, K) = x.numel() // max(x.shape[-1], 1), w.shape
-            if (MIN_ROWS <= rows <= MAX_ROWS and N % self.ways == 0 and w.is_contiguous()
+            if (1 <= rows <= MAX_ROWS and N % self.ways == 0 and w.is_contiguous()
                     and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"):
                 T = self.ways
                 self.split_calls += 1
-                y = torch.bmm(x.reshape(1, rows, K).expand(T, rows, K), w.view(T, N // T, K).transpose(1, 2))
-                y = y.transpose(0, 1).reshape(*x.shape[:-1], N)  # [T, rows, N/T] -> [..., N]
+                blocks = w.view(T, N // T, K)
+                if rows <= FEW_ROWS:  # [T, N/T, K] @ [K, rows] -> [T, N/T, rows] -> [rows, N]
+                    # contiguous: a strided [rows, N] view would push SDPA off its fast path
+                    y = torch.bmm(blocks, x.reshape(rows, K).t().expand(T, K, rows)).permute(2, 0, 1).contiguous()
+                else:  # [rows, K] @ [T, K, N/T] -> [T, rows, N/T] -> [rows, N]
+                    y = torch.bmm(x.reshape(1, rows, K).expand(T, rows, K), blocks.transpose(1, 2)).transpose(0, 1)
+                y = y.reshape(*x.shape[:-1], N)
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
 
 
-def small_row_linears(model, rows: int):
+def split_linears(model, rows: int):
     """Context for one forward over `rows` tokens: the split on a multi-core CPU, else nothing."""
     threads = torch.get_num_threads()
-    if model.device.type != "cpu" or threads < 2 or not MIN_ROWS <= rows <= MAX_ROWS:
+    if model.device.type != "cpu" or threads < 2 or not 1 <= rows <= MAX_ROWS:
         return contextlib.nullcontext()
     return SplitLinear(2 * threads)

@@ -19,8 +19,8 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, kernels_forced
-from laser.cpu import small_row_linears
-from laser.hf import cache_kwarg, cache_length, compact_cache, new_cache
+from laser.cpu import split_linears
+from laser.hf import cache_kwarg, cache_length, compact_cache, fill_only, new_cache
 from laser.kernels.bits import mask_to_bits
 
 
@@ -270,7 +270,8 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
     t0 = time.perf_counter()
     cache = new_cache(model)
     if L > 1:
-        model(input_ids=ids[None, :-1].to(device), **{kv: cache}, use_cache=True)
+        with split_linears(model, L - 1):
+            model(input_ids=ids[None, :-1].to(device), **{kv: cache}, use_cache=True, **fill_only(model))
     n, new = L, 0
     stats.time_prefill = time.perf_counter() - t0
 
@@ -284,7 +285,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         extra = {"laser_tree_bits": mask_to_bits(visible[0, :, past:]).to(device)} if kernels else {}
         t1 = time.perf_counter()
         # 2. verify: one forward over [pending] + tree
-        with small_row_linears(model, inp.numel()):
+        with split_linears(model, inp.numel()):
             logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
                            **extra).logits
         logits = _process(logits[0], seq, n, tree, logits_processor)  # [m+1, V], the model's dtype
@@ -346,7 +347,7 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with small_row_linears(model, inp.numel()):
+        with split_linears(model, inp.numel()):
             model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -19,6 +19,11 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def fill_only(model) -> dict:
+    """Forward arguments for a prefill that only fills the cache: logits of the last position only."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def new_cache(model) -> DynamicCache:
     try:
         return DynamicCache(config=model.config)

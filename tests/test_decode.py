@@ -240,9 +240,10 @@ def test_calibrated_cost_curve_drives_budget():
     assert max(res.stats.tree_sizes) <= 16
 
 
-# ---------------------------------------------------------------- CPU small-row linears
+# ---------------------------------------------------------------- CPU split linears
 
-@pytest.mark.parametrize("rows,bias", [(2, False), (17, True), (48, False)])
+# 1-4 rows: weight-major bmm; 5 and up: row-major bmm (laser/cpu.py)
+@pytest.mark.parametrize("rows,bias", [(1, True), (2, False), (4, True), (5, False), (17, True), (300, False)])
 def test_split_linear_equals_linear(rows, bias):
     from laser.cpu import SplitLinear
 
@@ -262,8 +263,7 @@ def test_split_linear_leaves_other_shapes_alone():
 
     mode = SplitLinear(4)
     with mode:
-        torch.nn.functional.linear(torch.randn(1, 24), torch.randn(40, 24))  # 1 row: a GEMV
-        torch.nn.functional.linear(torch.randn(64, 24), torch.randn(40, 24))  # MKL threads these itself
+        torch.nn.functional.linear(torch.randn(5000, 24), torch.randn(40, 24))  # MKL threads these itself
         torch.nn.functional.linear(torch.randn(5, 24), torch.randn(42, 24))  # 42 features: no 4 equal blocks
         torch.nn.functional.linear(torch.randn(5, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64))
     assert mode.split_calls == 0
@@ -274,10 +274,11 @@ def test_verification_forward_under_split_matches_plain():
     from laser.cpu import SplitLinear
 
     model = tiny("llama", 0)
-    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
-    plain = model(input_ids=ids).logits
-    mode = SplitLinear(4)
-    with mode:
-        split = model(input_ids=ids).logits
-    assert mode.split_calls > 0
-    torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
+    for n in (1, 3, 9):  # both layouts
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        plain = model(input_ids=ids).logits
+        mode = SplitLinear(4)
+        with mode:
+            split = model(input_ids=ids).logits
+        assert mode.split_calls > 0
+        torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
