@@ -25,7 +25,7 @@ import torch
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, chance
 from laser.cpu import split_linears
-from laser.decode import DecodeStats, DraftConfig, _check_args, _draft_sources, _verify_inputs, min_match
+from laser.decode import DecodeStats, DraftConfig, _check_args, _draft_sources, _verify_inputs
 from laser.hf import _layers, cache_kwarg, fill_only, new_cache
 
 
@@ -190,7 +190,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
         t0 = time.perf_counter()
         trees = [None if row is None else  # 1. draft per row, from the row's own pools
                  draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
-                             max_depth=cfg.max_depth, min_match=min_match(cfg, mode), max_match=cfg.max_match,
+                             max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match,
                              cost=cfg.cost, confidence=cfg.confidence) for row in rows]
         if cfg.cost is not None:
             trees = _common_budget(trees, cfg.cost, cfg.confidence)

@@ -61,12 +61,11 @@ class DecodeOutput:
 class DraftConfig:
     budget: int = 32  # hard cap on tree nodes per step
     max_depth: int = 8  # cap on draft depth below the context
-    # Shortest context suffix a draft may start from; None = by mode: 2 in strict mode, 1 in
-    # relaxed. A 1-token suffix is a weak context: in strict mode its drafts were accepted
-    # at about half the rate the pool counts predict, so the cost cut kept trees that did
-    # not pay (2 gave 1.16x more strict speed); relaxed accepts more of them and lost a
-    # little with 2 (1.49x vs 1.52x). Measurements in benchmarks/RESULTS.md.
-    min_match: int | None = None
+    # Shortest context suffix a draft may start from. A 1-token suffix is a weak context: its
+    # trees were accepted at about half the rate the pool counts predict, so the cost cut
+    # kept trees that did not pay. Side by side on 10 prompts (benchmarks/RESULTS.md): strict
+    # 1.82x vs 1.56x greedy (offline replay), relaxed 2.02x vs 1.87x with 2 over 1.
+    min_match: int = 2
     max_match: int = 4
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each tree (see calibrate)
@@ -74,11 +73,6 @@ class DraftConfig:
     # (accepted / predicted, decayed) was tried and removed: it shrank trees too far, and a
     # tree cut to zero stops it from learning (benchmarks/RESULTS.md).
     confidence: float = 1.0
-
-
-def min_match(cfg: DraftConfig, mode: str) -> int:
-    """The shortest matched suffix for drafting: cfg.min_match, or 2 (strict) / 1 (relaxed)."""
-    return cfg.min_match if cfg.min_match is not None else (2 if mode == "strict" else 1)
 
 
 def _draft_sources(pool: RetrievalPool | None, prompt: np.ndarray, cfg: DraftConfig):
@@ -211,7 +205,7 @@ def _check_args(model, ids: torch.Tensor, max_new_tokens: int, mode: str, top_k:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if not (0.0 <= min_prob <= 1.0):
         raise ValueError(f"min_prob must be in [0, 1], got {min_prob!r}")
-    if cfg.min_match is not None and not 1 <= cfg.min_match <= cfg.max_match:
+    if not 1 <= cfg.min_match <= cfg.max_match:
         raise ValueError(f"need 1 <= min_match <= max_match, got {cfg.min_match} and {cfg.max_match}")
     if cfg.budget < 0 or cfg.max_depth < 1 or cfg.prompt_weight < 0:
         raise ValueError("budget must be >= 0, max_depth >= 1 and prompt_weight >= 0")
@@ -279,7 +273,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         # 1. draft: tree from the shared pool + this request's own text
         t0 = time.perf_counter()
         tree = draft_union(pools, weights, seq[:n], budget=budget, max_depth=cfg.max_depth,
-                           min_match=min_match(cfg, mode), max_match=cfg.max_match, cost=cfg.cost, confidence=cfg.confidence)
+                           min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost, confidence=cfg.confidence)
         past = n - 1
         inp, pos, mask, visible = _verify_inputs(seq[n - 1 : n], [tree], np.array([past]), dtype, device)
         extra = {"laser_tree_bits": mask_to_bits(visible[0, :, past:]).to(device)} if kernels else {}
