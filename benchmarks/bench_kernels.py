@@ -87,25 +87,27 @@ def main():
             plain_g = graphed(lambda: F.scaled_dot_product_attention(q, k, v))
             rows.append(("tree attention", f"ctx {ctx}, {n} nodes, {H}x{D} bf16", ours, masked, plain, ours_g, plain_g,
                          host(lambda: tree_attention(q, k, v, bits))))
-    for V in (32_000, 49_152, 128_256):
-        for n in (64, 128):
-            t = tree(n)
-            logits = torch.randn(n + 1, V, device=dev, dtype=torch.float32)
-            parent_row = torch.from_numpy(t.parents + 1).long().to(dev)
-            toks = torch.from_numpy(t.tokens).long().to(dev) % V
-            csr = group_by_row(parent_row, toks, n + 1)
-            fused = bench(lambda: launch(logits, *csr))
+    # bf16 is the size the acceptance target names (65 x 32k-128k x 2 B = 4-16 MB); fp32 doubles it
+    sizes = [(adt, V, n) for adt in (torch.bfloat16, torch.float32) for V in (32_000, 49_152, 128_256) for n in (64, 128)]
+    for adt, V, n in sizes:
+        t = tree(n)
+        logits = torch.randn(n + 1, V, device=dev, dtype=adt)
+        parent_row = torch.from_numpy(t.parents + 1).long().to(dev)
+        toks = torch.from_numpy(t.tokens).long().to(dev) % V
+        csr = group_by_row(parent_row, toks, n + 1)
+        fused = bench(lambda: launch(logits, *csr))
 
-            def torch_path():
-                probs = torch.softmax(logits, -1)
-                top = torch.topk(logits, 2, dim=-1).indices[parent_row]
-                in_top = (top == toks[:, None]).any(-1)
-                p = probs[parent_row, toks]
-                return logits.argmax(-1), in_top & (p >= 0.1)
+        def torch_path():
+            probs = torch.softmax(logits, -1)
+            top = torch.topk(logits, 2, dim=-1).indices[parent_row]
+            in_top = (top == toks[:, None]).any(-1)
+            p = probs[parent_row, toks]
+            return logits.argmax(-1), in_top & (p >= 0.1)
 
-            ref = bench(torch_path)
-            rows.append(("fused accept", f"V {V}, {n} nodes, fp32", fused, ref, None, graphed(lambda: launch(logits, *csr)), None,
-                         host(lambda: launch(logits, *csr))))
+        ref = bench(torch_path)
+        mb = logits.numel() * logits.element_size() / 2**20
+        rows.append(("fused accept", f"V {V}, {n} nodes, {str(adt)[6:]} {mb:.0f} MB", fused, ref, None, graphed(lambda: launch(logits, *csr)), None,
+                     host(lambda: launch(logits, *csr))))
 
     print(f"\nKernel timings on {name}, torch {torch.__version__}, triton {triton.__version__} (median ms)")
     print(f"{'kernel':15s} {'shape':34s} {'triton':>8s} {'torch':>8s} {'unmasked':>9s} {'vs unmasked':>12s}"

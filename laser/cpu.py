@@ -1,9 +1,9 @@
 """Forwards on a multi-core CPU: linears as a batched matmul over blocks of output features.
 
 torch's fp32 `F.linear` (MKL sgemm) is slow at the row counts LASER runs: one pending
-token plus a small tree (1-65 rows), B such rows, or a prompt (a few hundred rows). On the
-2-core benchmark machine, with the weights streaming from DRAM as in a real forward
-(median ms, benchmarks/RESULTS.md):
+token plus a small tree (1-65 rows), B such rows, or a prompt (a few hundred rows); past
+MAX_ROWS MKL's own threading does as well. On the 2-core benchmark machine, with the
+weights streaming from DRAM as in a real forward (median ms, benchmarks/RESULTS.md):
 
   rows                      1      2      4      17     65     300
   576 -> 1536  F.linear     0.28   0.50   0.49   0.71   1.18   4.90
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 FEW_ROWS = 4  # up to here the weight-major layout is faster (table above)
-MAX_ROWS = 4096  # measured up to 300 rows; beyond a few thousand MKL's own threading is fine
+MAX_ROWS = 512  # 576 -> 1536 over 296 rows: split 4.2 ms, F.linear 5.0; over 2400: 33.6 vs 33.1 (MKL threads)
 
 
 class SplitLinear(TorchFunctionMode):
