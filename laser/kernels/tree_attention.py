@@ -77,7 +77,8 @@ def _tree_attn(
             m_i, l_i, acc = _attend(q, kbase, vbase, past + offs_j, jmask, seen, m_i, l_i, acc, offs_d,
                                     sk_t, sv_t, scale, UPCAST, PREC)
     if SPLITS == 1:
-        out = acc / l_i[:, None]
+        # rows past n saw no key (l = 0 when past == 0): divide by 1, not 0/0; their store is masked
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=mrow[:, None])
     else:
@@ -134,7 +135,7 @@ def _tree_attn_combine(
         w = tl.exp(tl.load(pm_ptr + row, mask=mrow, other=NEG) - m_all)
         l_all += w * tl.load(pl_ptr + row, mask=mrow, other=0.0)
         acc += w[:, None] * tl.load(pacc_ptr + row[:, None] * D + offs_d[None, :], mask=mrow[:, None], other=0.0)
-    out = acc / l_all[:, None]
+    out = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]  # rows past n: see _tree_attn
     tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mrow[:, None])
 
