@@ -1,24 +1,29 @@
-"""Forwards on a multi-core CPU: linears as a batched matmul over blocks of output features.
+"""Forwards on a multi-core CPU: each linear routed to the fastest fp32 product for its shape.
 
 torch's fp32 `F.linear` (MKL sgemm) is slow at the row counts LASER runs: one pending
 token plus a small tree (1-65 rows), B such rows, or a prompt (a few hundred rows); past
 MAX_ROWS MKL's own threading does as well. On the 2-core benchmark machine, with the
 weights streaming from DRAM as in a real forward (median ms, benchmarks/RESULTS.md):
 
-  rows                      1      2      4      17     65     300
-  576 -> 1536  F.linear     0.28   0.50   0.49   0.71   1.18   4.90
-               split        0.17   0.24   0.30   0.44   1.02   4.12
-  576 -> 49152 F.linear     10.0   21.2   21.5   27.7   61.8   241
-  (lm head)    split        4.9    7.2    6.9    22.4   47.1   185
+  rows                      1      2      5      9      17     41     65
+  576 -> 1536  F.linear     0.33   0.63   0.59   0.71   0.83   1.24   1.70
+               split        0.23   0.31   0.39   0.44   0.57   0.99   1.23
+               oneDNN       0.24   0.45   0.50   0.54   0.66   1.08   1.31
+  576 -> 49152 F.linear     9.5    22.6   24.6   28.0   31.6   44.1   56.3
+  (LM head)    split        5.4    7.5    16.2   18.9   21.9   36.3   51.2
+               oneDNN       5.8    10.6   11.6   13.4   16.2   26.7   36.9
 
 Split along the output features into `ways` equal blocks, the same product is one
 `torch.bmm` of `ways` batches, which keeps every core busy. Up to FEW_ROWS rows the
 weight is the bmm's left operand (x^T is the small one MKL packs: [T, N/T, K] @ [K, rows]),
 above that the right one ([rows, K] @ [T, K, N/T]); each layout is the faster one there.
+Vocabulary-wide products (N >= WIDE) over more than FEW_ROWS rows go to oneDNN instead.
 
-`split_linears(model, rows)` routes F.linear through the split for one forward, through
-torch's public TorchFunctionMode: no module of the model is touched, and outside the
-`with` block nothing changes. The result equals F.linear up to fp32 summation order.
+`split_linears(model, rows)` gives each `nn.Linear` of the model this routing for one
+forward by setting the module's `forward` for the `with` block and deleting it after (the
+class's forward returns). Only the linears pass through Python: a TorchFunctionMode doing
+the same intercepted every torch call of the forward (~2,200 per SmolLM2 forward) and
+cost 15-22 ms of an 80-150 ms forward. Results equal F.linear up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -27,44 +32,52 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 FEW_ROWS = 4  # up to here the weight-major layout is faster (table above)
 MAX_ROWS = 512  # 576 -> 1536 over 296 rows: split 4.2 ms, F.linear 5.0; over 2400: 33.6 vs 33.1 (MKL threads)
+WIDE = 16384  # output features from which oneDNN beats the split above FEW_ROWS (the LM head)
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class SplitLinear(TorchFunctionMode):
-    """F.linear(x [..., K], w [N, K], b) over 1..MAX_ROWS rows as bmm of `ways` N-blocks."""
-
-    def __init__(self, ways: int):
-        super().__init__()
-        self.ways = ways
-        self.split_calls = 0  # linears that took the split path (for tests and profiling)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows, (N, K) = x.numel() // max(x.shape[-1], 1), w.shape
-            if (1 <= rows <= MAX_ROWS and N % self.ways == 0 and w.is_contiguous()
-                    and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"):
-                T = self.ways
-                self.split_calls += 1
-                blocks = w.view(T, N // T, K)
-                if rows <= FEW_ROWS:  # [T, N/T, K] @ [K, rows] -> [T, N/T, rows] -> [rows, N]
-                    # contiguous: a strided [rows, N] view would push SDPA off its fast path
-                    y = torch.bmm(blocks, x.reshape(rows, K).t().expand(T, K, rows)).permute(2, 0, 1).contiguous()
-                else:  # [rows, K] @ [T, K, N/T] -> [T, rows, N/T] -> [rows, N]
-                    y = torch.bmm(x.reshape(1, rows, K).expand(T, rows, K), blocks.transpose(1, 2)).transpose(0, 1)
-                y = y.reshape(*x.shape[:-1], N)
-                return y if bias is None else y + bias
-        return func(*args, **kwargs)
+def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ways: int) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K], bias [N]) on a CPU, through the product the table picks."""
+    rows, (N, K) = x.numel() // max(x.shape[-1], 1), w.shape
+    if not (1 <= rows <= MAX_ROWS and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+            and w.is_contiguous()):
+        return F.linear(x, w, bias)
+    if N >= WIDE and rows > FEW_ROWS and _ONEDNN:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), w, bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], N)
+    if N % ways:
+        return F.linear(x, w, bias)
+    blocks = w.view(ways, N // ways, K)
+    if rows <= FEW_ROWS:  # [T, N/T, K] @ [K, rows] -> [T, N/T, rows] -> [rows, N]
+        # contiguous: a strided [rows, N] view would push SDPA off its fast path
+        y = torch.bmm(blocks, x.reshape(rows, K).t().expand(ways, K, rows)).permute(2, 0, 1).contiguous()
+    else:  # [rows, K] @ [T, K, N/T] -> [T, rows, N/T] -> [rows, N]
+        y = torch.bmm(x.reshape(1, rows, K).expand(ways, rows, K), blocks.transpose(1, 2)).transpose(0, 1)
+    y = y.reshape(*x.shape[:-1], N)
+    return y if bias is None else y + bias
 
 
+@contextlib.contextmanager
 def split_linears(model, rows: int):
-    """Context for one forward over `rows` tokens: the split on a multi-core CPU, else nothing."""
+    """For one forward over `rows` tokens on a multi-core CPU, route the model's linears
+    through split_linear; yields how many were routed (0: nothing changed).
+
+    Linears whose `forward` is already set on the instance (accelerate's hooks) are left
+    alone. Every forward of the model inside the block is routed, from any thread.
+    """
     threads = torch.get_num_threads()
     if model.device.type != "cpu" or threads < 2 or not 1 <= rows <= MAX_ROWS:
-        return contextlib.nullcontext()
-    return SplitLinear(2 * threads)
+        yield 0
+        return
+    ways = 2 * threads
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    for m in linears:
+        m.forward = lambda x, m=m: split_linear(x, m.weight, m.bias, ways)
+    try:
+        yield len(linears)
+    finally:
+        for m in linears:
+            del m.forward

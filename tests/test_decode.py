@@ -242,43 +242,48 @@ def test_calibrated_cost_curve_drives_budget():
 
 # ---------------------------------------------------------------- CPU split linears
 
-# 1-4 rows: weight-major bmm; 5 and up: row-major bmm (laser/cpu.py)
-@pytest.mark.parametrize("rows,bias", [(1, True), (2, False), (4, True), (5, False), (17, True), (300, False)])
-def test_split_linear_equals_linear(rows, bias):
-    from laser.cpu import SplitLinear
+# 1-4 rows: weight-major bmm; 5 and up: row-major bmm; vocabulary-wide above 4 rows: oneDNN (laser/cpu.py)
+@pytest.mark.parametrize("rows,bias,wide", [(1, False, False), (3, True, False), (4, False, False), (5, True, False),
+                                            (33, False, False), (3, False, True), (5, True, True), (33, False, True)])
+def test_split_linear_equals_linear(rows, bias, wide):
+    from laser.cpu import WIDE, split_linear
 
     g = torch.Generator().manual_seed(rows)
+    N = WIDE if wide else 40
     x = torch.randn(1, rows, 24, generator=g)
-    w = torch.randn(40, 24, generator=g)
-    b = torch.randn(40, generator=g) if bias else None
-    mode = SplitLinear(4)
-    with mode:
-        got = torch.nn.functional.linear(x, w, b)
-    assert mode.split_calls == 1 and got.shape == (1, rows, 40)
+    w = torch.randn(N, 24, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    got = split_linear(x, w, b, 4)
+    assert got.shape == (1, rows, N) and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_split_linear_leaves_other_shapes_alone():
-    from laser.cpu import SplitLinear
+def test_split_linear_leaves_other_shapes_to_torch():
+    from laser.cpu import split_linear
 
-    mode = SplitLinear(4)
-    with mode:
-        torch.nn.functional.linear(torch.randn(5000, 24), torch.randn(40, 24))  # MKL threads these itself
-        torch.nn.functional.linear(torch.randn(5, 24), torch.randn(42, 24))  # 42 features: no 4 equal blocks
-        torch.nn.functional.linear(torch.randn(5, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64))
-    assert mode.split_calls == 0
+    for x, w in [(torch.randn(5000, 24), torch.randn(40, 24)),  # MKL threads these itself
+                 (torch.randn(5, 24), torch.randn(42, 24)),  # 42 features: no 4 equal blocks
+                 (torch.randn(5, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64))]:
+        torch.testing.assert_close(split_linear(x, w, None, 4), torch.nn.functional.linear(x, w), rtol=0, atol=0)
 
 
 def test_verification_forward_under_split_matches_plain():
-    """A tiny Llama's tree-sized forward gives the same logits with and without the split."""
-    from laser.cpu import SplitLinear
+    """A tiny Llama's tree-sized forward gives the same logits with and without the split,
+    and the model's linears are back to their class forward afterwards, even after an error."""
+    from laser.cpu import split_linears
 
     model = tiny("llama", 0)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for n in (1, 3, 9):  # both layouts
         ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
         plain = model(input_ids=ids).logits
-        mode = SplitLinear(4)
-        with mode:
+        with split_linears(model, n) as routed:
             split = model(input_ids=ids).logits
-        assert mode.split_calls > 0
+        assert routed == len(linears) > 0
+        assert not any("forward" in m.__dict__ for m in linears)
         torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="boom"), split_linears(model, 3):
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in linears)
+    with split_linears(model, 10_000) as routed:  # past MAX_ROWS: nothing routed
+        assert routed == 0
