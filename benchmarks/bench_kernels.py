@@ -95,7 +95,7 @@ def main():
         parent_row = torch.from_numpy(t.parents + 1).long().to(dev)
         toks = torch.from_numpy(t.tokens).long().to(dev) % V
         csr = group_by_row(parent_row, toks, n + 1)
-        fused = bench(lambda: launch(logits, *csr))
+        fused = bench(lambda: launch(logits, *csr, 2))
 
         def torch_path():
             probs = torch.softmax(logits, -1)
@@ -106,8 +106,8 @@ def main():
 
         ref = bench(torch_path)
         mb = logits.numel() * logits.element_size() / 2**20
-        rows.append(("fused accept", f"V {V}, {n} nodes, {str(adt)[6:]} {mb:.0f} MB", fused, ref, None, graphed(lambda: launch(logits, *csr)), None,
-                     host(lambda: launch(logits, *csr))))
+        rows.append(("fused accept", f"V {V}, {n} nodes, {str(adt)[6:]} {mb:.0f} MB", fused, ref, None, graphed(lambda: launch(logits, *csr, 2)), None,
+                     host(lambda: launch(logits, *csr, 2))))
 
     print(f"\nKernel timings on {name}, torch {torch.__version__}, triton {triton.__version__} (median ms)")
     print(f"{'kernel':15s} {'shape':34s} {'triton':>8s} {'torch':>8s} {'unmasked':>9s} {'vs unmasked':>12s}"

@@ -6,7 +6,8 @@ not yet in the cache), row i + 1 is tree node i. Node i is judged on the row of 
 
 - strict:  accept iff token == argmax(parent row)           (output == greedy decoding)
 - relaxed: accept iff token == argmax, or (rank < k and prob >= p), where rank is the
-           number of logits strictly greater than the token's (ties favour the token).
+           number of logits strictly greater than the token's (ties favour the token);
+           only rank < k matters, so ranks are reported capped at k.
 
 Relaxed mode's per-row statistics come from the fused Triton kernel on CUDA, elsewhere
 from the torch reference below; both return the same `RowStats`. Strict mode needs only
@@ -31,27 +32,33 @@ def kernels_forced() -> bool:
 class RowStats:
     argmax: torch.Tensor  # [R] int64, argmax of every logits row
     prob: torch.Tensor | None  # [n] float32, softmax prob of node i's token in its parent row (None: strict)
-    rank: torch.Tensor | None  # [n] int64, number of logits in the parent row strictly above the token's (None: strict)
+    # [n] int64, number of logits in the parent row strictly above the token's, capped at
+    # top_k where one is given (None: strict)
+    rank: torch.Tensor | None
 
 
-def row_stats_reference(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor) -> RowStats:
-    """logits [R, V]; parent_row [n] int64 in [0, R); tokens [n] int64 -> RowStats."""
+def row_stats_reference(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor,
+                        top_k: int | None = None) -> RowStats:
+    """logits [R, V]; parent_row [n] int64 in [0, R); tokens [n] int64 -> RowStats (ranks capped at top_k)."""
     x = logits.float()
     argmax = x.argmax(dim=-1)
     rows = x.index_select(0, parent_row)  # [n, V]
     tok_logit = rows.gather(1, tokens[:, None])  # [n, 1]
     prob = torch.exp(tok_logit[:, 0] - torch.logsumexp(rows, dim=-1))
     rank = (rows > tok_logit).sum(dim=-1)
-    return RowStats(argmax, prob, rank)
+    return RowStats(argmax, prob, rank if top_k is None else rank.clamp_(max=top_k))
 
 
-def row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor, widest: int | None = None) -> RowStats:
-    """widest: most nodes sharing one parent row, if known on the host (spares the kernel path a sync)."""
+def row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor, top_k: int,
+              widest: int | None = None) -> RowStats:
+    """Ranks capped at top_k. widest: most nodes sharing one parent row, if known on the host
+    (spares the kernel path a sync). The kernel takes top_k up to its MAX_K, the reference any."""
     if (logits.is_cuda or kernels_forced()) and parent_row.numel() > 0:
-        from laser.kernels.accept import fused_row_stats
+        from laser.kernels.accept import MAX_K, fused_row_stats
 
-        return fused_row_stats(logits, parent_row, tokens, widest=widest)
-    return row_stats_reference(logits, parent_row, tokens)
+        if top_k <= MAX_K:
+            return fused_row_stats(logits, parent_row, tokens, top_k, widest=widest)
+    return row_stats_reference(logits, parent_row, tokens, top_k)
 
 
 def accept_flags(stats: RowStats, parent_row: torch.Tensor, tokens: torch.Tensor, mode: str, top_k: int, min_prob: float):
@@ -103,7 +110,7 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
         rs = RowStats(flat.argmax(dim=-1), None, None)
     else:
         widest = int(np.bincount(parent_row).max()) if parent_row.size else 0  # sizes the kernel, no sync
-        rs = row_stats(flat, both[0], both[1], widest)
+        rs = row_stats(flat, both[0], both[1], top_k, widest)
     flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
     host = torch.cat([rs.argmax, flags.long()]).cpu().numpy()  # the step's one sync
     argmax, flags = host[: B * q].reshape(B, q), host[B * q :].astype(bool)

@@ -30,16 +30,19 @@ def rows_of(tree):
 # ---------------------------------------------------------------- fused acceptance
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("R,V,splits", [(3, 97, 1), (9, 1000, 3), (17, 4099, None)])
-def test_fused_accept_matches_reference(dtype, R, V, splits):
+@pytest.mark.parametrize("R,V,splits,k", [(3, 97, 1, 1), (9, 1000, 3, 2), (17, 4099, None, 3), (5, 2000, 2, 4)])
+def test_fused_accept_matches_reference(dtype, R, V, splits, k):
     g = torch.Generator().manual_seed(R * V)
     logits = (torch.randn(R, V, generator=g) * 3).to(dtype)
     n = 2 * R
     parent_row = torch.randint(0, R, (n,), generator=g)
     tokens = torch.randint(0, V, (n,), generator=g)
     tokens[: R] = logits.float().argmax(-1)[parent_row[:R]]  # some nodes are the argmax
-    got = fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), splits=splits)
-    want = row_stats_reference(logits, parent_row, tokens)
+    top = logits.float().sort(-1, descending=True).indices  # and some are 2nd .. 5th
+    tokens[R : 2 * R] = top[parent_row[R:], torch.arange(R) % 5]
+    got = fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), k, splits=splits)
+    want = row_stats_reference(logits, parent_row, tokens, k)
+    assert set(want.rank.tolist()) >= set(range(k + 1)) - {k} and int(want.rank.max()) <= k
     assert torch.equal(got.argmax.cpu(), want.argmax)
     assert torch.equal(got.rank.cpu(), want.rank)
     torch.testing.assert_close(got.prob.cpu(), want.prob, rtol=2e-5, atol=1e-7)
@@ -55,6 +58,7 @@ def test_reference_matches_float64():
     r64 = (x[parent_row] > x[parent_row, tokens][:, None]).sum(-1)
     torch.testing.assert_close(ref.prob.double(), p64, rtol=1e-6, atol=1e-9)
     assert torch.equal(ref.rank, r64) and torch.equal(ref.argmax, x.argmax(-1))
+    assert torch.equal(row_stats_reference(logits, parent_row, tokens, 3).rank, r64.clamp(max=3))
 
 
 def test_known_ranks_and_ties_at_kth_place():
@@ -64,9 +68,10 @@ def test_known_ranks_and_ties_at_kth_place():
     logits[1, 100] = logits[1, 50] = 3.0  # tie for the argmax: the first index wins
     parent_row = torch.tensor([0, 0, 0, 0, 1, 1])
     tokens = torch.tensor([5, 6, 7, 8, 50, 100])
-    for stats in (row_stats_reference(logits, parent_row, tokens),
-                  fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), splits=2)):
-        assert stats.rank.cpu().tolist() == [0, 1, 1, 3, 0, 0]
+    assert row_stats_reference(logits, parent_row, tokens).rank.tolist() == [0, 1, 1, 3, 0, 0]
+    for stats in (row_stats_reference(logits, parent_row, tokens, 2),
+                  fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), 2, splits=2)):
+        assert stats.rank.cpu().tolist() == [0, 1, 1, 2, 0, 0]  # capped at top_k
         assert stats.argmax.cpu().tolist() == [5, 50]
         flags = accept_flags(stats, parent_row.to(stats.rank.device), tokens.to(stats.rank.device), "relaxed", 2, 0.0)
         assert flags.cpu().tolist() == [True, True, True, False, True, True]  # both tied tokens are within top-2
@@ -84,10 +89,24 @@ def test_fused_argmax_ties_within_a_lane_and_across_chunks(splits):
         logits[0, c] = 50.0
     logits[1, 4999] = logits[1, 2500] = 60.0
     parent_row, tokens = torch.tensor([0, 0, 1]), torch.tensor([7, 4000, 4999])
-    got = fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), splits=splits)
+    got = fused_row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), 2, splits=splits)
     assert got.argmax.cpu().tolist() == [7, 2500]
     assert got.rank.cpu().tolist() == [0, 0, 0]
     torch.testing.assert_close(got.prob.cpu(), row_stats_reference(logits, parent_row, tokens).prob, rtol=2e-5, atol=1e-7)
+
+
+def test_row_stats_routes_large_k_to_the_reference(monkeypatch):
+    """The kernel keeps MAX_K running values per lane; a larger top_k takes the torch reference."""
+    from laser.accept import row_stats
+    from laser.kernels.accept import MAX_K
+
+    monkeypatch.setenv("LASER_FORCE_KERNELS", "1")
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 300, generator=g)
+    parent_row, tokens = torch.randint(0, 4, (9,), generator=g), torch.randint(0, 300, (9,), generator=g)
+    for k in (MAX_K, MAX_K + 3):
+        got, want = row_stats(logits, parent_row, tokens, k), row_stats_reference(logits, parent_row, tokens, k)
+        assert torch.equal(got.rank, want.rank) and torch.equal(got.argmax, want.argmax)
 
 
 def test_longest_path_from_flags():
@@ -209,7 +228,9 @@ def test_launchers_reject_bad_input():
     with pytest.raises(ValueError, match="head dim"):
         tree_attention(torch.randn(1, 2, 4, 24), torch.randn(1, 2, 4, 24), torch.randn(1, 2, 4, 24), torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(TypeError):
-        fused_row_stats(torch.zeros(2, 5, dtype=torch.float64), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        fused_row_stats(torch.zeros(2, 5, dtype=torch.float64), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        fused_row_stats(torch.zeros(2, 5), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 5)
 
 
 # ---------------------------------------------------------------- decoder wiring (both paths)

@@ -1,14 +1,16 @@
 """Fused relaxed-acceptance statistics: one pass over the verification logits.
 
-For every logits row r (R rows, vocabulary V): argmax, and the online-softmax normaliser.
-For every draft node i, judged on its parent row r = parent_row[i]: the softmax
-probability of its token and its rank (number of logits strictly above the token's).
-No softmax tensor and no topk: node tokens are grouped by row (CSR), and each row's
-programs compare the row once against all of that row's node logits.
+For every logits row r (R rows, vocabulary V): argmax, the online-softmax normaliser and
+the K = top_k largest logits (with multiplicity). For every draft node i, judged on its
+parent row r = parent_row[i]: the softmax probability of its token and its rank, capped at
+K: min(number of logits strictly above the token's, K) = how many of the row's K largest
+exceed the token's logit. That is all relaxed acceptance needs (rank < top_k), and it
+costs 2K - 1 max/min per logit, whatever the number of nodes; counting exact ranks cost
+one compare-add per logit and node slot. No softmax tensor and no topk call.
 
 Kernel: _row_stats (grid R x S, each program one V-chunk, kept per lane and reduced once at
 the end; the last program of a row to finish, by an atomic ticket, merges the row's
-partials in _combine: one launch in all).
+partials and judges its nodes in _combine: one launch in all).
 Launcher: fused_row_stats. Reference: laser.accept.row_stats_reference.
 """
 
@@ -23,6 +25,25 @@ import triton.language as tl
 from laser.accept import RowStats
 
 NEG = tl.constexpr(-3.0e38)  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
+MAX_K = 4  # top_k the kernel handles (four running values per lane); larger k: the torch reference
+
+
+@triton.jit
+def _insert(x, t1, t2, t3, t4, K: tl.constexpr):
+    """Insert x into each lane's descending K largest (t1 >= t2 >= ...): 2K - 1 max/min."""
+    y = tl.minimum(t1, x)
+    t1 = tl.maximum(t1, x)
+    if K >= 2:
+        z = tl.minimum(t2, y)
+        t2 = tl.maximum(t2, y)
+        y = z
+    if K >= 3:
+        z = tl.minimum(t3, y)
+        t3 = tl.maximum(t3, y)
+        y = z
+    if K >= 4:
+        t4 = tl.maximum(t4, y)
+    return t1, t2, t3, t4
 
 
 @triton.jit
@@ -32,8 +53,8 @@ def _row_stats(
     V,
     row_start_ptr,  # [R + 1] int32, CSR offsets into node_tok
     node_tok_ptr,  # [n] int64, tokens of the nodes grouped by parent row
-    wsf_ptr,  # fp32 workspace: pm [R, S] chunk max, then pl [R, S] chunk sum of exp(x - chunk max)
-    wsi_ptr,  # int32 workspace: pa [R, S] chunk argmax (first index), then pc [R, S, C_PAD] count > node logit
+    wsf_ptr,  # fp32 workspace: pm [R, S] chunk max, pl [R, S] chunk sum of exp(x - chunk max), pt [R, S, K] chunk K largest
+    wsi_ptr,  # int32 workspace: pa [R, S] chunk argmax (first index)
     ticket_ptr,  # [R] int32, zero between calls: programs of a row that have finished
     node_id_ptr, argmax_ptr, prob_ptr, rank_ptr,  # see _combine
     R,
@@ -41,20 +62,15 @@ def _row_stats(
     CHUNK,
     S_PAD: tl.constexpr,
     C_PAD: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0)
     s = tl.program_id(1)
-    pm_ptr, pl_ptr = wsf_ptr, wsf_ptr + R * S
-    pa_ptr, pc_ptr = wsi_ptr, wsi_ptr + R * S
+    pm_ptr, pl_ptr, pt_ptr = wsf_ptr, wsf_ptr + R * S, wsf_ptr + 2 * R * S
+    pa_ptr = wsi_ptr
     row = logits_ptr + r.to(tl.int64) * stride_r
-    lo = tl.load(row_start_ptr + r)
-    hi = tl.load(row_start_ptr + r + 1)
-    cj = tl.arange(0, C_PAD)
-    cmask = cj < hi - lo
-    toks = tl.load(node_tok_ptr + lo + cj, mask=cmask, other=0)
-    # padding nodes get +inf so that nothing counts as greater
-    tval = tl.load(row + toks, mask=cmask, other=float("inf")).to(tl.float32)
 
     # Per-lane running state over this program's chunk: lane j sees columns start + j,
     # start + j + BLOCK, ... The loop body is elementwise (no cross-thread reduction); the
@@ -63,7 +79,10 @@ def _row_stats(
     m = tl.full((BLOCK,), NEG, tl.float32)  # lane max
     a = tl.zeros((BLOCK,), tl.int32)  # lane argmax (first index: columns grow along a lane)
     l = tl.zeros((BLOCK,), tl.float32)  # lane sum of exp(x - m)
-    cnt = tl.zeros((C_PAD, BLOCK), tl.int32)  # cnt[c, j]: lane j's logits above node c's
+    t1 = tl.full((BLOCK,), float("-inf"), tl.float32)  # lane's K largest, descending (t2..t4 unused below K)
+    t2 = tl.full((BLOCK,), float("-inf"), tl.float32)
+    t3 = tl.full((BLOCK,), float("-inf"), tl.float32)
+    t4 = tl.full((BLOCK,), float("-inf"), tl.float32)
     start = s * CHUNK
     end = tl.minimum(start + CHUNK, V)
     for off in range(0, CHUNK, BLOCK):
@@ -75,22 +94,25 @@ def _row_stats(
         l = tl.where(gt, l * e + 1.0, l + e)
         a = tl.where(gt, idx, a)
         m = tl.where(gt, x, m)
-        cnt += (x[None, :] > tval[:, None]).to(tl.int32)
+        t1, t2, t3, t4 = _insert(x, t1, t2, t3, t4, K)
     mx = tl.max(m, axis=0)
     a = tl.min(tl.where(m == mx, a, 2147483647), axis=0)  # earliest column holding the max
     l = tl.sum(l * tl.exp(m - mx), axis=0)
-    m = mx
-    cnt = tl.sum(cnt, axis=1)
     o = r * S + s
-    tl.store(pm_ptr + o, m)
+    tl.store(pm_ptr + o, mx)
     tl.store(pa_ptr + o, a)
     tl.store(pl_ptr + o, l)
-    tl.store(pc_ptr + o * C_PAD + cj, cnt)
+    # the chunk's K largest: the largest lane head, K times, popping one occurrence each time
+    for j in tl.static_range(K):
+        v = tl.max(t1, axis=0)
+        hit = lanes == tl.min(tl.where(t1 == v, lanes, BLOCK), axis=0)
+        t1, t2, t3, t4 = tl.where(hit, t2, t1), tl.where(hit, t3, t2), tl.where(hit, t4, t3), tl.where(hit, float("-inf"), t4)
+        tl.store(pt_ptr + o * K + j, v)
     # the row's last program to finish merges its S partials (one launch for everything)
     done = tl.atomic_add(ticket_ptr + r, 1, sem="acq_rel")
     if done == S - 1:
-        _combine(r, row, row_start_ptr, node_tok_ptr, node_id_ptr, pm_ptr, pa_ptr, pl_ptr, pc_ptr,
-                 argmax_ptr, prob_ptr, rank_ptr, S, S_PAD, C_PAD)
+        _combine(r, row, row_start_ptr, node_tok_ptr, node_id_ptr, pm_ptr, pa_ptr, pl_ptr, pt_ptr,
+                 argmax_ptr, prob_ptr, rank_ptr, S, S_PAD, C_PAD, K, K_PAD)
         tl.store(ticket_ptr + r, 0)  # ready for the next call
 
 
@@ -101,13 +123,15 @@ def _combine(
     row_start_ptr,  # [R + 1] int32
     node_tok_ptr,  # [n] int64 (CSR order)
     node_id_ptr,  # [n] int64 original node index of each CSR entry
-    pm_ptr, pa_ptr, pl_ptr, pc_ptr,  # partials, see _row_stats
+    pm_ptr, pa_ptr, pl_ptr, pt_ptr,  # partials, see _row_stats
     argmax_ptr,  # [R] int64 out
     prob_ptr,  # [n] fp32 out
-    rank_ptr,  # [n] int64 out
+    rank_ptr,  # [n] int64 out: min(rank, K)
     S,
     S_PAD: tl.constexpr,
     C_PAD: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):
     sj = tl.arange(0, S_PAD)
     smask = sj < S
@@ -124,12 +148,20 @@ def _combine(
     hi = tl.load(row_start_ptr + r + 1)
     cj = tl.arange(0, C_PAD)
     cmask = cj < hi - lo
-    counts = tl.load(pc_ptr + (r * S + sj[:, None]) * C_PAD + cj[None, :], mask=smask[:, None] & cmask[None, :],
-                     other=0, cache_modifier=".cg")
-    rank = tl.sum(counts, axis=0)
     toks = tl.load(node_tok_ptr + lo + cj, mask=cmask, other=0)
     tval = tl.load(row + toks, mask=cmask, other=0.0).to(tl.float32)
     ids = tl.load(node_id_ptr + lo + cj, mask=cmask, other=0)
+    # the row's K largest from the S chunks' K largest: rank = how many of them exceed the node's
+    kj = tl.arange(0, K_PAD)
+    flat = sj[:, None] * K_PAD + kj[None, :]  # [S_PAD, K_PAD]
+    top = tl.load(pt_ptr + (r * S + sj[:, None]) * K + kj[None, :], mask=smask[:, None] & (kj[None, :] < K),
+                  other=float("-inf"), cache_modifier=".cg")
+    rank = tl.zeros((C_PAD,), tl.int32)
+    for j in tl.static_range(K):
+        v = tl.max(tl.max(top, axis=1), axis=0)
+        top = tl.where(flat == tl.min(tl.min(tl.where(top == v, flat, S_PAD * K_PAD), axis=1), axis=0),
+                       float("-inf"), top)
+        rank += (v > tval).to(tl.int32)
     tl.store(prob_ptr + ids, tl.exp(tval - M) / Z, mask=cmask)
     tl.store(rank_ptr + ids, rank.to(tl.int64), mask=cmask)
 
@@ -156,16 +188,16 @@ def group_by_row(parent_row: torch.Tensor, tokens: torch.Tensor, n_rows: int, wi
 _WORKSPACE: dict = {}
 
 
-def _workspace(device, R: int, S: int, C_PAD: int):
+def _workspace(device, R: int, S: int, K: int):
     """Grow-only per-device buffers (fp32 partials, int32 partials, zeroed tickets): no allocation per call.
 
     One stream at a time: two concurrent launches on one device would share them.
     """
     f, i, t = _WORKSPACE.get(device, (None, None, None))
-    if f is None or f.numel() < 2 * R * S:
-        f = torch.empty(max(2 * R * S, 1 << 16), dtype=torch.float32, device=device)
-    if i is None or i.numel() < R * S * (1 + C_PAD):
-        i = torch.empty(max(R * S * (1 + C_PAD), 1 << 18), dtype=torch.int32, device=device)
+    if f is None or f.numel() < R * S * (2 + K):
+        f = torch.empty(max(R * S * (2 + K), 1 << 16), dtype=torch.float32, device=device)
+    if i is None or i.numel() < R * S:
+        i = torch.empty(max(R * S, 1 << 14), dtype=torch.int32, device=device)
     if t is None or t.numel() < R:
         t = torch.zeros(max(R, 1024), dtype=torch.int32, device=device)
     _WORKSPACE[device] = (f, i, t)
@@ -179,38 +211,36 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _config(device: torch.device, R: int, V: int, widest: int, splits: int | None):
-    """(C_PAD, BLOCK, S, CHUNK) for R rows of V logits whose widest row holds `widest` nodes.
-
-    BLOCK keeps the per-lane count tile [C_PAD, BLOCK] at <= 4096 entries (registers);
-    S splits each row so that about 8 programs per SM run, each over >= 2 blocks.
-    """
-    C_PAD = _pow2(max(widest, 1))
-    BLOCK = max(128, min(1024, 4096 // C_PAD))
+def _config(device: torch.device, R: int, V: int, splits: int | None):
+    """(BLOCK, S, CHUNK) for R rows of V logits: S splits each row so that about 8 programs
+    per SM run, each over >= 2 blocks of BLOCK lanes."""
+    BLOCK = 1024
     if splits is None:
         splits = min(triton.cdiv(8 * _sm_count(device), R), triton.cdiv(V, 2 * BLOCK))
     CHUNK = triton.cdiv(triton.cdiv(V, max(1, splits)), BLOCK) * BLOCK
-    return C_PAD, BLOCK, triton.cdiv(V, CHUNK), CHUNK
+    return BLOCK, triton.cdiv(V, CHUNK), CHUNK
 
 
-def launch(logits, row_start, node_tok, node_id, widest: int, splits: int | None = None) -> RowStats:
+def launch(logits, row_start, node_tok, node_id, widest: int, top_k: int, splits: int | None = None) -> RowStats:
     """Run the kernel on a prepared CSR (see group_by_row): one launch, three output buffers."""
     R, V = logits.shape
     n = node_tok.numel()
     dev = logits.device
-    C_PAD, BLOCK, S, CHUNK = _config(dev, R, V, widest, splits)
-    wsf, wsi, tickets = _workspace(dev, R, S, C_PAD)
+    BLOCK, S, CHUNK = _config(dev, R, V, splits)
+    wsf, wsi, tickets = _workspace(dev, R, S, top_k)
     argmax = torch.empty(R, dtype=torch.int64, device=dev)
     prob = torch.empty(n, dtype=torch.float32, device=dev)
     rank = torch.empty(n, dtype=torch.int64, device=dev)
     _row_stats[(R, S)](logits, logits.stride(0), V, row_start, node_tok, wsf, wsi, tickets, node_id,
-                       argmax, prob, rank, R, S, CHUNK, S_PAD=_pow2(S), C_PAD=C_PAD, BLOCK=BLOCK)
+                       argmax, prob, rank, R, S, CHUNK, S_PAD=_pow2(S), C_PAD=_pow2(max(widest, 1)), K=top_k,
+                       K_PAD=_pow2(top_k), BLOCK=BLOCK)
     return RowStats(argmax, prob, rank)
 
 
-def fused_row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor, splits: int | None = None,
-                    widest: int | None = None) -> RowStats:
-    """logits [R, V]; parent_row [n] int64 in [0, R); tokens [n] int64 in [0, V); widest: see group_by_row."""
+def fused_row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor, top_k: int,
+                    splits: int | None = None, widest: int | None = None) -> RowStats:
+    """logits [R, V]; parent_row [n] int64 in [0, R); tokens [n] int64 in [0, V); ranks capped at
+    top_k in [1, MAX_K]; widest: see group_by_row."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be a 2-D [R, V] tensor, contiguous along V")
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -219,7 +249,9 @@ def fused_row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torc
         raise ValueError("parent_row and tokens must be 1-D tensors of the same length")
     if parent_row.dtype != torch.int64 or tokens.dtype != torch.int64:
         raise TypeError("parent_row and tokens must be int64")
+    if not (isinstance(top_k, int) and 1 <= top_k <= MAX_K):
+        raise ValueError(f"top_k must be an integer in [1, {MAX_K}] for the kernel, got {top_k!r}")
     if logits.shape[1] >= 2**31:
         raise ValueError("vocabulary too large for int32 indices")
     row_start, node_tok, node_id, widest = group_by_row(parent_row, tokens, logits.shape[0], widest)
-    return launch(logits, row_start, node_tok, node_id, widest, splits)
+    return launch(logits, row_start, node_tok, node_id, widest, top_k, splits)
