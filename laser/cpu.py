@@ -81,3 +81,39 @@ def split_linears(model, rows: int):
     finally:
         for m in linears:
             del m.forward
+
+
+# ---------------------------------------------------------------- attention
+
+SDPA_GQA = "laser_sdpa"
+
+
+def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, with grouped-query heads handled inside SDPA (enable_gqa).
+
+    query [B, Hq, q, D], key/value [B, Hkv, T, D], attention_mask additive or bool [B, 1, q, T].
+    With a mask, transformers repeats each key/value head Hq/Hkv times first (repeat_kv: a
+    copy of the whole cache per layer and forward); SDPA reads the groups in place instead,
+    with the same result. On this CPU, 9 query / 3 KV heads, 300 cached positions, one
+    layer: 9 queries 0.28 -> 0.15 ms, 8 rows x 6 queries 1.35 -> 0.68 ms. Everything else
+    (no mask, position bias, softcap, no grouping) goes to transformers' own function.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    Hq, Hkv = query.shape[1], key.shape[1]
+    if (attention_mask is None or Hkv == Hq or Hq % Hkv or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)  # [B, Hq, q, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_sdpa_gqa() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SDPA_GQA, sdpa_gqa_forward)
+    AttentionMaskInterface.register(SDPA_GQA, sdpa_mask)
+    return SDPA_GQA

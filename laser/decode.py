@@ -19,7 +19,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, kernels_forced
-from laser.cpu import split_linears
+from laser.cpu import register_sdpa_gqa, split_linears
 from laser.hf import cache_kwarg, cache_length, compact_cache, fill_only, new_cache
 from laser.kernels.bits import mask_to_bits
 
@@ -124,17 +124,26 @@ def _verify_inputs(pending: np.ndarray, trees: list, lens: np.ndarray, dtype, de
 
 
 @contextlib.contextmanager
-def _tree_kernel(model, enabled: bool):
-    """Route attention through the Triton tree kernel (CUDA) for the duration of one call."""
-    if not enabled:
+def _attention(model, kernels: bool):
+    """The attention implementation for one decode call, restored after it.
+
+    kernels: the Triton tree kernel (CUDA). Otherwise, on a CPU where the model runs
+    transformers' SDPA: the same SDPA with grouped-query heads read in place (laser.cpu).
+    Yields whether the tree kernel is on.
+    """
+    before = model.config._attn_implementation
+    if kernels:
+        from laser.kernels.tree_attention import register
+
+        name = register()
+    elif model.device.type == "cpu" and before == "sdpa":
+        name = register_sdpa_gqa()
+    else:
         yield False
         return
-    from laser.kernels.tree_attention import register
-
-    before = model.config._attn_implementation
-    model.set_attn_implementation(register())
+    model.set_attn_implementation(name)
     try:
-        yield True
+        yield kernels
     finally:
         model.set_attn_implementation(before)
 
@@ -246,7 +255,7 @@ def generate(
     stats = DecodeStats()
     if use_kernels is None:
         use_kernels = device.type == "cuda" or kernels_forced()
-    with _tree_kernel(model, use_kernels) as kernels:
+    with _attention(model, use_kernels) as kernels:
         return _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg,
                      logits_processor, kv, dtype, device, stats, kernels)
 
@@ -329,29 +338,30 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
     sizes = sorted(set(int(b) for b in sizes))
     if not sizes or sizes[0] < 0 or repeats < 1:
         raise ValueError("calibrate needs sizes >= 0 and repeats >= 1")
-    gen = torch.Generator().manual_seed(0)
-    cache = new_cache(model)
-    model(input_ids=torch.randint(0, vocab, (batch, context_len), generator=gen).to(device), **{kv: cache},
-          use_cache=True)
+    with _attention(model, False):  # time the attention generate_batch (and generate on CPU) runs with
+        gen = torch.Generator().manual_seed(0)
+        cache = new_cache(model)
+        model(input_ids=torch.randint(0, vocab, (batch, context_len), generator=gen).to(device), **{kv: cache},
+              use_cache=True)
 
-    def forward(b: int) -> float:
-        inp = torch.randint(0, vocab, (batch, b + 1), generator=gen).to(device)
-        pos = (context_len + torch.arange(b + 1))[None].expand(batch, -1).to(device)
-        mask = torch.zeros(batch, 1, b + 1, context_len + b + 1, dtype=dtype, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with split_linears(model, inp.numel()):
-            model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        compact_cache(cache, context_len, torch.empty(0, dtype=torch.long, device=device))
-        return dt
+        def forward(b: int) -> float:
+            inp = torch.randint(0, vocab, (batch, b + 1), generator=gen).to(device)
+            pos = (context_len + torch.arange(b + 1))[None].expand(batch, -1).to(device)
+            mask = torch.zeros(batch, 1, b + 1, context_len + b + 1, dtype=dtype, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with split_linears(model, inp.numel()):
+                model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            compact_cache(cache, context_len, torch.empty(0, dtype=torch.long, device=device))
+            return dt
 
-    for b in sizes:  # warm-up round
-        forward(b)
-    times = np.array([[forward(b) for b in sizes] for _ in range(repeats)])  # [repeats, len(sizes)]
+        for b in sizes:  # warm-up round
+            forward(b)
+        times = np.array([[forward(b) for b in sizes] for _ in range(repeats)])  # [repeats, len(sizes)]
     medians = np.maximum.accumulate(np.median(times, axis=0))
     return np.interp(np.arange(sizes[-1] + 1), np.asarray(sizes, dtype=np.float64), medians)
 

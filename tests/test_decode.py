@@ -287,3 +287,30 @@ def test_verification_forward_under_split_matches_plain():
     assert not any("forward" in m.__dict__ for m in linears)
     with split_linears(model, 10_000) as routed:  # past MAX_ROWS: nothing routed
         assert routed == 0
+
+
+def test_sdpa_gqa_equals_transformers_sdpa():
+    """Grouped-query heads read in place equal transformers' repeat_kv + SDPA; masks, shapes and
+    the case it hands back (no mask) all agree, and decoding restores the model's
+    attention implementation."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from laser.cpu import sdpa_gqa_forward
+
+    model = tiny("llama", 0)
+    attn = model.model.layers[0].self_attn  # 4 query heads over 2 KV heads
+    g = torch.Generator().manual_seed(0)
+    for B, q, T, Hkv, masked in [(1, 5, 12, 2, True), (3, 4, 9, 2, True), (2, 1, 7, 2, True), (1, 6, 6, 2, False)]:
+        query = torch.randn(B, 4, q, 8, generator=g)
+        key, value = torch.randn(B, Hkv, T, 8, generator=g), torch.randn(B, Hkv, T, 8, generator=g)
+        mask = None
+        if masked:
+            mask = torch.zeros(B, 1, q, T).masked_fill_(torch.rand(B, 1, q, T, generator=g) < 0.3, torch.finfo(torch.float32).min)
+            mask[..., -1] = 0  # every query sees something
+        got, _ = sdpa_gqa_forward(attn, query, key, value, mask, scaling=0.3)
+        want, _ = sdpa_attention_forward(attn, query, key, value, mask, scaling=0.3)
+        assert got.shape == (B, q, 4, 8)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    prompt = [5, 6, 7, 8, 9]
+    assert generate(model, prompt, max_new_tokens=6, eos_token_id=None).sequences[0].tolist() == greedy(model, prompt, 6)
+    assert model.config._attn_implementation == "sdpa"
