@@ -24,8 +24,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, chance
-from laser.cpu import split_linears
-from laser.decode import DecodeStats, DraftConfig, _attention, _check_args, _draft_sources, _verify_inputs
+from laser.decode import DecodeStats, DraftConfig, _check_args, _forwards, _draft_sources, _verify_inputs
 from laser.hf import _layers, cache_kwarg, fill_only, new_cache
 
 
@@ -103,9 +102,8 @@ def _prefill_rows(model, cache, kv: str, B: int, rows: list[int], prompts: list[
         ids[j, : p.size - 1], att[j, : p.size - 1] = p[:-1], 1
     device = model.device
     one = new_cache(model)
-    with split_linears(model, ids.size):
-        model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(att).to(device),
-              **{kv: one}, use_cache=True, **fill_only(model))
+    model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(att).to(device),
+          **{kv: one}, use_cache=True, **fill_only(model))
     if cache.get_seq_length() == 0:  # first fill: let the cache create its [B, H, 0, D] layers
         for idx, (nk, nv, _) in enumerate(_layers(one)):
             shape = (B, nk.shape[1], 0, nk.shape[3])
@@ -163,7 +161,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
     queue = list(range(len(requests)))[::-1]
     results: list[Result | None] = [None] * len(requests)
 
-    with _attention(model, False):  # CPU: grouped-query SDPA without repeat_kv copies
+    with _forwards(model, False):  # CPU: grouped-query SDPA in place, linears routed per shape
         cache = new_cache(model)
         rows: list[dict | None] = [None] * B  # live row state: req index, seq, n, new, local pool, stats
         lens = np.zeros(B, dtype=np.int64)
@@ -202,9 +200,8 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
             for k, v, put in _layers(cache):
                 put(k[:, :, :W], v[:, :, :W])
             t1 = time.perf_counter()
-            with split_linears(model, ids.numel()):
-                logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
-                               use_cache=True).logits  # 2. verify: [B, q, V], the model's dtype (acceptance reads it as is)
+            logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
+                           use_cache=True).logits  # 2. verify: [B, q, V], the model's dtype (acceptance reads it as is)
             t2 = time.perf_counter()
             moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
             judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once

@@ -19,11 +19,11 @@ weight is the bmm's left operand (x^T is the small one MKL packs: [T, N/T, K] @ 
 above that the right one ([rows, K] @ [T, K, N/T]); each layout is the faster one there.
 Vocabulary-wide products (N >= WIDE) over more than FEW_ROWS rows go to oneDNN instead.
 
-`split_linears(model, rows)` gives each `nn.Linear` of the model this routing for one
-forward by setting the module's `forward` for the `with` block and deleting it after (the
-class's forward returns). Only the linears pass through Python: a TorchFunctionMode doing
-the same intercepted every torch call of the forward (~2,200 per SmolLM2 forward) and
-cost 15-22 ms of an 80-150 ms forward. Results equal F.linear up to fp32 summation order.
+`route_linears(model)` gives each `nn.Linear` of the model this routing for one decode
+call by setting the module's `forward` and deleting it after (the class's forward
+returns). Only the linears pass through Python: a TorchFunctionMode doing the same
+intercepted every torch call of the forward (~2,200 per SmolLM2 forward) and cost
+15-22 ms of an 80-150 ms forward. Results equal F.linear up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -61,18 +61,18 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
 
 
 @contextlib.contextmanager
-def split_linears(model, rows: int):
-    """For one forward over `rows` tokens on a multi-core CPU, route the model's linears
-    through split_linear; yields how many were routed (0: nothing changed).
+def route_linears(model):
+    """On a multi-core CPU, route every forward's linears through split_linear for the
+    duration of the block; yields how many were routed (0: nothing changed).
 
+    Each `nn.Linear` gets an instance `forward`, deleted on exit (the class's returns).
     Linears whose `forward` is already set on the instance (accelerate's hooks) are left
     alone. Every forward of the model inside the block is routed, from any thread.
     """
-    threads = torch.get_num_threads()
-    if model.device.type != "cpu" or threads < 2 or not 1 <= rows <= MAX_ROWS:
+    if model.device.type != "cpu" or torch.get_num_threads() < 2:
         yield 0
         return
-    ways = 2 * threads
+    ways = 2 * torch.get_num_threads()
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
     for m in linears:
         m.forward = lambda x, m=m: split_linear(x, m.weight, m.bias, ways)

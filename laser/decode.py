@@ -19,7 +19,7 @@ import torch
 
 from laser import RetrievalPool, draft_union
 from laser.accept import accept_trees, kernels_forced
-from laser.cpu import register_sdpa_gqa, split_linears
+from laser.cpu import register_sdpa_gqa, route_linears
 from laser.hf import cache_kwarg, cache_length, compact_cache, fill_only, new_cache
 from laser.kernels.bits import mask_to_bits
 
@@ -124,28 +124,25 @@ def _verify_inputs(pending: np.ndarray, trees: list, lens: np.ndarray, dtype, de
 
 
 @contextlib.contextmanager
-def _attention(model, kernels: bool):
-    """The attention implementation for one decode call, restored after it.
-
-    kernels: the Triton tree kernel (CUDA). Otherwise, on a CPU where the model runs
-    transformers' SDPA: the same SDPA with grouped-query heads read in place (laser.cpu).
-    Yields whether the tree kernel is on.
-    """
+def _forwards(model, kernels: bool):
+    """How the model runs for one decode call, restored after it. Attention: the Triton
+    tree kernel if `kernels` (CUDA); on a CPU where the model runs transformers' SDPA, the
+    same SDPA with grouped-query heads read in place. Linears on a multi-core CPU: routed
+    per shape (laser.cpu). Yields whether the tree kernel is on."""
     before = model.config._attn_implementation
+    name = None
     if kernels:
         from laser.kernels.tree_attention import register
 
         name = register()
     elif model.device.type == "cpu" and before == "sdpa":
         name = register_sdpa_gqa()
-    else:
-        yield False
-        return
-    model.set_attn_implementation(name)
-    try:
+    with contextlib.ExitStack() as stack:
+        if name is not None:
+            model.set_attn_implementation(name)
+            stack.callback(model.set_attn_implementation, before)
+        stack.enter_context(route_linears(model))
         yield kernels
-    finally:
-        model.set_attn_implementation(before)
 
 
 def _process(logits: torch.Tensor, seq: np.ndarray, n: int, tree, processor) -> torch.Tensor:
@@ -255,7 +252,7 @@ def generate(
     stats = DecodeStats()
     if use_kernels is None:
         use_kernels = device.type == "cuda" or kernels_forced()
-    with _attention(model, use_kernels) as kernels:
+    with _forwards(model, use_kernels) as kernels:
         return _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg,
                      logits_processor, kv, dtype, device, stats, kernels)
 
@@ -273,8 +270,7 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
     t0 = time.perf_counter()
     cache = new_cache(model)
     if L > 1:
-        with split_linears(model, L - 1):
-            model(input_ids=ids[None, :-1].to(device), **{kv: cache}, use_cache=True, **fill_only(model))
+        model(input_ids=ids[None, :-1].to(device), **{kv: cache}, use_cache=True, **fill_only(model))
     n, new = L, 0
     stats.time_prefill = time.perf_counter() - t0
 
@@ -288,9 +284,8 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         extra = {"laser_tree_bits": mask_to_bits(visible[0, :, past:]).to(device)} if kernels else {}
         t1 = time.perf_counter()
         # 2. verify: one forward over [pending] + tree
-        with split_linears(model, inp.numel()):
-            logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
-                           **extra).logits
+        logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True,
+                       **extra).logits
         logits = _process(logits[0], seq, n, tree, logits_processor)  # [m+1, V], the model's dtype
         t2 = time.perf_counter()
         # 3. accept: longest agreeing root path + the bonus token, cut at EOS / max_new_tokens
@@ -338,7 +333,7 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
     sizes = sorted(set(int(b) for b in sizes))
     if not sizes or sizes[0] < 0 or repeats < 1:
         raise ValueError("calibrate needs sizes >= 0 and repeats >= 1")
-    with _attention(model, False):  # time the attention generate_batch (and generate on CPU) runs with
+    with _forwards(model, False):  # time the forwards generate_batch (and generate on CPU) run
         gen = torch.Generator().manual_seed(0)
         cache = new_cache(model)
         model(input_ids=torch.randint(0, vocab, (batch, context_len), generator=gen).to(device), **{kv: cache},
@@ -351,8 +346,7 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with split_linears(model, inp.numel()):
-                model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
+            model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
