@@ -135,8 +135,8 @@ def _forwards(model, kernels: bool):
         from laser.kernels.tree_attention import register
 
         name = register()
-    elif model.device.type == "cpu" and before == "sdpa":
-        name = register_sdpa_gqa()
+    elif model.device.type == "cpu" and before == "sdpa" and getattr(model, "_supports_attention_backend", False):
+        name = register_sdpa_gqa()  # (models outside the attention interface would only log a warning)
     with contextlib.ExitStack() as stack:
         if name is not None:
             model.set_attn_implementation(name)
