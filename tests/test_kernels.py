@@ -105,8 +105,9 @@ def test_row_stats_routes_large_k_to_the_reference(monkeypatch):
     logits = torch.randn(4, 300, generator=g)
     parent_row, tokens = torch.randint(0, 4, (9,), generator=g), torch.randint(0, 300, (9,), generator=g)
     for k in (MAX_K, MAX_K + 3):
-        got, want = row_stats(logits, parent_row, tokens, k), row_stats_reference(logits, parent_row, tokens, k)
-        assert torch.equal(got.rank, want.rank) and torch.equal(got.argmax, want.argmax)
+        got = row_stats(logits.to(DEV), parent_row.to(DEV), tokens.to(DEV), k)
+        want = row_stats_reference(logits, parent_row, tokens, k)
+        assert torch.equal(got.rank.cpu(), want.rank) and torch.equal(got.argmax.cpu(), want.argmax)
 
 
 def test_longest_path_from_flags():
