@@ -155,102 +155,107 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
     if eos_token_id == "auto":
         eos_token_id = model.generation_config.eos_token_id
     eos = np.asarray([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    with _forwards(model, False):  # CPU: grouped-query SDPA in place, linears routed per shape
+        return _loop(model, requests, min(batch_size, len(requests)), max_new_tokens, mode, top_k, min_prob, eos,
+                     update_pool, cfg, on_result)
+
+
+def _loop(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg, on_result) -> list:
+    """The batch loop itself; generate_batch() validates and sets up (see the module docstring)."""
     device, kv = model.device, cache_kwarg(model)
     dtype = next(model.parameters()).dtype
-    B = min(batch_size, len(requests))
     queue = list(range(len(requests)))[::-1]
     results: list[Result | None] = [None] * len(requests)
 
-    with _forwards(model, False):  # CPU: grouped-query SDPA in place, linears routed per shape
-        cache = new_cache(model)
-        rows: list[dict | None] = [None] * B  # live row state: req index, seq, n, new, local pool, stats
-        lens = np.zeros(B, dtype=np.int64)
+    cache = new_cache(model)
+    rows: list[dict | None] = [None] * B  # live row state: req index, seq, n, new, local pool, stats
+    lens = np.zeros(B, dtype=np.int64)
 
-        def start(free: list[int]) -> None:
-            """Fill the free rows with the next queued prompts (one prefill forward for all of them)."""
-            take = [(r, queue.pop()) for r in free[: len(queue)]]
-            if not take:
-                return
-            t0 = time.perf_counter()
-            prompts = [np.asarray(requests[i].input_ids, dtype=np.int32) for _, i in take]
-            _prefill_rows(model, cache, kv, B, [r for r, _ in take], prompts)
-            prefill = (time.perf_counter() - t0) / len(take)
-            for (r, i), ids in zip(take, prompts):
-                L = ids.size
-                seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
-                seq[:L] = ids
-                local, pools, weights, budget = _draft_sources(requests[i].pool, ids, cfg)
-                rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, local=local, pools=pools, weights=weights, budget=budget,
-                               stats=DecodeStats(time_prefill=prefill))
-                lens[r] = L - 1
+    def start(free: list[int]) -> None:
+        """Fill the free rows with the next queued prompts (one prefill forward for all of them)."""
+        take = [(r, queue.pop()) for r in free[: len(queue)]]
+        if not take:
+            return
+        t0 = time.perf_counter()
+        prompts = [np.asarray(requests[i].input_ids, dtype=np.int32) for _, i in take]
+        _prefill_rows(model, cache, kv, B, [r for r, _ in take], prompts)
+        prefill = (time.perf_counter() - t0) / len(take)
+        for (r, i), ids in zip(take, prompts):
+            L = ids.size
+            seq = np.zeros(L + max_new_tokens + 1, dtype=np.int32)
+            seq[:L] = ids
+            local, pools, weights, budget = _draft_sources(requests[i].pool, ids, cfg)
+            rows[r] = dict(i=i, seq=seq, L=L, n=L, new=0, local=local, pools=pools, weights=weights, budget=budget,
+                           stats=DecodeStats(time_prefill=prefill))
+            lens[r] = L - 1
 
-        start(list(range(B)))
-        while any(row is not None for row in rows):
-            t0 = time.perf_counter()
-            trees = [None if row is None else  # 1. draft per row, from the row's own pools
-                     draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
-                                 max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match,
-                                 cost=cfg.cost, confidence=cfg.confidence) for row in rows]
-            if cfg.cost is not None:
-                trees = _common_budget(trees, cfg.cost, cfg.confidence)
-            pending = np.array([row["seq"][row["n"] - 1] if row else 0 for row in rows])
-            ids, pos, mask, _ = _verify_inputs(pending, trees, lens, dtype, device)
-            W = int(lens.max())
-            # the block is appended at column W for every row: crop each layer to W first
+    start(list(range(B)))
+    while any(row is not None for row in rows):
+        t0 = time.perf_counter()
+        trees = [None if row is None else  # 1. draft per row, from the row's own pools
+                 draft_union(row["pools"], row["weights"], row["seq"][: row["n"]], budget=row["budget"],
+                             max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match,
+                             cost=cfg.cost, confidence=cfg.confidence) for row in rows]
+        if cfg.cost is not None:
+            trees = _common_budget(trees, cfg.cost, cfg.confidence)
+        pending = np.array([row["seq"][row["n"] - 1] if row else 0 for row in rows])
+        ids, pos, mask, _ = _verify_inputs(pending, trees, lens, dtype, device)
+        W = int(lens.max())
+        # the block is appended at column W for every row: crop each layer to W first
+        for k, v, put in _layers(cache):
+            put(k[:, :, :W], v[:, :, :W])
+        t1 = time.perf_counter()
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
+                       use_cache=True).logits  # 2. verify: [B, q, V], the model's dtype (acceptance reads it as is)
+        t2 = time.perf_counter()
+        moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
+        judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once
+                              [max_new_tokens - row["new"] if row else 0 for row in rows])
+        for r, (row, t) in enumerate(zip(rows, trees)):
+            if row is None:
+                continue
+            m = len(t)
+            path, out, stop = judged[r]
+            keep = np.concatenate([[0], path[: out.size - 1] + 1])  # pending + committed path, block offsets
+            moves += [(r, W + j, lens[r] + i) for i, j in enumerate(keep)]
+            new_lens[r] = lens[r] + keep.size
+            seq, n = row["seq"], row["n"]
+            seq[n : n + out.size] = out
+            row["local"].extend(seq[:n], out)  # the request's own prompt/output pool
+            if update_pool and requests[row["i"]].pool is not None:
+                requests[row["i"]].pool.extend(seq[row["L"] : n], out)
+            row["n"], row["new"] = n + out.size, row["new"] + out.size
+            st = row["stats"]
+            st.steps += 1
+            st.accepted.append(out.size - 1)
+            st.tree_sizes.append(m)
+            if stop or row["new"] >= max_new_tokens:
+                st.new_tokens = row["new"]
+                res = Result(requests[row["i"]].tag, seq[row["L"] : row["n"]].copy(), st)
+                results[row["i"]] = res
+                if on_result is not None:
+                    on_result(res)
+                rows[r] = None
+        t3 = time.perf_counter()
+        # 4. commit: move each row's kept block columns next to its past (gather), then refill
+        if moves:
+            _move_columns(cache, *np.array(moves, dtype=np.int64).T)
+        lens[:] = new_lens
+        free = [r for r in range(B) if rows[r] is None]
+        lens[free] = 0
+        if queue:
+            start(free)
+        elif free and len(free) < B:  # nothing left to start: drop finished rows from the batch
+            keep = [r for r in range(B) if rows[r] is not None]
+            at = torch.tensor(keep, device=device)
             for k, v, put in _layers(cache):
-                put(k[:, :, :W], v[:, :, :W])
-            t1 = time.perf_counter()
-            logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
-                           use_cache=True).logits  # 2. verify: [B, q, V], the model's dtype (acceptance reads it as is)
-            t2 = time.perf_counter()
-            moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
-            judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once
-                                  [max_new_tokens - row["new"] if row else 0 for row in rows])
-            for r, (row, t) in enumerate(zip(rows, trees)):
-                if row is None:
-                    continue
-                m = len(t)
-                path, out, stop = judged[r]
-                keep = np.concatenate([[0], path[: out.size - 1] + 1])  # pending + committed path, block offsets
-                moves += [(r, W + j, lens[r] + i) for i, j in enumerate(keep)]
-                new_lens[r] = lens[r] + keep.size
-                seq, n = row["seq"], row["n"]
-                seq[n : n + out.size] = out
-                row["local"].extend(seq[:n], out)  # the request's own prompt/output pool
-                if update_pool and requests[row["i"]].pool is not None:
-                    requests[row["i"]].pool.extend(seq[row["L"] : n], out)
-                row["n"], row["new"] = n + out.size, row["new"] + out.size
+                put(k.index_select(0, at), v.index_select(0, at))
+            rows, lens, B = [rows[r] for r in keep], lens[keep], len(keep)
+        for row in rows:
+            if row is not None:
                 st = row["stats"]
-                st.steps += 1
-                st.accepted.append(out.size - 1)
-                st.tree_sizes.append(m)
-                if stop or row["new"] >= max_new_tokens:
-                    st.new_tokens = row["new"]
-                    res = Result(requests[row["i"]].tag, seq[row["L"] : row["n"]].copy(), st)
-                    results[row["i"]] = res
-                    if on_result is not None:
-                        on_result(res)
-                    rows[r] = None
-            t3 = time.perf_counter()
-            # 4. commit: move each row's kept block columns next to its past (gather), then refill
-            if moves:
-                _move_columns(cache, *np.array(moves, dtype=np.int64).T)
-            lens[:] = new_lens
-            free = [r for r in range(B) if rows[r] is None]
-            lens[free] = 0
-            if queue:
-                start(free)
-            elif free and len(free) < B:  # nothing left to start: drop finished rows from the batch
-                keep = [r for r in range(B) if rows[r] is not None]
-                at = torch.tensor(keep, device=device)
-                for k, v, put in _layers(cache):
-                    put(k.index_select(0, at), v.index_select(0, at))
-                rows, lens, B = [rows[r] for r in keep], lens[keep], len(keep)
-            for row in rows:
-                if row is not None:
-                    st = row["stats"]
-                    st.time_draft += t1 - t0
-                    st.time_verify += t2 - t1
-                    st.time_accept += t3 - t2
-                    st.time_cache += time.perf_counter() - t3
-        return results
+                st.time_draft += t1 - t0
+                st.time_verify += t2 - t1
+                st.time_accept += t3 - t2
+                st.time_cache += time.perf_counter() - t3
+    return results
