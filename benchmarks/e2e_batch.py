@@ -60,22 +60,22 @@ def main(argv=None):
     cfg_at = {B: laser.DraftConfig(budget=32, max_depth=10, cost=c) for B, c in cost_at.items()}
     pool = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
     warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
-    generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg_at[8])
+    list(generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg_at[8]))
     print(f"pool warmed with {len(warm)} users' texts: {len(pool)} nodes")
 
     for B in args.batch:  # untimed: first calls at a batch size compile kernels and pick GEMM algorithms
         hf_batched(model, tok, prompts[:B], B, 8)
         for mode in ("strict", "relaxed"):
-            generate_batch(model, [Request(p, pool) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
-                           mode=mode, draft=cfg_at[B], update_pool=False)
+            list(generate_batch(model, [Request(p, pool) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
+                                mode=mode, draft=cfg_at[B], update_pool=False))
     rows = []
     for B in args.batch:
         hf = hf_batched(model, tok, prompts, B, args.new)
         line = {"B": B, "hf": hf}
         for mode in ("strict", "relaxed"):
             t0 = time.perf_counter()
-            res = generate_batch(model, [Request(p, pool) for p in prompts], batch_size=B, max_new_tokens=args.new,
-                                 mode=mode, draft=cfg_at[B], update_pool=False)
+            res = list(generate_batch(model, [Request(p, pool) for p in prompts], batch_size=B, max_new_tokens=args.new,
+                                      mode=mode, draft=cfg_at[B], update_pool=False))
             line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
             line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
             # every row's stats hold each batch step's phase times: per step, averaged over rows

@@ -1,6 +1,7 @@
 #include "trie.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -338,15 +339,23 @@ void Pool::save(const std::string& path) const {
   const uint64_t sum = fnv1a(buf.data(), buf.size());
   // Write next to the target, then rename: a crash never leaves a half-written pool.
   const std::string tmp = path + ".tmp";
+  auto fail = [&](const std::string& what) {
+    const std::string reason = errno ? std::string(": ") + std::strerror(errno) : std::string();
+    std::remove(tmp.c_str());
+    throw PoolIOError(what + " '" + tmp + "'" + reason);
+  };
+  errno = 0;
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw PoolIOError("cannot open '" + tmp + "' for writing");
+    if (!f) fail("cannot open for writing");
     f.write(buf.data(), std::streamsize(buf.size()));
     f.write(reinterpret_cast<const char*>(&sum), sizeof(sum));
     f.flush();
-    if (!f) throw PoolIOError("error writing '" + tmp + "'");
+    if (!f) fail("error writing");
+    f.close();
+    if (!f) fail("error writing");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw PoolIOError("cannot rename '" + tmp + "' to '" + path + "'");
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename to '" + path + "' from");
 }
 
 std::unique_ptr<Pool> Pool::load(const std::string& path) {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ class Result:
     tag: object
     tokens: np.ndarray  # generated tokens (prompt excluded)
     stats: DecodeStats = field(default_factory=DecodeStats)
+    index: int = -1  # position of the request in the input list
 
 
 def _prefill_rows(model, cache, kv: str, B: int, rows: list[int], prompts: list[np.ndarray]) -> None:
@@ -141,11 +143,13 @@ def _move_columns(cache, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> 
 @torch.no_grad()
 def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_tokens: int = 128,
                    mode: str = "strict", top_k: int = 2, min_prob: float = 0.1, eos_token_id="auto",
-                   update_pool: bool = True, draft: DraftConfig | None = None, on_result=None) -> list[Result]:
+                   update_pool: bool = True, draft: DraftConfig | None = None) -> Iterator[Result]:
     """Decode all requests, `batch_size` rows at a time, refilling rows as they finish.
 
-    Strict mode gives each request exactly its own greedy output. Results come back in
-    request order; `on_result(result)` is also called as each one finishes.
+    Returns an iterator that yields each Result as its request finishes (finish order;
+    `Result.index` is the request's position): nothing is kept after it is yielded, so a
+    long queue runs in flat memory. Arguments are checked here, before the first result.
+    Strict mode gives each request exactly its own greedy output.
     """
     cfg = draft or DraftConfig()
     for req in requests:
@@ -155,17 +159,23 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
     if eos_token_id == "auto":
         eos_token_id = model.generation_config.eos_token_id
     eos = np.asarray([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    return _stream(model, requests, min(batch_size, len(requests)), max_new_tokens, mode, top_k, min_prob, eos,
+                   update_pool, cfg)
+
+
+@torch.no_grad()
+def _stream(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg) -> Iterator[Result]:
+    if not requests:
+        return
     with _forwards(model, False):  # CPU: grouped-query SDPA in place, linears routed per shape
-        return _loop(model, requests, min(batch_size, len(requests)), max_new_tokens, mode, top_k, min_prob, eos,
-                     update_pool, cfg, on_result)
+        yield from _loop(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg)
 
 
-def _loop(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg, on_result) -> list:
+def _loop(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg) -> Iterator[Result]:
     """The batch loop itself; generate_batch() validates and sets up (see the module docstring)."""
     device, kv = model.device, cache_kwarg(model)
     dtype = next(model.parameters()).dtype
     queue = list(range(len(requests)))[::-1]
-    results: list[Result | None] = [None] * len(requests)
 
     cache = new_cache(model)
     rows: list[dict | None] = [None] * B  # live row state: req index, seq, n, new, local pool, stats
@@ -208,7 +218,7 @@ def _loop(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update
         logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{kv: cache},
                        use_cache=True).logits  # 2. verify: [B, q, V], the model's dtype (acceptance reads it as is)
         t2 = time.perf_counter()
-        moves, new_lens = [], lens.copy()  # (row, block column, destination column) per kept token
+        moves, new_lens, done = [], lens.copy(), []  # (row, block column, destination column) per kept token
         judged = accept_trees(logits, trees, mode, top_k, min_prob, eos,  # 3. accept, all rows at once
                               [max_new_tokens - row["new"] if row else 0 for row in rows])
         for r, (row, t) in enumerate(zip(rows, trees)):
@@ -231,10 +241,7 @@ def _loop(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update
             st.tree_sizes.append(m)
             if stop or row["new"] >= max_new_tokens:
                 st.new_tokens = row["new"]
-                res = Result(requests[row["i"]].tag, seq[row["L"] : row["n"]].copy(), st)
-                results[row["i"]] = res
-                if on_result is not None:
-                    on_result(res)
+                done.append(Result(requests[row["i"]].tag, seq[row["L"] : row["n"]].copy(), st, row["i"]))
                 rows[r] = None
         t3 = time.perf_counter()
         # 4. commit: move each row's kept block columns next to its past (gather), then refill
@@ -258,4 +265,4 @@ def _loop(model, requests, B, max_new_tokens, mode, top_k, min_prob, eos, update
                 st.time_verify += t2 - t1
                 st.time_accept += t3 - t2
                 st.time_cache += time.perf_counter() - t3
-    return results
+        yield from done  # rows finished this step, in row order

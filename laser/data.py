@@ -184,10 +184,69 @@ def load_book_crossing(path: str | Path | None = None, max_rows: int | None = No
     return _finish(ds, inter)
 
 
-DATASETS = ("ml-100k", "ml-1m", "ml-10m", "book-crossing")
+def _jsonl(path: str | Path, required: tuple[str, ...]):
+    """(lineno, object) per non-empty line; a line that is not an object with `required` fields raises."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"missing dataset file: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            missing = [k for k in required if k not in obj]
+            if missing:
+                raise DatasetError(f"{path}:{lineno}: missing field {missing[0]!r}")
+            yield lineno, obj
 
 
-def load_dataset(name: str, path: str | Path | None = None) -> Dataset:
+def load_jsonl(users: str | Path, items: str | Path, interactions: str | Path) -> Dataset:
+    """A catalogue of your own, as three JSONL files (one object per line):
+
+    users         {"id": ..., any attribute fields}             (age, gender, occupation, location are
+                                                                 used by the built-in user prompt)
+    items         {"id": ..., "title": str, any attribute fields} ("year": int, "genres": list or str)
+    interactions  {"user": id, "item": id, "rating": number, "timestamp": number}
+    Ids are read as strings. Unknown ids, duplicate ids and malformed values name file and line.
+    """
+    ds = Dataset("jsonl")
+    for table, path, req in ((ds.users, users, ("id",)), (ds.items, items, ("id", "title"))):
+        for n, obj in _jsonl(path, req):
+            key = str(obj.pop("id"))
+            if key in table:
+                raise DatasetError(f"{path}:{n}: duplicate id {key!r}")
+            table[key] = obj
+    for key, it in ds.items.items():
+        g = it.get("genres")
+        it["genres"] = [g] if isinstance(g, str) else list(g or [])
+        if it.get("year") is not None and not isinstance(it["year"], int):
+            raise DatasetError(f"{items}: item {key!r}: year must be an integer, got {it['year']!r}")
+    inter = []
+    for n, obj in _jsonl(interactions, ("user", "item", "rating", "timestamp")):
+        u, i = str(obj["user"]), str(obj["item"])
+        if u not in ds.users:
+            raise DatasetError(f"{interactions}:{n}: unknown user {u!r}")
+        if i not in ds.items:
+            raise DatasetError(f"{interactions}:{n}: unknown item {i!r}")
+        r, t = obj["rating"], obj["timestamp"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (r, t)):
+            raise DatasetError(f"{interactions}:{n}: rating and timestamp must be numbers")
+        inter.append((u, i, float(r), float(t)))
+    return _finish(ds, inter)
+
+
+DATASETS = ("ml-100k", "ml-1m", "ml-10m", "book-crossing", "jsonl")
+
+
+def load_dataset(name: str, path: str | Path | None = None, files: dict | None = None) -> Dataset:
+    """files: {"users": ..., "items": ..., "interactions": ...} for the "jsonl" dataset."""
     if name == "ml-100k":
         return load_ml100k(path)
     if name in ("ml-1m", "ml-10m"):
@@ -196,10 +255,48 @@ def load_dataset(name: str, path: str | Path | None = None) -> Dataset:
         return load_movielens_dat(path, name)
     if name == "book-crossing":
         return load_book_crossing(path)
+    if name == "jsonl":
+        missing = [k for k in ("users", "items", "interactions") if not (files or {}).get(k)]
+        if missing:
+            raise DatasetError(f"--dataset jsonl needs --{missing[0]} FILE (and --users, --items, --interactions)")
+        return load_jsonl(files["users"], files["items"], files["interactions"])
     raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
 # ---------------------------------------------------------------- prompts
+#
+# A prompt is a Python format string over one record's fields: its own attributes
+# (`{age}`, `{title}`, ... as stored; a list renders comma-separated, a missing one as
+# empty) and the computed fields below. The built-in datasets use the same mechanism.
+
+USER_TEMPLATE = (
+    "A {who} rated these {kinds} recently:\n{history}\n"
+    "Describe this user's taste in {kinds} in one paragraph: the favourite genres, the preferred eras, "
+    "and what the user dislikes."
+)
+ITEM_TEMPLATE = (
+    "{Kind}: {item}{published}.\n"
+    "In one paragraph, give the facts a {kind} recommender needs: the genre and style, the era, "
+    "the main themes, and which audience would enjoy it."
+)
+# computed fields, per target
+USER_FIELDS = {"id": "the user id", "who": "age, gender, occupation / location in words",
+               "history": "the last n_recent rated items, one '- Title (year) [genres]: r/5' line each",
+               "n_history": "number of interactions", "kinds": "movies | books | items",
+               "scale": "rating scale (5 or 10)"}
+ITEM_FIELDS = {"id": "the item id", "item": "'Title by Author (year) [genres]'",
+               "published": "', published by P' or empty", "Kind": "Movie | Book | Item",
+               "kind": "movie | book | item", "n_ratings": "number of interactions"}
+
+
+def _kinds(ds: Dataset) -> tuple[str, str, str]:
+    """(singular, plural, rating scale) of the catalogue."""
+    if ds.name == "book-crossing":
+        return "book", "books", "10"
+    if ds.name == "jsonl":
+        return "item", "items", "5"
+    return "movie", "movies", "5"
+
 
 def _item_line(item: dict) -> str:
     year = f" ({item['year']})" if item.get("year") else ""
@@ -208,36 +305,76 @@ def _item_line(item: dict) -> str:
     return f"{item['title']}{by}{year}" + (f" [{genres}]" if genres else "")
 
 
-def user_prompt(ds: Dataset, user: str, n_recent: int = 10) -> str:
-    u = ds.users.get(user, {})
-    who = []
-    if u.get("age"):
-        who.append(f"{u['age']}-year-old")
-    if u.get("gender"):
-        who.append(GENDER.get(u["gender"], u["gender"]))
-    if u.get("occupation"):
-        who.append(u["occupation"])
-    if u.get("location"):
-        who.append(f"from {u['location']}")
-    hist = ds.history(user)[-n_recent:]
-    books = ds.name == "book-crossing"
-    scale, kind = ("10", "books") if books else ("5", "movies")
-    lines = "\n".join(f"- {_item_line(ds.items[i])}: {r:g}/{scale}" for i, r, _ in hist if i in ds.items)
-    return (
-        f"A {' '.join(who) or 'reader' if books else ' '.join(who) or 'movie viewer'} rated these {kind} recently:\n{lines}\n"
-        f"Describe this user's taste in {kind} in one paragraph: the favourite genres, the preferred eras, "
-        "and what the user dislikes."
-    )
+def prompt_fields(ds: Dataset, target: str, key: str, n_recent: int = 10) -> dict:
+    """Every field a template may use for one user or item."""
+    kind, kinds, scale = _kinds(ds)
+    attrs = ds.users.get(key, {}) if target == "users" else ds.items[key]
+    fields = {k: ", ".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v) for k, v in attrs.items()}
+    if target == "users":
+        u = attrs
+        who = []
+        if u.get("age"):
+            who.append(f"{u['age']}-year-old")
+        if u.get("gender"):
+            who.append(GENDER.get(u["gender"], u["gender"]))
+        if u.get("occupation"):
+            who.append(u["occupation"])
+        if u.get("location"):
+            who.append(f"from {u['location']}")
+        full = ds.history(key)
+        lines = "\n".join(f"- {_item_line(ds.items[i])}: {r:g}/{scale}" for i, r, _ in full[-n_recent:] if i in ds.items)
+        default_who = {"book": "reader", "movie": "movie viewer"}.get(kind, "user")
+        fields.update(id=key, who=" ".join(who) or default_who, history=lines, n_history=len(full), kinds=kinds,
+                      scale=scale)
+    else:
+        it = attrs
+        fields.update(id=key, item=_item_line(it), published=f", published by {it['publisher']}" if it.get("publisher") else "",
+                      Kind=kind.capitalize(), kind=kind, n_ratings=int(ds.rows_of("item", key).size))
+    return fields
+
+
+class Template:
+    """A prompt template checked against a dataset: every field must be computed or an attribute."""
+
+    def __init__(self, text: str, ds: Dataset, target: str, source: str = "the built-in template"):
+        import string
+
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        except ValueError as e:
+            raise DatasetError(f"{source}: not a format string ({e})") from None
+        table = ds.users if target == "users" else ds.items
+        known = set(USER_FIELDS if target == "users" else ITEM_FIELDS)
+        for attrs in table.values():
+            known.update(attrs)
+        for name in sorted(names):
+            if name == "" or not name.isidentifier():
+                raise DatasetError(f"{source}: use named fields only, got {{{name}}}")
+            if name not in known:
+                raise DatasetError(f"{source}: unknown field {{{name}}}; known: {', '.join(sorted(known))}")
+        self.text, self.names, self.source = text, names, source
+
+    @classmethod
+    def load(cls, path: str | Path | None, ds: Dataset, target: str) -> "Template":
+        if path is None:
+            return cls(USER_TEMPLATE if target == "users" else ITEM_TEMPLATE, ds, target)
+        path = Path(path)
+        if not path.is_file():
+            raise DatasetError(f"missing prompt template: {path}")
+        return cls(path.read_text(encoding="utf-8"), ds, target, str(path))
+
+    def render(self, ds: Dataset, target: str, key: str) -> str:
+        fields = prompt_fields(ds, target, key)
+        return self.text.format_map({n: fields.get(n, "") for n in self.names})
+
+
+def user_prompt(ds: Dataset, user: str) -> str:
+    """The built-in user prompt (Template.load(None, ...) renders the same)."""
+    return USER_TEMPLATE.format_map(prompt_fields(ds, "users", user))
 
 
 def item_prompt(ds: Dataset, item: str) -> str:
-    kind = "Book" if ds.name == "book-crossing" else "Movie"
-    extra = f", published by {ds.items[item]['publisher']}" if ds.items[item].get("publisher") else ""
-    return (
-        f"{kind}: {_item_line(ds.items[item])}{extra}.\n"
-        f"In one paragraph, give the facts a {kind.lower()} recommender needs: the genre and style, the era, "
-        "the main themes, and which audience would enjoy it."
-    )
+    return ITEM_TEMPLATE.format_map(prompt_fields(ds, "items", item))
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

@@ -98,7 +98,8 @@ class PoolSet:
             raise ValueError(f"pool mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode, self.max_depth, self.vocab_size, self.max_nodes = mode, max_depth, vocab_size, max_nodes
         self.pools: dict[str, RetrievalPool] = {}
-        self.records = 0  # output records whose texts are already in the pools
+        self.records = 0  # output records whose texts are in the pools
+        self.blocks = 0  # job blocks whose texts are in the pools (laser.job)
 
     def get(self, group: str) -> RetrievalPool | None:
         if self.mode == "none":
@@ -119,7 +120,7 @@ class PoolSet:
             pool.save(str(folder / (name + f".r{self.records}")))
             files[group] = name + f".r{self.records}"
         index = {"mode": self.mode, "max_depth": self.max_depth, "vocab_size": self.vocab_size,
-                 "max_nodes": self.max_nodes, "records": self.records, "files": files}
+                 "max_nodes": self.max_nodes, "records": self.records, "blocks": self.blocks, "files": files}
         tmp = folder / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, folder / "index.json")
@@ -134,7 +135,7 @@ class PoolSet:
         if index["mode"] != mode:
             raise ValueError(f"saved pools in {folder} are for --pool {index['mode']}, not {mode}")
         ps = cls(mode, index["max_depth"], index["vocab_size"], index["max_nodes"])
-        ps.records = int(index["records"])
+        ps.records, ps.blocks = int(index["records"]), int(index["blocks"])
         for group, name in index["files"].items():
             ps.pools[group] = RetrievalPool.load(str(folder / name))
         return ps

@@ -1,25 +1,55 @@
-"""The knowledge job: one text per user or item of a dataset, resumable, nothing lost.
+"""The knowledge job: one text per user or item of a dataset, reproducible and resumable exactly.
 
-Output: JSONL, one record per id, appended, flushed and fsynced per record. Pools live in
-`<out>.pools/` (snapshots every `save_every` records; the index names how many records
-they hold). On restart: a torn last line (the record in flight) is cut off, done ids are
-skipped, and the texts of records newer than the pool snapshot are re-inserted, so the
-pools match an uninterrupted run.
+Files, for `--out OUT`:
+  OUT                 JSONL, one record per id (id, group, text, tokens, steps, time), appended,
+                      flushed and fsynced per record; a write error truncates it back to the
+                      last complete record.
+  OUT.manifest.json   the settings that make the records (model hash, dataset, target, mode,
+                      k, p, pools, router threshold, seed, version, cost curve, ...); a rerun
+                      with other settings refuses, naming the first difference.
+  OUT.lock            an OS file lock (flock): a second job on the same OUT refuses.
+  OUT.pools/          pool snapshots, taken only at block boundaries (index.json names how
+                      many blocks they hold).
+
+Determinism. Ids are taken in a fixed order and cut into blocks of `block` ids. While a
+block is decoded its shared pools are frozen (each request still drafts from its own
+prompt and output); when the whole block is done, its texts enter the pools in id order.
+So what a record drafts from is a function of its block alone, the cost curve that sizes
+trees is measured once and stored in the manifest (or given with --cost), and no timing
+enters the records. With batch_size > 1 a row's float rounding depends on its batch
+mates, so a resumed block is decoded whole again (with the same schedule) and only its
+missing records are written: batch size is an input of the output, nothing else is.
+A kill at any moment (SIGKILL, SIGTERM, Ctrl-C) followed by a rerun gives the records an
+uninterrupted run gives (timing fields aside).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import laser
-from laser.data import chat_ids, item_prompt, load_dataset, user_prompt
+from laser.data import Template, chat_ids, load_dataset
 from laser.groups import PoolSet, Router, collaborative_groups, default_threshold, group_of
+from laser.model import file_sha256, model_identity
+
+MANIFEST_FORMAT = 1
+TIMING_FIELDS = ("time",)  # the only record fields that vary between identical runs
+
+
+class JobError(ValueError):
+    """A job that cannot start or go on; the message names the file and what to do."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM (a cluster preemption): handled like Ctrl-C."""
 
 
 @dataclass
@@ -27,21 +57,26 @@ class JobConfig:
     dataset: str = "ml-100k"
     target: str = "users"  # users | items
     out: str = "knowledge.jsonl"
-    limit: int | None = None
+    limit: int | None = None  # only the first N ids (may grow between runs of one output)
     pool: str = "routed"  # none | global | collaborative | attribute | routed
     mode: str = "strict"
     top_k: int = 2
     min_prob: float = 0.1
-    model: str | None = None
+    model: str | None = None  # HF folder or .gguf file; None: the default SmolLM2
     data_dir: str | None = None
+    files: dict = field(default_factory=dict)  # --dataset jsonl: users / items / interactions
+    prompt_template: str | None = None  # a file; None: the dataset's built-in template
     max_new_tokens: int = 160
     warm: str | None = None  # earlier knowledge JSONL to warm the pools with
     clusters: int = 8
     threshold: int | None = None  # router h; default: median interaction count
     seed: int = 0
-    save_every: int = 10
     budget: int = 32
+    max_depth: int = 10
     batch_size: int = 1  # > 1: continuous batching (laser.batch)
+    block: int = 32  # ids per frozen-pool block
+    cost: str | None = None  # JSON file with the cost curve; None: measured once, stored in the manifest
+    rebuild_pools: bool = False  # rebuild OUT.pools from the records (and --warm), records untouched
 
 
 def read_records(path: Path) -> list[dict]:
@@ -58,10 +93,115 @@ def read_records(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{lineno}: not a JSON record; refusing to append to a damaged output file") from None
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not isinstance(rec.get("tokens"), list):
+                raise TypeError
+        except (json.JSONDecodeError, TypeError):
+            raise JobError(f"{path}:{lineno}: not a knowledge record; refusing to append to a damaged output file") from None
+        records.append(rec)
     return records
+
+
+class _Lock:
+    """An exclusive flock on OUT.lock for the job's lifetime (released by the OS if it dies)."""
+
+    def __init__(self, out: Path):
+        self.path = out.with_name(out.name + ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise JobError(f"{out} is being written by another laser job (pid {holder}); wait for it or use another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing drops the flock
+
+
+class _Writer:
+    """Appends one record per call: one write, flush, fsync; a failed write is undone."""
+
+    def __init__(self, out: Path, n_records: int):
+        self.out, self.n = out, n_records
+        self.fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, rec: dict) -> None:
+        data = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+        size = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)  # the file stays a valid prefix
+            except OSError:
+                pass  # a torn line is cut on the next start
+            raise JobError(f"{self.out}: writing record {self.n + 1} failed ({e.strerror or e}); the file holds "
+                           f"{self.n} complete records: free space and rerun to resume") from None
+        self.n += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _settings(cfg: JobConfig, ds_files: dict, model_id: str, model_hash: str, threshold: int | None) -> dict:
+    """Everything that decides the records, as stored in the manifest (the cost curve aside)."""
+    return {
+        "format": MANIFEST_FORMAT, "laser_version": laser.__version__, "model": model_id, "model_sha256": model_hash,
+        "dataset": cfg.dataset, "dataset_files": ds_files, "target": cfg.target, "mode": cfg.mode,
+        "top_k": cfg.top_k, "min_prob": cfg.min_prob, "pool": cfg.pool, "clusters": cfg.clusters,
+        "threshold": threshold, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "budget": cfg.budget,
+        "max_depth": cfg.max_depth, "batch_size": cfg.batch_size, "block": cfg.block,
+        "prompt_template": file_sha256(cfg.prompt_template) if cfg.prompt_template else "built-in",
+        "warm": file_sha256(cfg.warm) if cfg.warm else None,
+    }
+
+
+FLAGS = {"model_sha256": "--model (content)", "dataset_files": "--data-dir / --users / --items / --interactions",
+         "prompt_template": "--prompt-template (content)", "warm": "--warm (content)", "laser_version": "laser version"}
+
+
+def _check_manifest(path: Path, stored: dict, now: dict) -> None:
+    for key, value in now.items():
+        if stored.get(key) != value:
+            flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+            raise JobError(f"{path}: the records were made with {flag} = {stored.get(key)!r}, this command gives "
+                           f"{value!r}; use the same settings or another --out")
+
+
+def _load_cost(path: str) -> np.ndarray:
+    try:
+        cost = np.asarray(json.loads(Path(path).read_text()), dtype=np.float64)
+    except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raise JobError(f"--cost {path}: not a JSON list of seconds ({e})") from None
+    if cost.ndim != 1 or cost.size < 1 or not np.all(np.isfinite(cost)) or np.any(cost <= 0):
+        raise JobError(f"--cost {path}: need a non-empty list of positive seconds (cost[b] = verify time of b nodes)")
+    return cost
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _blocks(keys: list[str], size: int) -> list[list[str]]:
+    return [keys[i : i + size] for i in range(0, len(keys), size)]
+
+
+def _insert_block(pools: PoolSet, block: list[str], by_id: dict, group_fn) -> None:
+    """A finished block's texts enter its groups' pools, in id order."""
+    for key in block:
+        pool = pools.get(by_id[key]["group"])
+        if pool is not None:
+            pool.insert(np.asarray(by_id[key]["tokens"], dtype=np.int64))
+    pools.blocks += 1
+    pools.records += len(block)
 
 
 def _warm(pools: PoolSet, path: str, tok, group_fn) -> int:
@@ -73,8 +213,8 @@ def _warm(pools: PoolSet, path: str, tok, group_fn) -> int:
             try:
                 rec = json.loads(line)
                 toks = rec.get("tokens") or tok(rec["text"], add_special_tokens=False)["input_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: a warm-up record needs 'text' or 'tokens'") from None
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise JobError(f"{path}:{lineno}: a warm-up record needs 'text' or 'tokens'") from None
             pool = pools.get(rec.get("group") or group_fn(str(rec.get("id", ""))))
             if pool is not None:
                 pool.insert(np.asarray(toks, dtype=np.int64))
@@ -82,19 +222,78 @@ def _warm(pools: PoolSet, path: str, tok, group_fn) -> int:
     return n
 
 
-def run_job(cfg: JobConfig, progress: bool = True) -> dict:
+def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict, tok, group_fn) -> PoolSet:
+    """The pools as of the first block with a missing record: the snapshot plus the finished
+    blocks after it, or (fresh job / --rebuild-pools) --warm plus every finished block."""
+    complete = 0
+    while complete < len(blocks) and all(k in by_id for k in blocks[complete]):
+        complete += 1
+    index = pool_dir / "index.json"
+    fresh = cfg.rebuild_pools or not by_id
+    if fresh:
+        pools = PoolSet(cfg.pool, vocab_size=len(tok))
+        if cfg.warm:
+            _warm(pools, cfg.warm, tok, group_fn)
+    elif not index.exists():
+        raise JobError(f"{index}: pool snapshot missing for {len(by_id)} existing records; rerun with --rebuild-pools "
+                       "(rebuilds the pools from the records, which stay as they are)")
+    else:
+        try:
+            pools = PoolSet.load(pool_dir, cfg.pool)
+        except (laser.PoolFormatError, json.JSONDecodeError, KeyError, TypeError, OSError) as e:
+            raise JobError(f"{pool_dir}: damaged pool snapshot ({e}); rerun with --rebuild-pools") from None
+        if pools.blocks > complete:
+            raise JobError(f"{pool_dir}: the snapshot holds {pools.blocks} finished blocks but {cfg.out} has only "
+                           f"{complete}; rerun with --rebuild-pools")
+    start = pools.blocks
+    for b in range(start, complete):
+        _insert_block(pools, blocks[b], by_id, group_fn)
+    if fresh or pools.blocks != start:  # a fresh job saves its warm pools before the first record
+        pools.save(pool_dir)
+    return pools
+
+
+def _validate(cfg: JobConfig) -> None:
     if cfg.target not in ("users", "items"):
-        raise ValueError(f"--target must be users or items, got {cfg.target!r}")
+        raise JobError(f"--target must be users or items, got {cfg.target!r}")
+    for name in ("batch_size", "block", "max_new_tokens", "clusters"):
+        if getattr(cfg, name) < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise JobError("--limit must be >= 1")
+    if cfg.mode not in ("strict", "relaxed"):
+        raise JobError(f"--mode must be strict or relaxed, got {cfg.mode!r}")
+
+
+def run_job(cfg: JobConfig, progress: bool = True) -> dict:
+    _validate(cfg)
     out = Path(cfg.out)
-    with open(out, "a", encoding="utf-8"):  # fail now, not after loading the model
+    folder = out.parent if str(out.parent) else Path(".")
+    if folder.is_dir() and not (folder.stat().st_mode & 0o222 and os.access(folder, os.W_OK)):  # (root ignores the bits)
+        raise JobError(f"{folder}: the output folder is read-only (the job writes OUT, its lock, manifest and pools there)")
+    with open(out, "a", encoding="utf-8"):  # fail now (missing folder, a directory), not after loading the model
         pass
-    ds = load_dataset(cfg.dataset, cfg.data_dir)
-    keys = sorted(ds.users if cfg.target == "users" else ds.items, key=lambda k: (len(k), k))
-    if cfg.limit is not None:
-        keys = keys[: cfg.limit]
+    lock = _Lock(out)
+    try:
+        return _run(cfg, out, progress)
+    finally:
+        lock.release()
+
+
+def _run(cfg: JobConfig, out: Path, progress: bool) -> dict:
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.files)
+    template = Template.load(cfg.prompt_template, ds, cfg.target)
+    all_keys = sorted(ds.users if cfg.target == "users" else ds.items, key=lambda k: (len(k), k))
+    keys = all_keys[: cfg.limit] if cfg.limit is not None else all_keys
+    in_run, known = set(keys), set(all_keys)
     records = read_records(out)
-    done = {r["id"] for r in records}
-    pending = [k for k in keys if k not in done]
+    by_id: dict[str, dict] = {}
+    for n, rec in enumerate(records, start=1):
+        if rec["id"] in by_id:
+            raise JobError(f"{out}:{n}: id {rec['id']!r} appears twice")
+        if rec["id"] not in known:
+            raise JobError(f"{out}:{n}: id {rec['id']!r} is not a {cfg.target[:-1]} of {cfg.dataset}")
+        by_id[rec["id"]] = rec
 
     collab = collaborative_groups(ds, cfg.target, cfg.clusters, seed=cfg.seed) if cfg.pool in ("collaborative", "routed") else None
     h = cfg.threshold if cfg.threshold is not None else default_threshold(ds, cfg.target)
@@ -103,73 +302,106 @@ def run_job(cfg: JobConfig, progress: bool = True) -> dict:
     def group_fn(key):
         return group_of(cfg.pool, router, key, collab, ds, cfg.target)
 
-    model, tok = laser.load_model(cfg.model)
-    pool_dir = out.with_name(out.name + ".pools")
-    if (pool_dir / "index.json").exists():
-        pools = PoolSet.load(pool_dir, cfg.pool)
-    else:
-        pools = PoolSet(cfg.pool, vocab_size=len(tok))
-        if cfg.warm:
-            _warm(pools, cfg.warm, tok, group_fn)
-    for rec in records[pools.records :]:  # written after the last pool snapshot
-        pool = pools.get(rec["group"])
-        if pool is not None:
-            pool.insert(np.asarray(rec["tokens"], dtype=np.int64))
-    pools.records = len(records)
+    ds_files = {k: file_sha256(v) for k, v in sorted(cfg.files.items()) if v} if cfg.dataset == "jsonl" else (
+        str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None)
+    model_id, model_hash = model_identity(cfg.model)
+    manifest_path = out.with_name(out.name + ".manifest.json")
+    settings = _settings(cfg, ds_files, model_id, model_hash, h if cfg.pool == "routed" else None)
+    given = _load_cost(cfg.cost) if cfg.cost else None
+    if manifest_path.exists():
+        try:
+            stored = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise JobError(f"{manifest_path}: damaged manifest; it cannot be rebuilt, so write to another --out") from None
+        _check_manifest(manifest_path, stored, settings)
+        cost = np.asarray(stored["cost"], dtype=np.float64)
+        if given is not None and not np.array_equal(given, cost):
+            raise JobError(f"{manifest_path}: the records were made with another cost curve than --cost {cfg.cost}")
+    elif by_id:
+        raise JobError(f"{out} holds {len(by_id)} records but no {manifest_path.name}; it was not written by this "
+                       "version's job: use another --out")
+    model, tok = laser.load_model(cfg.model)  # after every check that needs no model
+    if not manifest_path.exists():
+        if given is not None:
+            cost = given
+        else:  # measured once, at this batch size; stored so that every later run uses the same curve
+            ctx_len = len(chat_ids(tok, template.render(ds, cfg.target, keys[0]))) if keys else 256
+            cost = laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), repeats=2,
+                                   batch=cfg.batch_size)
+        _write_json(manifest_path, {**settings, "cost": [float(c) for c in cost], "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
-    prompt_of = user_prompt if cfg.target == "users" else item_prompt
-    # the tree budget follows this machine's measured verification cost (at this batch size)
-    ctx_len = len(chat_ids(tok, prompt_of(ds, keys[0]))) if keys else 256
-    cost = laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), repeats=2, batch=cfg.batch_size)
-    draft = laser.DraftConfig(budget=cfg.budget, max_depth=10, cost=cost)
+    pool_dir = out.with_name(out.name + ".pools")
+    blocks = _blocks(all_keys, cfg.block)
+    pools = _pools(cfg, pool_dir, blocks, by_id, tok, group_fn)
+    draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost)
+    todo = [k for k in keys if k not in by_id]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(keys), initial=len(keys) - len(pending), unit="rec", dynamic_ncols=True)
-    n_tokens, n_time, accepted, written = 0, 0.0, [], 0
+        bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="rec", dynamic_ncols=True)
+    stats = {"written": 0, "tokens": 0, "steps": 0, "mismatched": 0}
     t_start = time.perf_counter()
-    f = open(out, "a", encoding="utf-8")
+    writer = _Writer(out, len(records))
 
-    def write(key, group, new, steps, mean_acc, dt):
-        nonlocal n_tokens, n_time, written
-        rec = {"id": key, "group": group, "text": tok.decode(new, skip_special_tokens=True), "tokens": new,
+    def write(key: str, new: list[int], steps: int, dt: float) -> None:
+        if key in by_id:  # a resumed batch block decodes its finished records again: never rewritten
+            stats["mismatched"] += by_id[key]["tokens"] != new
+            return
+        rec = {"id": key, "group": group_fn(key), "text": tok.decode(new, skip_special_tokens=True), "tokens": new,
                "steps": steps, "time": round(dt, 4)}
-        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-        pools.records += 1
-        written += 1
-        n_tokens, n_time = n_tokens + len(new), time.perf_counter() - t_start
-        accepted.append(mean_acc)
+        writer.write(rec)
+        by_id[key] = rec
+        stats["written"] += 1
+        stats["tokens"] += len(new)
+        stats["steps"] += steps
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(tok_s=f"{n_tokens / n_time:.1f}", acc=f"{np.mean(accepted):.2f}")
-        if written % cfg.save_every == 0:
-            pools.save(pool_dir)
+            bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - t_start):.1f}",
+                            tok_step=f"{stats['tokens'] / max(stats['steps'], 1):.2f}")
 
     try:
-        if cfg.batch_size > 1:
-            from laser.batch import Request, generate_batch
-
-            reqs = [Request(chat_ids(tok, prompt_of(ds, key)), pools.get(group_fn(key)), key) for key in pending]
-            generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
-                           top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft,
-                           on_result=lambda r: write(r.tag, group_fn(r.tag), r.tokens.tolist(), r.stats.steps,
-                                                     r.stats.mean_accepted, r.stats.total_time))
-        else:
-            for key in pending:
-                ids, group = chat_ids(tok, prompt_of(ds, key)), group_fn(key)
-                t0 = time.perf_counter()
-                res = laser.generate(model, ids, pool=pools.get(group), max_new_tokens=cfg.max_new_tokens,
-                                     mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft)
-                write(key, group, res.sequences[0, len(ids):].tolist(), res.stats.steps,
-                      res.stats.mean_accepted, time.perf_counter() - t0)
+        for b in range(pools.blocks, len(blocks)):
+            block = [k for k in blocks[b] if k in in_run]
+            if not block:
+                break
+            missing = [k for k in block if k not in by_id]
+            if missing:
+                _decode_block(model, tok, ds, cfg, template, pools, group_fn, draft,
+                              missing if cfg.batch_size == 1 else block, write)
+            if all(k in by_id for k in blocks[b]):  # the whole block (not only --limit's part) is done
+                _insert_block(pools, blocks[b], by_id, group_fn)
+                pools.save(pool_dir)
     finally:
-        f.close()
+        writer.close()
         if bar is not None:
             bar.close()
-        pools.save(pool_dir)
-    return {"written": written, "skipped": len(keys) - len(pending), "tokens": n_tokens,
-            "tokens_per_s": n_tokens / n_time if n_time else 0.0,
-            "mean_accepted": float(np.mean(accepted)) if accepted else 0.0, "pools": len(pools.pools)}
+    elapsed = time.perf_counter() - t_start
+    return {"written": stats["written"], "skipped": len(keys) - len(todo), "tokens": stats["tokens"],
+            "tokens_per_s": stats["tokens"] / elapsed if stats["written"] else 0.0,
+            "mean_accepted": stats["tokens"] / stats["steps"] if stats["steps"] else 0.0,
+            "pools": len(pools.pools), "mismatched": stats["mismatched"]}
+
+
+def _decode_block(model, tok, ds, cfg, template, pools, group_fn, draft, keys, write) -> None:
+    """Decode `keys` (in order) against the block's frozen pools; write each record as it finishes."""
+    prompts = [chat_ids(tok, template.render(ds, cfg.target, k)) for k in keys]
+    if cfg.batch_size == 1:
+        for key, ids in zip(keys, prompts):
+            t0 = time.perf_counter()
+            res = laser.generate(model, ids, pool=pools.get(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
+                                 mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False)
+            write(key, res.sequences[0, len(ids):].tolist(), res.stats.steps, time.perf_counter() - t0)
+        return
+    from laser.batch import Request, generate_batch
+
+    reqs = [Request(ids, pools.get(group_fn(k)), k) for k, ids in zip(keys, prompts)]
+    for r in generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
+                            top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False):
+        write(r.tag, r.tokens.tolist(), r.stats.steps, r.stats.total_time)
+
+
+def strip_timing(rec: dict) -> dict:
+    """A record without its timing fields: what two runs of one command must agree on."""
+    return {k: v for k, v in rec.items() if k not in TIMING_FIELDS}
+

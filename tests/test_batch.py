@@ -9,6 +9,11 @@ from laser.batch import Request, generate_batch
 from test_decode import V, greedy, tiny
 
 
+def run_batch(*args, **kwargs) -> list:
+    """generate_batch's stream, collected in request order."""
+    return sorted(generate_batch(*args, **kwargs), key=lambda r: r.index)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_each_row_equals_its_greedy_output(arch, batch_size):
@@ -20,7 +25,7 @@ def test_each_row_equals_its_greedy_output(arch, batch_size):
     for p, o in zip(prompts[::2], outs[::2]):
         pool.insert(o[len(p):])
     reqs = [Request(p, pool if i % 3 else None, tag=i) for i, p in enumerate(prompts)]
-    res = generate_batch(model, reqs, batch_size=batch_size, max_new_tokens=28, eos_token_id=None, update_pool=False,
+    res = run_batch(model, reqs, batch_size=batch_size, max_new_tokens=28, eos_token_id=None, update_pool=False,
                          draft=laser.DraftConfig(budget=12, max_depth=6))
     assert [r.tag for r in res] == list(range(7))
     for p, o, r in zip(prompts, outs, res):
@@ -35,12 +40,13 @@ def test_rows_finish_independently_at_eos_and_are_refilled():
     outs = [greedy(model, p, 30, eos_token_id=None) for p in prompts]
     eos = outs[0][6 + 4]  # a token the first row emits early
     want = [greedy(model, p, 30, eos_token_id=eos) for p in prompts]
-    finished = []
-    res = generate_batch(model, [Request(p, tag=i) for i, p in enumerate(prompts)], batch_size=2, max_new_tokens=30,
-                         eos_token_id=eos, on_result=lambda r: finished.append(r.tag))
+    stream = list(generate_batch(model, [Request(p, tag=i) for i, p in enumerate(prompts)], batch_size=2,
+                                 max_new_tokens=30, eos_token_id=eos))
+    finished = [r.tag for r in stream]
+    assert sorted(finished) == list(range(6)) and finished[0] == 0  # streamed as rows finish: row 0 stops first
+    res = sorted(stream, key=lambda r: r.index)
     for p, w, r in zip(prompts, want, res):
         assert r.tokens.tolist() == w[len(p):]
-    assert sorted(finished) == list(range(6))
     assert len(res[0].tokens) <= 5
 
 
@@ -54,7 +60,7 @@ def test_finished_rows_leave_the_batch_once_the_queue_is_empty():
     widths = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
     try:
-        res = generate_batch(model, [Request(p) for p in prompts], batch_size=3, max_new_tokens=30, eos_token_id=eos)
+        res = run_batch(model, [Request(p) for p in prompts], batch_size=3, max_new_tokens=30, eos_token_id=eos)
     finally:
         hook.remove()
     for p, w, r in zip(prompts, want, res):
@@ -69,12 +75,12 @@ def test_prompt_weight_zero_turns_prompt_lookup_off_in_batches():
     model = tiny("llama", 26)
     prompt = [1, 2, 3] * 4  # the prompt pool alone would draft after "... 2 3"
     cfg = laser.DraftConfig(budget=8, prompt_weight=0.0)
-    res = generate_batch(model, [Request(prompt, laser.RetrievalPool()), Request(prompt)], batch_size=2,
+    res = run_batch(model, [Request(prompt, laser.RetrievalPool()), Request(prompt)], batch_size=2,
                          max_new_tokens=10, eos_token_id=None, draft=cfg, update_pool=False)
     want = greedy(model, prompt, 10, eos_token_id=None)[len(prompt):]
     for r in res:
         assert r.tokens.tolist() == want and set(r.stats.tree_sizes) == {0}
-    on = generate_batch(model, [Request(prompt, laser.RetrievalPool())], max_new_tokens=10, eos_token_id=None,
+    on = run_batch(model, [Request(prompt, laser.RetrievalPool())], max_new_tokens=10, eos_token_id=None,
                         draft=laser.DraftConfig(budget=8), update_pool=False)
     assert max(on[0].stats.tree_sizes) > 0
 
@@ -91,7 +97,7 @@ def test_relaxed_rows_obey_the_rule():
                            pad_token_id=0, eos_token_id=None)
         pool.insert(s[0, 8:].numpy())
     k, p_min = 3, 0.005
-    res = generate_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=40,
+    res = run_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=40,
                          mode="relaxed", top_k=k, min_prob=p_min, eos_token_id=None)
     for prompt, r in zip(prompts, res):
         seq = torch.tensor([prompt + r.tokens.tolist()])
@@ -123,7 +129,7 @@ def test_common_budget_cut_keeps_rows_exact():
     for p, o in zip(prompts, outs):
         pool.insert(o[len(p):])
     cost = 1.0 + 0.2 * np.arange(17)  # each node costs a fifth of a step: trees get cut
-    res = generate_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=24,
+    res = run_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=24,
                          eos_token_id=None, update_pool=False, draft=laser.DraftConfig(budget=16, cost=cost))
     for p, o, r in zip(prompts, outs, res):
         assert r.tokens.tolist() == o[len(p):]
