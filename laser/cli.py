@@ -1,4 +1,5 @@
-"""`laser generate` (the knowledge job), `laser calibrate` (its cost curve) and `laser report`."""
+"""`laser generate` (the knowledge job), `laser calibrate` (its cost curve), `laser ctr` (the downstream
+check) and `laser report`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--items", help="--dataset jsonl: items file ({\"id\": ..., \"title\": ..., attributes})")
     g.add_argument("--interactions", help="--dataset jsonl: {\"user\", \"item\", \"rating\", \"timestamp\"} per line")
     g.add_argument("--prompt-template", help="file with a Python format string over the record's fields")
+    g.add_argument("--history-until", type=float, help="use only interactions before this timestamp (no test data "
+                   "in knowledge meant for a CTR model trained before it)")
     g.add_argument("--target", choices=("users", "items"), default="users")
     g.add_argument("--limit", type=int, help="only the first N ids")
     g.add_argument("--out", required=True, help="output JSONL (appended; a re-run resumes)")
@@ -44,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="local HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     c.add_argument("--batch-size", type=int, default=1)
     c.add_argument("--context", type=int, default=300, help="context length the forwards run after")
+    k = sub.add_parser("ctr", help="downstream check: CTR models (DIN, DeepFM) with and without knowledge")
+    k.add_argument("--dataset", default="ml-100k")
+    k.add_argument("--knowledge", action="append", default=[], metavar="NAME=USERS,ITEMS",
+                   help="a knowledge variant: users and items files of laser generate (repeatable; 'none' is implied)")
+    k.add_argument("--models", default="din,deepfm", help="comma-separated: din, deepfm")
+    k.add_argument("--seeds", type=int, default=5)
+    k.add_argument("--epochs", type=int, default=5, help="most epochs (the best validation AUC is kept)")
+    k.add_argument("--max-users", type=int, help="only the interactions of the first N users (a quick slice)")
+    k.add_argument("--out", required=True, help="folder for ctr.json, ctr.md, ctr.png")
     r = sub.add_parser("report", help="compare pool modes, strict/relaxed and a (k, p) sweep against greedy")
     r.add_argument("--out-dir", default="report")
     r.add_argument("--prompts", type=int, default=3, help="evaluation users and items each")
@@ -74,6 +86,7 @@ def main(argv=None) -> int:
                             clusters=args.clusters, threshold=args.threshold, seed=args.seed,
                             batch_size=args.batch_size, block=args.block, budget=args.budget, cost=args.cost,
                             rebuild_pools=args.rebuild_pools, prompt_template=args.prompt_template,
+                            history_until=args.history_until,
                             files={"users": args.users, "items": args.items, "interactions": args.interactions})
             summary = run_job(cfg, progress=not args.no_progress)
             print(f"wrote {summary['written']} records ({summary['skipped']} already done), "
@@ -95,6 +108,23 @@ def main(argv=None) -> int:
                 json.dump([float(c) for c in cost], f)
             print(f"cost curve (ms) at 0/8/16/32 nodes: " + "/".join(f"{1e3 * cost[b]:.0f}" for b in (0, 8, 16, 32))
                   + f" -> {args.out}")
+        elif args.cmd == "ctr":
+            from laser.ctr import run_ctr
+
+            variants = {}
+            for spec in args.knowledge:
+                name, eq, files = spec.partition("=")
+                paths = files.split(",")
+                if not eq or not name or len(paths) != 2 or not all(paths):
+                    raise ValueError(f"--knowledge {spec!r}: expected NAME=USERS.jsonl[.gz],ITEMS.jsonl[.gz]")
+                if name in variants:
+                    raise ValueError(f"--knowledge: variant {name!r} given twice")
+                variants[name] = tuple(paths)
+            if args.max_users is not None and args.max_users < 1:
+                raise ValueError("--max-users must be >= 1")
+            run_ctr(args.dataset, variants, models=[m for m in args.models.split(",") if m], seeds=args.seeds,
+                    out=args.out, max_users=args.max_users, epochs=args.epochs)
+            print(f"wrote {args.out}/ctr.json, ctr.md, ctr.png")
         else:
             from laser.report import run_report
 

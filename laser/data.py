@@ -44,6 +44,17 @@ class Dataset:
             index = self.__dict__[f"_by_{key}"] = {u: order[a:b] for u, a, b in zip(uniq, bounds[:-1], bounds[1:])}
         return index.get(who, np.empty(0, dtype=np.int64))
 
+    def until(self, timestamp: float) -> "Dataset":
+        """The same catalogue with only the interactions before `timestamp` (knowledge "as of" a
+        date: prompts, groups and the router then see no later interaction)."""
+        keep = self.timestamps < timestamp
+        out = Dataset(self.name, self.users, self.items, self.user_ids[keep], self.item_ids[keep], self.ratings[keep],
+                      self.timestamps[keep])
+        for k, v in self.__dict__.items():
+            if k not in out.__dict__ and not k.startswith("_by_"):
+                out.__dict__[k] = v
+        return out
+
     def history(self, user: str) -> list[tuple[str, float, float]]:
         """(item, rating, timestamp) of a user, oldest first."""
         return [(self.item_ids[i], float(self.ratings[i]), float(self.timestamps[i])) for i in self.rows_of("user", user)]

@@ -66,6 +66,7 @@ class JobConfig:
     data_dir: str | None = None
     files: dict = field(default_factory=dict)  # --dataset jsonl: users / items / interactions
     prompt_template: str | None = None  # a file; None: the dataset's built-in template
+    history_until: float | None = None  # use only interactions before this timestamp (e.g. a CTR training end)
     max_new_tokens: int = 160
     warm: str | None = None  # earlier knowledge JSONL to warm the pools with
     clusters: int = 8
@@ -158,7 +159,7 @@ def _settings(cfg: JobConfig, ds_files: dict, model_id: str, model_hash: str, th
         "threshold": threshold, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "budget": cfg.budget,
         "max_depth": cfg.max_depth, "batch_size": cfg.batch_size, "block": cfg.block,
         "prompt_template": file_sha256(cfg.prompt_template) if cfg.prompt_template else "built-in",
-        "warm": file_sha256(cfg.warm) if cfg.warm else None,
+        "warm": file_sha256(cfg.warm) if cfg.warm else None, "history_until": cfg.history_until,
     }
 
 
@@ -282,6 +283,8 @@ def run_job(cfg: JobConfig, progress: bool = True) -> dict:
 
 def _run(cfg: JobConfig, out: Path, progress: bool) -> dict:
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.files)
+    if cfg.history_until is not None:
+        ds = ds.until(cfg.history_until)
     template = Template.load(cfg.prompt_template, ds, cfg.target)
     all_keys = sorted(ds.users if cfg.target == "users" else ds.items, key=lambda k: (len(k), k))
     keys = all_keys[: cfg.limit] if cfg.limit is not None else all_keys
