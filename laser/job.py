@@ -205,7 +205,8 @@ def _insert_block(pools: PoolSet, block: list[str], by_id: dict, group_fn) -> No
     pools.records += len(block)
 
 
-def _warm(pools: PoolSet, path: str, tok, group_fn) -> int:
+def _warm(pools: PoolSet, path: str, tok, group_fn, groups: set | None = None) -> int:
+    """Insert an earlier knowledge file into its groups' pools (only `groups`, if given)."""
     n = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -213,17 +214,21 @@ def _warm(pools: PoolSet, path: str, tok, group_fn) -> int:
                 continue
             try:
                 rec = json.loads(line)
+                group = rec.get("group") or group_fn(str(rec.get("id", "")))
+                if groups is not None and group not in groups:
+                    continue
                 toks = rec.get("tokens") or tok(rec["text"], add_special_tokens=False)["input_ids"]
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise JobError(f"{path}:{lineno}: a warm-up record needs 'text' or 'tokens'") from None
-            pool = pools.get(rec.get("group") or group_fn(str(rec.get("id", ""))))
+            pool = pools.get(group)
             if pool is not None:
                 pool.insert(np.asarray(toks, dtype=np.int64))
             n += 1
     return n
 
 
-def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict, tok, group_fn) -> PoolSet:
+def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict, tok, group_fn,
+           groups: set | None) -> PoolSet:
     """The pools as of the first block with a missing record: the snapshot plus the finished
     blocks after it, or (fresh job / --rebuild-pools) --warm plus every finished block."""
     complete = 0
@@ -234,7 +239,7 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict,
     if fresh:
         pools = PoolSet(cfg.pool, vocab_size=len(tok))
         if cfg.warm:
-            _warm(pools, cfg.warm, tok, group_fn)
+            _warm(pools, cfg.warm, tok, group_fn, groups)
     elif not index.exists():
         raise JobError(f"{index}: pool snapshot missing for {len(by_id)} existing records; rerun with --rebuild-pools "
                        "(rebuilds the pools from the records, which stay as they are)")
@@ -244,7 +249,7 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict,
         except (laser.PoolFormatError, json.JSONDecodeError, KeyError, TypeError, OSError) as e:
             raise JobError(f"{pool_dir}: damaged pool snapshot ({e}); rerun with --rebuild-pools") from None
         if pools.blocks > complete:
-            raise JobError(f"{pool_dir}: the snapshot holds {pools.blocks} finished blocks but {cfg.out} has only "
+            raise JobError(f"{pool_dir}: the snapshot holds {pools.blocks} finished blocks but the records only "
                            f"{complete}; rerun with --rebuild-pools")
     start = pools.blocks
     for b in range(start, complete):
@@ -281,35 +286,64 @@ def run_job(cfg: JobConfig, progress: bool = True) -> dict:
         lock.release()
 
 
-def _run(cfg: JobConfig, out: Path, progress: bool) -> dict:
+@dataclass
+class Plan:
+    """What every process of one job derives alike from its config: ids, blocks, groups, prompts."""
+
+    cfg: JobConfig
+    ds: object
+    template: Template
+    all_keys: list[str]  # every id of the target, in job order
+    keys: list[str]  # the ids of this run (--limit)
+    blocks: list[list[str]]  # all_keys cut into blocks of cfg.block
+    threshold: int | None  # the router's h (routed pools only)
+    router: Router | None
+    collab: dict | None
+
+    def group(self, key: str) -> str:
+        return group_of(self.cfg.pool, self.router, key, self.collab, self.ds, self.cfg.target)
+
+    def settings(self) -> dict:
+        cfg = self.cfg
+        ds_files = {k: file_sha256(v) for k, v in sorted(cfg.files.items()) if v} if cfg.dataset == "jsonl" else (
+            str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None)
+        model_id, model_hash = model_identity(cfg.model)
+        return _settings(cfg, ds_files, model_id, model_hash, self.threshold)
+
+
+def make_plan(cfg: JobConfig) -> Plan:
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.files)
     if cfg.history_until is not None:
         ds = ds.until(cfg.history_until)
     template = Template.load(cfg.prompt_template, ds, cfg.target)
     all_keys = sorted(ds.users if cfg.target == "users" else ds.items, key=lambda k: (len(k), k))
     keys = all_keys[: cfg.limit] if cfg.limit is not None else all_keys
-    in_run, known = set(keys), set(all_keys)
-    records = read_records(out)
-    by_id: dict[str, dict] = {}
-    for n, rec in enumerate(records, start=1):
-        if rec["id"] in by_id:
-            raise JobError(f"{out}:{n}: id {rec['id']!r} appears twice")
-        if rec["id"] not in known:
-            raise JobError(f"{out}:{n}: id {rec['id']!r} is not a {cfg.target[:-1]} of {cfg.dataset}")
-        by_id[rec["id"]] = rec
-
     collab = collaborative_groups(ds, cfg.target, cfg.clusters, seed=cfg.seed) if cfg.pool in ("collaborative", "routed") else None
     h = cfg.threshold if cfg.threshold is not None else default_threshold(ds, cfg.target)
     router = Router(ds, cfg.target, collab or {}, h) if cfg.pool == "routed" else None
+    return Plan(cfg, ds, template, all_keys, keys, _blocks(all_keys, cfg.block), h if cfg.pool == "routed" else None,
+                router, collab)
 
-    def group_fn(key):
-        return group_of(cfg.pool, router, key, collab, ds, cfg.target)
 
-    ds_files = {k: file_sha256(v) for k, v in sorted(cfg.files.items()) if v} if cfg.dataset == "jsonl" else (
-        str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None)
-    model_id, model_hash = model_identity(cfg.model)
+def read_output(path: Path, plan: Plan, allowed: set | None = None) -> dict[str, dict]:
+    """id -> record of an output (or shard) file: no duplicates, only ids of the job (of `allowed`)."""
+    by_id: dict[str, dict] = {}
+    known = set(plan.all_keys) if allowed is None else allowed
+    for n, rec in enumerate(read_records(path), start=1):
+        if rec["id"] in by_id:
+            raise JobError(f"{path}:{n}: id {rec['id']!r} appears twice")
+        if rec["id"] not in known:
+            raise JobError(f"{path}:{n}: id {rec['id']!r} is not a {plan.cfg.target[:-1]} of this job")
+        by_id[rec["id"]] = rec
+    return by_id
+
+
+def job_cost(plan: Plan, out: Path, has_records: bool, calibrate) -> np.ndarray:
+    """The cost curve of the job: the manifest's (checked against the settings), else --cost or
+    `calibrate()`, then stored in a new manifest. Raises JobError on any difference."""
+    cfg = plan.cfg
     manifest_path = out.with_name(out.name + ".manifest.json")
-    settings = _settings(cfg, ds_files, model_id, model_hash, h if cfg.pool == "routed" else None)
+    settings = plan.settings()
     given = _load_cost(cfg.cost) if cfg.cost else None
     if manifest_path.exists():
         try:
@@ -320,75 +354,118 @@ def _run(cfg: JobConfig, out: Path, progress: bool) -> dict:
         cost = np.asarray(stored["cost"], dtype=np.float64)
         if given is not None and not np.array_equal(given, cost):
             raise JobError(f"{manifest_path}: the records were made with another cost curve than --cost {cfg.cost}")
-    elif by_id:
-        raise JobError(f"{out} holds {len(by_id)} records but no {manifest_path.name}; it was not written by this "
+        return cost
+    if has_records:
+        raise JobError(f"{out} holds records but no {manifest_path.name}; it was not written by this "
                        "version's job: use another --out")
-    model, tok = laser.load_model(cfg.model)  # after every check that needs no model
-    if not manifest_path.exists():
-        if given is not None:
-            cost = given
-        else:  # measured once, at this batch size; stored so that every later run uses the same curve
-            ctx_len = len(chat_ids(tok, template.render(ds, cfg.target, keys[0]))) if keys else 256
-            cost = laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), repeats=2,
-                                   batch=cfg.batch_size)
-        _write_json(manifest_path, {**settings, "cost": [float(c) for c in cost], "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    cost = given if given is not None else calibrate()  # measured once; every later run uses the stored curve
+    _write_json(manifest_path, {**settings, "cost": [float(c) for c in cost], "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return cost
 
-    pool_dir = out.with_name(out.name + ".pools")
-    blocks = _blocks(all_keys, cfg.block)
-    pools = _pools(cfg, pool_dir, blocks, by_id, tok, group_fn)
+
+def calibrate_for(plan: Plan, model, tok) -> np.ndarray:
+    """The verification cost curve at the job's batch size and first prompt's length."""
+    cfg = plan.cfg
+    ctx_len = len(chat_ids(tok, plan.template.render(plan.ds, cfg.target, plan.keys[0]))) if plan.keys else 256
+    return laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), repeats=2, batch=cfg.batch_size)
+
+
+class Progress:
+    """One tqdm bar over a job's records: records done, tokens/s and tokens per step of this run."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self.tokens, self.steps, self.t0 = 0, 0, time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="rec", dynamic_ncols=True)
+
+    def add(self, rec: dict) -> None:
+        self.tokens += len(rec["tokens"])
+        self.steps += rec["steps"]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(tok_s=f"{self.tokens / (time.perf_counter() - self.t0):.1f}",
+                                 tok_step=f"{self.tokens / max(self.steps, 1):.2f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run(cfg: JobConfig, out: Path, progress: bool) -> dict:
+    plan = make_plan(cfg)
+    by_id = read_output(out, plan)
+    cost = None
+    if out.with_name(out.name + ".manifest.json").exists() or by_id or cfg.cost:
+        cost = job_cost(plan, out, bool(by_id), None)  # every setting is checked before the model loads
+    model, tok = laser.load_model(cfg.model)
+    if cost is None:
+        cost = job_cost(plan, out, False, lambda: calibrate_for(plan, model, tok))
+    bar = Progress(len(plan.keys), sum(k in by_id for k in plan.keys), progress)
+    try:
+        return run_shard(plan, model, tok, cost, plan.all_keys, out, out.with_name(out.name + ".pools"), by_id,
+                         on_record=bar.add)
+    finally:
+        bar.close()
+
+
+def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Path, pool_dir: Path,
+              by_id: dict | None = None, on_record=None) -> dict:
+    """Decode the ids `keys` (a subset of plan.all_keys in job order: all of them, or one pool
+    group's) into `out`, their pools in `pool_dir`, block by block (see the module docstring).
+    `on_record(rec)` is called after each new record is durable."""
+    cfg = plan.cfg
+    subset = set(keys)
+    if by_id is None:
+        by_id = read_output(out, plan, subset)
+    blocks = [[k for k in b if k in subset] for b in plan.blocks]  # global block numbers, this subset's ids
+    groups = {plan.group(k) for k in keys} if len(subset) < len(plan.all_keys) else None
+    pools = _pools(cfg, pool_dir, blocks, by_id, tok, plan.group, groups)
     draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost)
-    todo = [k for k in keys if k not in by_id]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(keys), initial=len(keys) - len(todo), unit="rec", dynamic_ncols=True)
-    stats = {"written": 0, "tokens": 0, "steps": 0, "mismatched": 0}
+    in_run = subset & set(plan.keys)
+    last_block = -(-len(plan.keys) // cfg.block)  # blocks that hold ids of this run
+    stats = {"written": 0, "tokens": 0, "steps": 0, "mismatched": 0,
+             "skipped": sum(k in by_id for k in in_run)}
     t_start = time.perf_counter()
-    writer = _Writer(out, len(records))
+    writer = _Writer(out, len(by_id))
 
     def write(key: str, new: list[int], steps: int, dt: float) -> None:
         if key in by_id:  # a resumed batch block decodes its finished records again: never rewritten
             stats["mismatched"] += by_id[key]["tokens"] != new
             return
-        rec = {"id": key, "group": group_fn(key), "text": tok.decode(new, skip_special_tokens=True), "tokens": new,
+        rec = {"id": key, "group": plan.group(key), "text": tok.decode(new, skip_special_tokens=True), "tokens": new,
                "steps": steps, "time": round(dt, 4)}
         writer.write(rec)
         by_id[key] = rec
         stats["written"] += 1
         stats["tokens"] += len(new)
         stats["steps"] += steps
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - t_start):.1f}",
-                            tok_step=f"{stats['tokens'] / max(stats['steps'], 1):.2f}")
+        if on_record is not None:
+            on_record(rec)
 
     try:
-        for b in range(pools.blocks, len(blocks)):
+        for b in range(pools.blocks, last_block):
             block = [k for k in blocks[b] if k in in_run]
-            if not block:
-                break
             missing = [k for k in block if k not in by_id]
             if missing:
-                _decode_block(model, tok, ds, cfg, template, pools, group_fn, draft,
-                              missing if cfg.batch_size == 1 else block, write)
+                _decode_block(model, tok, plan, pools, draft, missing if cfg.batch_size == 1 else block, write)
             if all(k in by_id for k in blocks[b]):  # the whole block (not only --limit's part) is done
-                _insert_block(pools, blocks[b], by_id, group_fn)
-                pools.save(pool_dir)
+                _insert_block(pools, blocks[b], by_id, plan.group)
+                if blocks[b]:
+                    pools.save(pool_dir)
     finally:
         writer.close()
-        if bar is not None:
-            bar.close()
     elapsed = time.perf_counter() - t_start
-    return {"written": stats["written"], "skipped": len(keys) - len(todo), "tokens": stats["tokens"],
-            "tokens_per_s": stats["tokens"] / elapsed if stats["written"] else 0.0,
-            "mean_accepted": stats["tokens"] / stats["steps"] if stats["steps"] else 0.0,
-            "pools": len(pools.pools), "mismatched": stats["mismatched"]}
+    return {**stats, "tokens_per_s": stats["tokens"] / elapsed if stats["written"] else 0.0,
+            "mean_accepted": stats["tokens"] / stats["steps"] if stats["steps"] else 0.0, "pools": len(pools.pools)}
 
 
-def _decode_block(model, tok, ds, cfg, template, pools, group_fn, draft, keys, write) -> None:
+def _decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str], write) -> None:
     """Decode `keys` (in order) against the block's frozen pools; write each record as it finishes."""
-    prompts = [chat_ids(tok, template.render(ds, cfg.target, k)) for k in keys]
+    cfg, group_fn = plan.cfg, plan.group
+    prompts = [chat_ids(tok, plan.template.render(plan.ds, cfg.target, k)) for k in keys]
     if cfg.batch_size == 1:
         for key, ids in zip(keys, prompts):
             t0 = time.perf_counter()
