@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=int, default=32, help="most draft-tree nodes per step")
     g.add_argument("--cost", help="cost curve JSON (laser calibrate); default: measured once, kept in the manifest")
     g.add_argument("--rebuild-pools", action="store_true", help="rebuild OUT.pools from the records (records untouched)")
+    g.add_argument("--workers", type=int, help="run on Ray with N actors (one model replica each), sharded by pool group")
+    g.add_argument("--ray-address", help="an existing Ray cluster (default: a local instance started for the job)")
+    g.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
+    g.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="merged output format (Ray job)")
     g.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("calibrate", help="measure the verification cost curve of this machine (JSON for --cost)")
     c.add_argument("--out", required=True)
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
                             rebuild_pools=args.rebuild_pools, prompt_template=args.prompt_template,
                             history_until=args.history_until,
                             files={"users": args.users, "items": args.items, "interactions": args.interactions})
-            summary = run_job(cfg, progress=not args.no_progress)
+            summary = run_job(cfg, progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address,
+                              threads=args.threads_per_worker, fmt=args.format)
             print(f"wrote {summary['written']} records ({summary['skipped']} already done), "
                   f"{summary['tokens_per_s']:.1f} tok/s, {summary['mean_accepted']:.2f} tokens/step, "
                   f"{summary['pools']} pools -> {args.out}")

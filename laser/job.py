@@ -271,8 +271,19 @@ def _validate(cfg: JobConfig) -> None:
         raise JobError(f"--mode must be strict or relaxed, got {cfg.mode!r}")
 
 
-def run_job(cfg: JobConfig, progress: bool = True) -> dict:
+def run_job(cfg: JobConfig, progress: bool = True, workers: int | None = None, ray_address: str | None = None,
+            threads: int = 1, fmt: str = "jsonl") -> dict:
+    """Run (or resume) the job. workers: run it on Ray with that many actors (laser.ray_job), on
+    a local instance or the cluster at `ray_address`; fmt "parquet" (Ray only) writes OUT as Parquet."""
     _validate(cfg)
+    if workers is not None and workers < 1:
+        raise JobError(f"--workers must be >= 1, got {workers}")
+    if threads < 1:
+        raise JobError(f"--threads-per-worker must be >= 1, got {threads}")
+    if fmt not in ("jsonl", "parquet"):
+        raise JobError(f"--format must be jsonl or parquet, got {fmt!r}")
+    if workers is None and (ray_address or fmt != "jsonl"):
+        raise JobError("--ray-address and --format parquet need --workers (the Ray job)")
     out = Path(cfg.out)
     folder = out.parent if str(out.parent) else Path(".")
     if folder.is_dir() and not (folder.stat().st_mode & 0o222 and os.access(folder, os.W_OK)):  # (root ignores the bits)
@@ -281,7 +292,11 @@ def run_job(cfg: JobConfig, progress: bool = True) -> dict:
         pass
     lock = _Lock(out)
     try:
-        return _run(cfg, out, progress)
+        if workers is None:
+            return _run(cfg, out, progress)
+        from laser.ray_job import run_ray
+
+        return run_ray(cfg, out, progress, workers, ray_address, threads, fmt)
     finally:
         lock.release()
 

@@ -17,69 +17,14 @@ import pytest
 from laser.cli import main as cli
 from laser.job import read_records, strip_timing
 
-LIMIT, BLOCK, NEW = 20, 4, 24
-
-
-@pytest.fixture(scope="module")
-def peaked_model(tmp_path_factory):
-    """A random tiny Llama with SmolLM2's tokenizer whose next-token distributions are peaked
-    (top-1 ~0.6, top-2 ~0.2), so relaxed acceptance takes non-argmax tokens."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from laser.model import load_model
-
-    _, tok = load_model()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id, initializer_range=0.5)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)
-    folder = tmp_path_factory.mktemp("peaked")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder.parent / "cost.json").write_text(json.dumps([0.010, 0.011, 0.012, 0.013, 0.015, 0.017, 0.02, 0.022, 0.025]))
-    return folder
-
-
-def _args(model, out, *, mode="relaxed", batch=1, limit=LIMIT, extra=()):
-    return ["generate", "--dataset", "ml-100k", "--target", "users", "--limit", str(limit), "--out", str(out),
-            "--model", str(model), "--max-new-tokens", str(NEW), "--mode", mode, "--block", str(BLOCK),
-            "--batch-size", str(batch), "--cost", str(Path(model).parent / "cost.json"), "--no-progress", *extra]
-
-
-def _records(out):
-    return [strip_timing(r) for r in read_records(Path(out))]
-
-
-def _pool_bytes(out):
-    folder = Path(str(out) + ".pools")
-    index = json.loads((folder / "index.json").read_text())
-    return index["blocks"], {g: (folder / f).read_bytes() for g, f in index["files"].items()}
-
-
-@pytest.fixture(scope="module")
-def reference(peaked_model, tmp_path_factory):
-    """Uninterrupted runs, per (mode, batch size)."""
-    made = {}
-
-    def get(mode, batch):
-        if (mode, batch) not in made:
-            out = tmp_path_factory.mktemp(f"ref-{mode}-{batch}") / "k.jsonl"
-            assert cli(_args(peaked_model, out, mode=mode, batch=batch)) == 0
-            made[mode, batch] = out
-        return made[mode, batch]
-
-    return get
+from jobhelp import BLOCK, LIMIT, NEW, job_args, pool_bytes, records_of
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 def test_kills_at_random_moments_resume_to_the_uninterrupted_records(peaked_model, reference, tmp_path, batch):
     out = tmp_path / "k.jsonl"
-    cmd = [sys.executable, "-m", "laser.cli", *_args(peaked_model, out, batch=batch)]
+    cmd = [sys.executable, "-m", "laser.cli", *job_args(peaked_model, out, batch=batch)]
     rng = np.random.default_rng(batch)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     seen = []
@@ -102,17 +47,17 @@ def test_kills_at_random_moments_resume_to_the_uninterrupted_records(peaked_mode
         seen.append(len(read_records(out)))
         if sig == signal.SIGTERM:
             assert proc.returncode == 143 and "terminated (SIGTERM)" in err, err
-            blocks, _ = _pool_bytes(out)
+            blocks, _ = pool_bytes(out)
             assert blocks == seen[-1] // BLOCK  # the snapshot holds exactly the finished blocks
         else:
             assert proc.returncode == -signal.SIGKILL
     assert sum(0 < n < LIMIT for n in seen) >= 2, f"too few kills landed mid-run: {seen}"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    got, want = _records(out), _records(reference("relaxed", batch))
+    got, want = records_of(out), records_of(reference("relaxed", batch))
     assert [r["id"] for r in got] == [r["id"] for r in want]  # each id exactly once, in the same order
     assert got == want
-    assert _pool_bytes(out) == _pool_bytes(reference("relaxed", batch))  # pools byte-identical too
+    assert pool_bytes(out) == pool_bytes(reference("relaxed", batch))  # pools byte-identical too
 
 
 @pytest.mark.slow
@@ -122,7 +67,7 @@ def test_relaxed_accepts_non_argmax_tokens_and_strict_is_greedy(peaked_model, re
     from laser.data import chat_ids, load_dataset, user_prompt
     from laser.model import load_model
 
-    relaxed, strict = _records(reference("relaxed", 1)), _records(reference("strict", 1))
+    relaxed, strict = records_of(reference("relaxed", 1)), records_of(reference("strict", 1))
     assert [r["tokens"] for r in relaxed] != [r["tokens"] for r in strict]
     model, tok = load_model(peaked_model)
     ds = load_dataset("ml-100k")
@@ -155,11 +100,11 @@ def _fails(argv, capsys, *needles):
 
 def test_rerun_with_other_settings_refuses_naming_the_difference(peaked_model, done_job, capsys):
     before = done_job.read_bytes()
-    _fails(_args(peaked_model, done_job, mode="strict"), capsys, "--mode", "'relaxed'", "'strict'")
-    _fails(_args(peaked_model, done_job, extra=("--top-k", "3")), capsys, "--top-k")
-    _fails(_args(peaked_model, done_job, extra=("--pool", "global")), capsys, "--pool")
+    _fails(job_args(peaked_model, done_job, mode="strict"), capsys, "--mode", "'relaxed'", "'strict'")
+    _fails(job_args(peaked_model, done_job, extra=("--top-k", "3")), capsys, "--top-k")
+    _fails(job_args(peaked_model, done_job, extra=("--pool", "global")), capsys, "--pool")
     assert done_job.read_bytes() == before
-    assert cli(_args(peaked_model, done_job, limit=LIMIT)) == 0  # same settings: a no-op
+    assert cli(job_args(peaked_model, done_job, limit=LIMIT)) == 0  # same settings: a no-op
     assert f"wrote 0 records ({LIMIT} already done)" in capsys.readouterr().out
 
 
@@ -174,7 +119,7 @@ def test_second_job_on_one_output_refuses_while_the_first_runs(peaked_model, don
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        _fails(_args(peaked_model, done_job, limit=LIMIT + 4), capsys, "being written by another laser job",
+        _fails(job_args(peaked_model, done_job, limit=LIMIT + 4), capsys, "being written by another laser job",
                f"pid {holder.pid}")
     finally:
         holder.kill()
@@ -188,35 +133,35 @@ def test_second_job_on_one_output_refuses_while_the_first_runs(peaked_model, don
 def test_damaged_or_missing_pools_are_a_clear_error_and_rebuild_from_records(peaked_model, done_job, reference, capsys):
     pools = Path(str(done_job) + ".pools")
     index = pools / "index.json"
-    want_pools, want_records = _pool_bytes(done_job), done_job.read_bytes()
+    want_pools, want_records = pool_bytes(done_job), done_job.read_bytes()
     index.write_text(index.read_text()[:40])  # truncated
-    _fails(_args(peaked_model, done_job), capsys, "damaged pool snapshot", "--rebuild-pools")
-    assert cli(_args(peaked_model, done_job, extra=("--rebuild-pools",))) == 0
-    assert _pool_bytes(done_job) == want_pools and done_job.read_bytes() == want_records
+    _fails(job_args(peaked_model, done_job), capsys, "damaged pool snapshot", "--rebuild-pools")
+    assert cli(job_args(peaked_model, done_job, extra=("--rebuild-pools",))) == 0
+    assert pool_bytes(done_job) == want_pools and done_job.read_bytes() == want_records
 
     name = json.loads(index.read_text())["files"]
     victim = pools / sorted(name.values())[0]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x40  # one flipped byte
     victim.write_bytes(bytes(data))
-    _fails(_args(peaked_model, done_job), capsys, "checksum mismatch", "--rebuild-pools")
+    _fails(job_args(peaked_model, done_job), capsys, "checksum mismatch", "--rebuild-pools")
     shutil.rmtree(pools)
-    _fails(_args(peaked_model, done_job), capsys, "pool snapshot missing", "--rebuild-pools")
-    assert cli(_args(peaked_model, done_job, extra=("--rebuild-pools",))) == 0
-    assert _pool_bytes(done_job) == want_pools and done_job.read_bytes() == want_records
+    _fails(job_args(peaked_model, done_job), capsys, "pool snapshot missing", "--rebuild-pools")
+    assert cli(job_args(peaked_model, done_job, extra=("--rebuild-pools",))) == 0
+    assert pool_bytes(done_job) == want_pools and done_job.read_bytes() == want_records
 
 
 def test_read_only_folder_and_bad_template_lose_nothing(peaked_model, done_job, tmp_path, capsys):
     before = done_job.read_bytes()
     os.chmod(done_job.parent, 0o555)
     try:
-        _fails(_args(peaked_model, done_job, limit=LIMIT + 4), capsys, "read-only")
+        _fails(job_args(peaked_model, done_job, limit=LIMIT + 4), capsys, "read-only")
     finally:
         os.chmod(done_job.parent, 0o755)
     assert done_job.read_bytes() == before
     tpl = tmp_path / "t.txt"
     tpl.write_text("A {age} year old {job_title} rated:\n{history}\n")
-    _fails(_args(peaked_model, tmp_path / "new.jsonl", extra=("--prompt-template", str(tpl))), capsys,
+    _fails(job_args(peaked_model, tmp_path / "new.jsonl", extra=("--prompt-template", str(tpl))), capsys,
            str(tpl), "unknown field {job_title}")
     assert not (tmp_path / "new.jsonl").exists() or (tmp_path / "new.jsonl").read_bytes() == b""
 
@@ -228,16 +173,16 @@ def test_full_disk_stops_with_a_valid_prefix_and_resumes(peaked_model, reference
         pytest.skip("needs root to mount a small tmpfs")
     try:
         out = mnt / "k.jsonl"
-        assert cli(_args(peaked_model, out, limit=2)) == 0  # manifest and first pools fit
+        assert cli(job_args(peaked_model, out, limit=2)) == 0  # manifest and first pools fit
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
         (mnt / "filler").write_bytes(b"\0" * max(0, free - 6000))
-        err = _fails(_args(peaked_model, out), capsys)
+        err = _fails(job_args(peaked_model, out), capsys)
         assert "No space left on device" in err  # a record's or a pool snapshot's write
         recs = read_records(out)
         assert out.read_bytes().endswith(b"\n") and 2 <= len(recs) < LIMIT
         (mnt / "filler").unlink()
-        assert cli(_args(peaked_model, out)) == 0
-        assert _records(out) == _records(reference("relaxed", 1))
+        assert cli(job_args(peaked_model, out)) == 0
+        assert records_of(out) == records_of(reference("relaxed", 1))
     finally:
         subprocess.run(["umount", str(mnt)])
 

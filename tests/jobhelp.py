@@ -1,0 +1,24 @@
+"""Shared helpers of the job tests: the CLI arguments of a small relaxed job and readers."""
+
+import json
+from pathlib import Path
+
+from laser.job import read_records, strip_timing
+
+LIMIT, BLOCK, NEW = 20, 4, 24
+
+
+def job_args(model, out, *, mode="relaxed", batch=1, limit=LIMIT, extra=()):
+    return ["generate", "--dataset", "ml-100k", "--target", "users", "--limit", str(limit), "--out", str(out),
+            "--model", str(model), "--max-new-tokens", str(NEW), "--mode", mode, "--block", str(BLOCK),
+            "--batch-size", str(batch), "--cost", str(Path(model).parent / "cost.json"), "--no-progress", *extra]
+
+
+def records_of(out):
+    return [strip_timing(r) for r in read_records(Path(out))]
+
+
+def pool_bytes(out):
+    folder = Path(str(out) + ".pools")
+    index = json.loads((folder / "index.json").read_text())
+    return index["blocks"], {g: (folder / f).read_bytes() for g, f in index["files"].items()}
