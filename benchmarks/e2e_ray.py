@@ -1,0 +1,66 @@
+"""The ML-100K user job on Ray: 1 worker x 2 threads against 2 workers x 1 thread, side by side.
+
+    python benchmarks/e2e_ray.py [--users 32] [--new 64] [--mode strict]
+
+Each configuration writes the same records (the first `--users` users, routed pools, one
+fixed cost curve, batch size 1) into a fresh folder; a single process (no Ray, 2 threads)
+is the baseline. Reports wall time from the command's start (Ray, actors and model loading
+included), the decode window (from every replica loaded to the last record; the single
+process: its decode loop), records/s and tokens/s over that window, the driver's CPU time per record (its progress and scheduling
+loop) and the merge time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from laser.job import JobConfig, read_records, run_job, strip_timing
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--users", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--mode", default="strict")
+    args = ap.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="e2e-ray-"))
+    cost = root / "cost.json"  # a fixed curve: every configuration draws the same trees
+    cost.write_text(json.dumps([0.066, 0.075, 0.08, 0.085, 0.09, 0.095, 0.1, 0.105, 0.11, 0.115, 0.12]))
+    rows, outputs = [], {}
+    for name, workers, threads in (("1 process x 2 threads (no Ray)", None, 2), ("1 worker x 2 threads", 1, 2),
+                                   ("2 workers x 1 thread", 2, 1)):
+        out = root / f"{name.split()[0]}-{workers}-{threads}.jsonl"
+        cfg = JobConfig(dataset="ml-100k", target="users", limit=args.users, out=str(out), pool="routed",
+                        mode=args.mode, max_new_tokens=args.new, cost=str(cost))
+        import torch
+
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        s = run_job(cfg, progress=False, workers=workers, threads=threads)
+        wall = time.perf_counter() - t0
+        window = s["driver_s"] if "driver_s" in s else s["tokens"] / s["tokens_per_s"]  # decode loop only
+        outputs[name] = sorted((r["id"], r["text"]) for r in map(strip_timing, read_records(out)))
+        rows.append({"name": name, "wall": wall, "window": window, "records": s["written"], "tokens": s["tokens"],
+                     "driver_ms": 1e3 * s.get("driver_cpu_s", 0.0) / max(s["written"], 1),
+                     "merge_s": s.get("merge_s", 0.0)})
+        print(f"{name}: {s['written']} records in {wall:.1f} s ({window:.1f} s decoding)", flush=True)
+    same = len({json.dumps(v) for v in outputs.values()}) == 1
+    print(f"\n{args.users} ML-100K users x <= {args.new} tokens, {args.mode}, SmolLM2-135M fp32, CPU; "
+          f"identical texts in all configurations: {same}")
+    print(f"{'configuration':32s} {'wall s':>7s} {'decode s':>9s} {'rec/s':>6s} {'tok/s':>6s} {'x 1 worker':>10s} "
+          f"{'driver ms/rec':>13s} {'merge s':>7s}")
+    base = next(r for r in rows if r["name"].startswith("1 worker"))
+    for r in rows:
+        print(f"{r['name']:32s} {r['wall']:7.1f} {r['window']:9.1f} {r['records'] / r['window']:6.2f} "
+              f"{r['tokens'] / r['window']:6.1f} {(r['tokens'] / r['window']) / (base['tokens'] / base['window']):10.2f} "
+              f"{r['driver_ms']:13.2f} {r['merge_s']:7.3f}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
