@@ -195,7 +195,7 @@ def load_book_crossing(path: str | Path | None = None, max_rows: int | None = No
     return _finish(ds, inter)
 
 
-def _jsonl(path: str | Path, required: tuple[str, ...]):
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()):
     """(lineno, object) per non-empty line; a line that is not an object with `required` fields raises."""
     import json
 
@@ -229,7 +229,7 @@ def load_jsonl(users: str | Path, items: str | Path, interactions: str | Path) -
     """
     ds = Dataset("jsonl")
     for table, path, req in ((ds.users, users, ("id",)), (ds.items, items, ("id", "title"))):
-        for n, obj in _jsonl(path, req):
+        for n, obj in read_jsonl(path, req):
             key = str(obj.pop("id"))
             if key in table:
                 raise DatasetError(f"{path}:{n}: duplicate id {key!r}")
@@ -240,7 +240,7 @@ def load_jsonl(users: str | Path, items: str | Path, interactions: str | Path) -
         if it.get("year") is not None and not isinstance(it["year"], int):
             raise DatasetError(f"{items}: item {key!r}: year must be an integer, got {it['year']!r}")
     inter = []
-    for n, obj in _jsonl(interactions, ("user", "item", "rating", "timestamp")):
+    for n, obj in read_jsonl(interactions, ("user", "item", "rating", "timestamp")):
         u, i = str(obj["user"]), str(obj["item"])
         if u not in ds.users:
             raise DatasetError(f"{interactions}:{n}: unknown user {u!r}")

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import laser
-from laser.data import Template, chat_ids, load_dataset
+from laser.data import Template, chat_ids, load_dataset, read_jsonl
 from laser.groups import PoolSet, Router, collaborative_groups, default_threshold, group_of
 from laser.model import file_sha256, model_identity
 
@@ -208,22 +208,18 @@ def _insert_block(pools: PoolSet, block: list[str], by_id: dict, group_fn) -> No
 def _warm(pools: PoolSet, path: str, tok, group_fn, groups: set | None = None) -> int:
     """Insert an earlier knowledge file into its groups' pools (only `groups`, if given)."""
     n = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                group = rec.get("group") or group_fn(str(rec.get("id", "")))
-                if groups is not None and group not in groups:
-                    continue
-                toks = rec.get("tokens") or tok(rec["text"], add_special_tokens=False)["input_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise JobError(f"{path}:{lineno}: a warm-up record needs 'text' or 'tokens'") from None
-            pool = pools.get(group)
-            if pool is not None:
-                pool.insert(np.asarray(toks, dtype=np.int64))
-            n += 1
+    for lineno, rec in read_jsonl(path):
+        group = rec.get("group") or group_fn(str(rec.get("id", "")))
+        if groups is not None and group not in groups:
+            continue
+        try:
+            toks = rec.get("tokens") or tok(rec["text"], add_special_tokens=False)["input_ids"]
+        except (KeyError, TypeError, AttributeError):
+            raise JobError(f"{path}:{lineno}: a warm-up record needs 'text' or 'tokens'") from None
+        pool = pools.get(group)
+        if pool is not None:
+            pool.insert(np.asarray(toks, dtype=np.int64))
+        n += 1
     return n
 
 

@@ -1,0 +1,37 @@
+"""benchmarks/replay.py replays strict decoding exactly: same steps as laser.generate."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+import laser
+from laser.data import chat_ids
+from laser.groups import PoolSet
+from laser.job import JobConfig, make_plan
+
+spec = importlib.util.spec_from_file_location("replay", Path(__file__).parents[1] / "benchmarks" / "replay.py")
+replay_mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(replay_mod)
+
+
+def test_replay_counts_the_steps_strict_decoding_takes(peaked_model):
+    model, tok = laser.load_model(peaked_model)
+    plan = make_plan(JobConfig(dataset="ml-100k", target="users", pool="global", max_depth=10))
+    keys = plan.all_keys[:10]
+    prompts = {k: chat_ids(tok, plan.template.render(plan.ds, "users", k)) for k in keys}
+    pools = PoolSet("global", vocab_size=len(tok))
+    draft = laser.DraftConfig(budget=16, max_depth=10)
+    records, steps = [], 0
+    for i, k in enumerate(keys):  # each text enters the pool once it is done (replay --block 1)
+        res = laser.generate(model, prompts[k], pool=pools.get("global"), max_new_tokens=40, draft=draft,
+                             update_pool=False)
+        new = res.sequences[0, len(prompts[k]):].numpy()
+        records.append({"id": k, "group": "global", "tokens": new.tolist()})
+        pools.get("global").insert(new.astype(np.int64))
+        if i >= 4:
+            steps += res.stats.steps
+    out = replay_mod.replay(records, prompts, plan, budget=16, warm=4, n_eval=6, block=1, draft=draft)
+    assert out["steps"] == steps
+    assert out["tokens"] == sum(len(r["tokens"]) for r in records[4:])
+    assert out["tokens_per_step"] > 1.0  # the tiny model repeats itself: drafts are accepted
