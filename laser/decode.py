@@ -232,12 +232,17 @@ def generate(
     draft: DraftConfig | None = None,
     logits_processor=None,
     use_kernels: bool | None = None,
+    stopping_criteria=None,
+    streamer=None,
 ) -> DecodeOutput:
     """Speculative decoding with drafts from `pool` and from the request's own text.
 
     strict mode returns exactly `model.generate(do_sample=False)`'s tokens.
     eos_token_id: "auto" takes the model's generation config; None never stops early.
     use_kernels: Triton tree attention in the verification pass (default: on CUDA).
+    stopping_criteria: HF StoppingCriteria(List), checked after every committed token (a
+    step that commits several tokens is cut where it fires). streamer: an HF streamer; it
+    gets the prompt, then each step's committed tokens, then end().
     """
     cfg = draft or DraftConfig()
     device = model.device
@@ -253,12 +258,26 @@ def generate(
     if use_kernels is None:
         use_kernels = device.type == "cuda" or kernels_forced()
     with _forwards(model, use_kernels) as kernels:
-        return _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg,
-                     logits_processor, kv, dtype, device, stats, kernels)
+        if streamer is not None:
+            streamer.put(ids[None].cpu())
+        out = _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg,
+                    logits_processor, kv, dtype, device, stats, kernels, stopping_criteria, streamer)
+        if streamer is not None:
+            streamer.end()
+        return out
+
+
+def _stop_at(stopping, seq: np.ndarray, n: int, out: np.ndarray) -> int:
+    """Tokens of `out` to keep: up to and including the first one after which `stopping` fires (0 = none fired)."""
+    for j in range(out.size):
+        ids = torch.from_numpy(np.concatenate([seq[:n], out[: j + 1]]).astype(np.int64))[None]
+        if bool(torch.as_tensor(stopping(ids, None)).any()):
+            return j + 1
+    return 0
 
 
 def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_pool, cfg, logits_processor,
-          kv, dtype, device, stats, kernels) -> DecodeOutput:
+          kv, dtype, device, stats, kernels, stopping=None, streamer=None) -> DecodeOutput:
     """The loop itself; generate() validates and sets up (see the module docstring for the state)."""
 
     L = ids.numel()
@@ -290,6 +309,8 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         t2 = time.perf_counter()
         # 3. accept: longest agreeing root path + the bonus token, cut at EOS / max_new_tokens
         path, out, stop = accept_trees(logits[None], [tree], mode, top_k, min_prob, eos, [max_new_tokens - new])[0]
+        if stopping is not None and (cut := _stop_at(stopping, seq, n, out)):
+            out, stop = out[:cut], True
         t3 = time.perf_counter()
         # 4. commit: tokens, KV cache, pools
         seq[n : n + out.size] = out
@@ -302,6 +323,8 @@ def _loop(model, ids, pool, max_new_tokens, mode, top_k, min_prob, eos, update_p
         if pool is not None and update_pool:
             pool.extend(seq[L:n], out)  # windows inside the output only: no prompt tokens
         n, new = n + out.size, new + out.size
+        if streamer is not None:
+            streamer.put(torch.from_numpy(out.astype(np.int64)))
         stats.steps += 1
         stats.accepted.append(out.size - 1)
         stats.tree_sizes.append(len(tree))
@@ -360,22 +383,41 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
     return np.interp(np.arange(sizes[-1] + 1), np.asarray(sizes, dtype=np.float64), medians)
 
 
+UNSUPPORTED = {  # generation-config fields LASER cannot honour, with the value that means "off"
+    "do_sample": False, "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None,
+    "prompt_lookup_num_tokens": None, "dola_layers": None,
+}
+
+
 def hf_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
                 synced_gpus=False, streamer=None, pool: RetrievalPool | None = None, laser_mode: str = "strict",
                 laser_top_k: int = 2, laser_min_prob: float = 0.1, laser_draft: DraftConfig | None = None,
-                **model_kwargs):
+                laser_streamer=None, **model_kwargs):
     """`model.generate(..., custom_generate=laser.hf_generate, pool=...)`: LASER behind HF's API.
 
-    HF prepares input_ids, the generation config and its logits processors (repetition
-    penalty, no-repeat n-grams...), which LASER applies inside verification.
+    HF prepares input_ids, the generation config, its logits processors (repetition
+    penalty, no-repeat n-grams...), which LASER applies inside verification, and its
+    stopping criteria, checked after every committed token. Streaming: transformers keeps
+    `streamer=` to itself for a custom_generate callable (it only puts the prompt), so pass
+    `laser_streamer=`: it gets the prompt, each step's tokens and end(). Sampling, beam search and other decoding strategies raise ValueError: LASER
+    decodes greedily (strict) or with relaxed verification, never silently otherwise.
     """
+    for name, off in UNSUPPORTED.items():
+        value = getattr(generation_config, name, off)
+        if value is not None and value != off:
+            raise ValueError(f"laser.hf_generate does not support {name}={value!r}: it decodes greedily "
+                             f"(laser_mode='strict') or with relaxed verification (laser_mode='relaxed')")
+    if model_kwargs.get("assistant_model") is not None:
+        raise ValueError("laser.hf_generate drafts from its pools: assistant_model is not supported")
     attn = model_kwargs.get("attention_mask")
-    if attn is not None and not bool(attn.all()):
-        raise ValueError("laser.hf_generate does not take padded inputs; pass one unpadded sequence")
+    if input_ids.shape[0] != 1 or (attn is not None and not bool(attn.all())):
+        raise ValueError("laser.hf_generate decodes one unpadded sequence; use laser.batch.generate_batch for many")
     max_new = generation_config.max_length - input_ids.shape[1]
     if generation_config.max_new_tokens is not None:
         max_new = generation_config.max_new_tokens
     out = generate(model, input_ids, pool=pool, max_new_tokens=max_new, mode=laser_mode, top_k=laser_top_k,
                    min_prob=laser_min_prob, eos_token_id=generation_config.eos_token_id, draft=laser_draft,
-                   logits_processor=logits_processor if logits_processor else None)
+                   logits_processor=logits_processor if logits_processor else None,
+                   stopping_criteria=stopping_criteria if stopping_criteria else None,
+                   streamer=laser_streamer if laser_streamer is not None else streamer)
     return out.sequences.to(input_ids.device)

@@ -315,3 +315,51 @@ def test_sdpa_gqa_equals_transformers_sdpa():
     prompt = [5, 6, 7, 8, 9]
     assert generate(model, prompt, max_new_tokens=6, eos_token_id=None).sequences[0].tolist() == greedy(model, prompt, 6)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_hf_entry_point_honours_stopping_criteria_and_streamer_and_refuses_what_it_cannot_do():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model = tiny("llama", 12)
+    prompt = torch.tensor([[4, 5, 6, 7]])
+    want = greedy(model, prompt[0], 25, eos_token_id=None)
+    pool = laser.RetrievalPool()
+    pool.insert(want[4:])  # the whole continuation: steps commit many tokens at once
+
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    stop_token = want[4 + 9]
+    first = want.index(stop_token, 4)  # the first time the stop token appears in the output
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=25, do_sample=False, eos_token_id=None,
+              pad_token_id=0, custom_generate=laser.hf_generate, pool=pool)
+    ref = model.generate(prompt, stopping_criteria=StoppingCriteriaList([StopAfterToken(stop_token)]),
+                         **{k: v for k, v in kw.items() if k not in ("custom_generate", "pool")})
+    out = model.generate(prompt, stopping_criteria=StoppingCriteriaList([StopAfterToken(stop_token)]), **kw)
+    assert out[0].tolist() == want[: first + 1] == ref[0].tolist()
+
+    class Recorder:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    out = model.generate(prompt, laser_streamer=rec, **kw)  # (transformers keeps streamer= for itself)
+    assert rec.ended and rec.chunks[0] == [4, 5, 6, 7] and sum(rec.chunks[1:], []) == want[4:] == out[0, 4:].tolist()
+    assert any(len(c) > 1 for c in rec.chunks[1:])  # a step streams all it commits
+    rec = Recorder()
+    assert laser.generate(model, prompt, pool=pool, max_new_tokens=25, eos_token_id=None,
+                          streamer=rec).sequences[0].tolist() == want
+    assert rec.ended and sum(rec.chunks, []) == want
+    for bad in (dict(do_sample=True), dict(num_beams=2), dict(num_return_sequences=2, num_beams=2)):
+        with pytest.raises(ValueError, match="does not support"):
+            model.generate(prompt, **{**kw, **bad})
