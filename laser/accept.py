@@ -16,25 +16,10 @@ each row's argmax, one torch call on any device.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-
-def kernels_forced() -> bool:
-    """LASER_FORCE_KERNELS=1 runs the Triton paths on CPU too (with TRITON_INTERPRET=1): for tests."""
-    return os.environ.get("LASER_FORCE_KERNELS") == "1"
-
-
-@dataclass
-class RowStats:
-    argmax: torch.Tensor  # [R] int64, argmax of every logits row
-    prob: torch.Tensor | None  # [n] float32, softmax prob of node i's token in its parent row (None: strict)
-    # [n] int64, number of logits in the parent row strictly above the token's, capped at
-    # top_k where one is given (None: strict)
-    rank: torch.Tensor | None
+from laser.kernels.common import RowStats, kernels_forced  # noqa: F401  (part of this module's API)
 
 
 def row_stats_reference(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tensor,

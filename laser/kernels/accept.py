@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from laser.accept import RowStats
+from laser.kernels.common import RowStats
 
 NEG = tl.constexpr(-3.0e38)  # finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf
 MAX_K = 4  # top_k the kernel handles (four running values per lane); larger k: the torch reference

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from laser.kernels.bits import mask_to_bits  # noqa: F401  (re-exported)
+from laser.kernels.common import kernels_forced
 
 NEG = tl.constexpr(-3.0e38)
 
@@ -228,7 +229,6 @@ def tree_attention_forward(module, query, key, value, attention_mask, scaling=No
     """AttentionInterface entry: the Triton kernel when the decoder passes tree bits on CUDA, else SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from laser.accept import kernels_forced
 
     bits = kwargs.pop("laser_tree_bits", None)
     if bits is None or not (query.is_cuda or kernels_forced()) or query.shape[2] != bits.shape[0]:
