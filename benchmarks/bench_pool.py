@@ -44,7 +44,7 @@ def big_pools(corpus):
     assert len(native) >= 1_000_000, len(native)
     # contexts whose draft fills the whole 64-node budget
     ctxs = [stream[i : i + 4] for i in range(0, 20_000, 97)]
-    ctxs = [c for c in ctxs if len(native.draft(c, budget=64)) == 64][:32]
+    ctxs = [c for c in ctxs if len(native.draft(c, budget=64, max_depth=DEPTH, min_match=1)) == 64][:32]
     assert ctxs
     return native, ref, ctxs
 
@@ -78,7 +78,7 @@ def test_insert_python(benchmark, corpus):
 def test_draft_native(benchmark, big_pools):
     native, _, ctxs = big_pools
     nxt = cycle(ctxs)
-    tree = benchmark(lambda: native.draft(nxt(), budget=64))
+    tree = benchmark(lambda: native.draft(nxt(), budget=64, max_depth=DEPTH, min_match=1))  # as ref_draft
     assert len(tree) == 64 and tree.mask.shape == (64, 64)
 
 

@@ -107,7 +107,7 @@ DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_po
   for (size_t i = 0; i < n_pools; ++i)
     if (!(weights[i] > 0.0)) throw py::value_error("pool weights must be positive");
   py::object keep;  // owner of the cost buffer, if any
-  const DraftParams p = params(int_arg(a[1], "budget", 64), max_depth, int_arg(a[3], "min_match", 1),
+  const DraftParams p = params(int_arg(a[1], "budget", 32), max_depth, int_arg(a[3], "min_match", 2),
                                int_arg(a[4], "max_match", 4), py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None),
                                float_arg(a[6], "confidence", 1.0), keep);
   py::gil_scoped_release release;
@@ -172,7 +172,7 @@ PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
     bind_args(sig, args, nargs, kwnames, a);
     const Pool* one = &py::handle(self).cast<const Pool&>();
     const double unit = 1.0;
-    const int32_t max_depth = int_arg(a[2], "max_depth", 0);  // <= 0: the pool's own
+    const int32_t max_depth = int_arg(a[2], "max_depth", 10);  // <= 0: the pool's own
     return py::cast(run_draft(&one, &unit, 1, a, max_depth > 0 ? max_depth : one->max_depth())).release().ptr();
   });
 }
@@ -190,7 +190,7 @@ PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t narg
     if (weights.size() != pools.size()) throw py::value_error("need one weight per pool");
     for (const Pool* p : pools)
       if (!p) throw py::type_error("pools must be RetrievalPool objects");
-    return py::cast(run_draft(pools.data(), weights.data(), pools.size(), a + 2, int_arg(a[4], "max_depth", 12)))
+    return py::cast(run_draft(pools.data(), weights.data(), pools.size(), a + 2, int_arg(a[4], "max_depth", 10)))
         .release()
         .ptr();
   });
@@ -198,12 +198,12 @@ PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t narg
 
 PyMethodDef draft_def{
     "draft", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_method)), METH_FASTCALL | METH_KEYWORDS,
-    "draft($self, /, context, budget=64, max_depth=0, min_match=1, max_match=4, cost=None, confidence=1.0)\n--\n\n"
+    "draft($self, /, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, confidence=1.0)\n--\n\n"
     "Draft tree for the longest matching suffix of `context` (max_depth 0: the pool's own)."};
 PyMethodDef draft_union_def{
     "draft_union", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_union_function)),
     METH_FASTCALL | METH_KEYWORDS,
-    "draft_union(pools, weights, context, budget=64, max_depth=12, min_match=1, max_match=4, cost=None, "
+    "draft_union(pools, weights, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, "
     "confidence=1.0)\n--\n\n"
     "Draft from several pools at once; a node's count is the weighted sum of the pools' counts."};
 

@@ -128,9 +128,10 @@ struct DraftTree {
 };
 
 struct DraftParams {
-  int32_t budget = 64;     // exact cap on the number of nodes
-  int32_t max_depth = 12;  // cap on node depth
-  int32_t min_match = 1;   // shortest context suffix accepted as a match
+  // Defaults agree with laser.DraftConfig (tests/test_pool.py checks the Python signatures).
+  int32_t budget = 32;     // exact cap on the number of nodes
+  int32_t max_depth = 10;  // cap on node depth
+  int32_t min_match = 2;   // shortest context suffix accepted as a match
   int32_t max_match = 4;   // longest context suffix tried
   // Optional cost curve: cost[b] = time of verifying b tree nodes, b = 0..cost_len-1.
   // When given, the tree is cut to the prefix (in best-first order) of size b that

@@ -59,8 +59,9 @@ class DecodeOutput:
 
 @dataclass
 class DraftConfig:
+    # budget, max_depth, min_match and max_match default as RetrievalPool.draft / draft_union do
     budget: int = 32  # hard cap on tree nodes per step
-    max_depth: int = 8  # cap on draft depth below the context
+    max_depth: int = 10  # cap on draft depth below the context
     # Shortest context suffix a draft may start from. A 1-token suffix is a weak context: its
     # trees were accepted at about half the rate the pool counts predict, so the cost cut
     # kept trees that did not pay. Side by side on 10 prompts (benchmarks/RESULTS.md): strict

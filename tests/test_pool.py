@@ -109,7 +109,7 @@ def test_union_draft_matches_reference(a, b, ctx, budget, wb):
         for text in texts_:
             pool.insert(text)
             ref.insert(text)
-    t = draft_union(pools, [1.0, wb], ctx, budget=budget, max_depth=5)
+    t = draft_union(pools, [1.0, wb], ctx, budget=budget, max_depth=5, min_match=1)
     assert tree_tuple(t) == ref_draft(refs, [1.0, wb], ctx, budget, 5, 1, 4)
     check_invariants(t, budget)
 
@@ -119,14 +119,14 @@ def test_budget_is_exact_under_ties():
     for tok in range(100):  # 100 children of token 7, all with count 1
         pool.insert([7, 1000 + tok, 2000 + tok])
     for budget in (0, 1, 5, 63, 64, 150):
-        t = pool.draft([7], budget=budget)
+        t = pool.draft([7], budget=budget, min_match=1)
         assert len(t) == min(budget, 200)
         check_invariants(t, budget)
     # ties break by depth, then token id: the first level is tokens 1000, 1001, ...
-    t = pool.draft([7], budget=5)
+    t = pool.draft([7], budget=5, min_match=1)
     assert t.depth.tolist() == [1, 1, 1, 1, 1]
     assert t.tokens.tolist() == [1000, 1001, 1002, 1003, 1004]
-    assert tree_tuple(pool.draft([7], budget=5)) == tree_tuple(t)
+    assert tree_tuple(pool.draft([7], budget=5, min_match=1)) == tree_tuple(t)  # deterministic
 
 
 def test_empty_match_gives_empty_tree():
@@ -147,16 +147,18 @@ def test_longest_suffix_wins():
     pool.insert([9, 9, 3, 30, 31])
     t = pool.draft([1, 2, 3], budget=1)
     assert t.match_len == 3 and t.tokens.tolist() == [10]
-    t = pool.draft([7, 3], budget=3)  # only the 1-token suffix matches: all of 3's children
+    t = pool.draft([7, 3], budget=3)  # the default min_match 2: no 2-token suffix matches
+    assert len(t) == 0
+    t = pool.draft([7, 3], budget=3, min_match=1)  # only the 1-token suffix matches: all of 3's children
     assert t.match_len == 1 and sorted(t.tokens[t.depth == 1].tolist()) == [10, 20, 30]
 
 
 def test_cost_curve_cuts_tree():
     pool = RetrievalPool(max_depth=8)
     pool.insert(list(range(8)) * 3)
-    flat = pool.draft([0], budget=7, cost=np.ones(8))  # free verification: keep everything
+    flat = pool.draft([0], budget=7, cost=np.ones(8), min_match=1)  # free verification: keep everything
     assert len(flat) == 7
-    steep = pool.draft([0], budget=7, cost=1.0 + 10.0 * np.arange(8))  # every node costs a lot
+    steep = pool.draft([0], budget=7, cost=1.0 + 10.0 * np.arange(8), min_match=1)  # every node costs a lot
     assert len(steep) == 0
     with pytest.raises(ValueError, match="positive"):
         pool.draft([0], cost=np.zeros(4))
@@ -331,3 +333,15 @@ def test_concurrent_insert_and_draft():
     for th in threads:
         th.join()
     assert not errors and len(pool) <= 5_000
+
+
+def test_draft_defaults_agree_between_the_pool_and_draft_config():
+    import inspect
+
+    from laser import DraftConfig
+
+    cfg = DraftConfig()
+    for fn in (RetrievalPool.draft, draft_union):
+        params = inspect.signature(fn).parameters
+        for name in ("budget", "max_depth", "min_match", "max_match"):
+            assert params[name].default == getattr(cfg, name), (fn.__name__, name)
