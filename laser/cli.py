@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, help="folder for ctr.json, ctr.md, ctr.png")
     r = sub.add_parser("report", help="compare pool modes, strict/relaxed and a (k, p) sweep against greedy")
     r.add_argument("--out-dir", default="report")
+    r.add_argument("--replay", metavar="CORPUS", help="a strict laser generate output: add the tokens/step vs pool "
+                   "size curve (exact replay, no model forward)")
+    r.add_argument("--replay-only", action="store_true", help="only the replay curve")
     r.add_argument("--prompts", type=int, default=3, help="evaluation users and items each")
     r.add_argument("--warm", type=int, default=6, help="users and items each whose texts warm the pools")
     r.add_argument("--new", type=int, default=64, help="new tokens per text")
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
             cost = laser.calibrate(model, context_len=args.context, sizes=(0, 1, 2, 4, 8, 16, 32), batch=args.batch_size)
             with open(args.out, "w") as f:
                 json.dump([float(c) for c in cost], f)
-            print(f"cost curve (ms) at 0/8/16/32 nodes: " + "/".join(f"{1e3 * cost[b]:.0f}" for b in (0, 8, 16, 32))
+            print("cost curve (ms) at 0/8/16/32 nodes: " + "/".join(f"{1e3 * cost[b]:.0f}" for b in (0, 8, 16, 32))
                   + f" -> {args.out}")
         elif args.cmd == "ctr":
             from laser.ctr import run_ctr

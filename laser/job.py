@@ -25,7 +25,6 @@ uninterrupted run gives (timing fields aside).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os

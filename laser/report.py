@@ -34,6 +34,57 @@ def run_report(args) -> list[dict]:
     n_eval, n_warm, new = (10, 16, 160) if args.large else (args.prompts, args.warm, args.new)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "replay_only", False):
+        if not args.replay:
+            raise ValueError("--replay-only needs --replay CORPUS")
+        return replay_section(args.replay, out_dir)
+    rows = _comparisons(out_dir, n_eval, n_warm, new)
+    if args.replay:
+        replay_section(args.replay, out_dir)
+    return rows
+
+
+def replay_section(corpus: str, out_dir: Path, budget: int = 32, n_eval: int = 40) -> list[dict]:
+    """Tokens/step against pool size (exact strict replay of a corpus, laser.replay): a table
+    appended to report.md and replay.png."""
+    from laser.replay import load_corpus, pool_size_curve
+
+    records, prompts, plan = load_corpus(corpus, "ml-100k", plan_target(corpus))
+    if len(records) < 8:
+        raise ValueError(f"{corpus}: {len(records)} records; the replay curve needs at least 8")
+    n_eval = min(n_eval, len(records) // 2)
+    curve = pool_size_curve(records, prompts, plan, budget, n_eval)
+    lines = ["", f"## Drafting vs pool size (exact strict replay of `{corpus}`, budget {budget}, last {n_eval} records)",
+             "", "| warm texts | tokens/step | nodes/step | accepted tokens per node |", "| --- | --- | --- | --- |"]
+    lines += [f"| {c['warm']} | {c['tokens_per_step']:.2f} | {c['nodes_per_step']:.1f} | {c['accepted_per_node']:.3f} |"
+              for c in curve]
+    with open(out_dir / "report.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([c["warm"] for c in curve], [c["tokens_per_step"] for c in curve], "o-")
+    ax.set_xscale("log")
+    ax.set_xlabel("texts in the pools before the replayed ones")
+    ax.set_ylabel("tokens per verification step (strict)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "replay.png", dpi=120)
+    plt.close(fig)
+    return curve
+
+
+def plan_target(corpus: str) -> str:
+    """The target of a corpus, from its manifest (users if it has none)."""
+    import json
+
+    man = Path(str(corpus) + ".manifest.json")
+    return json.loads(man.read_text()).get("target", "users") if man.exists() else "users"
+
+
+def _comparisons(out_dir: Path, n_eval: int, n_warm: int, new: int) -> list[dict]:
     torch.manual_seed(0)
     model, tok = laser.load_model()
     ds = load_dataset("ml-100k")

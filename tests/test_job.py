@@ -1,12 +1,9 @@
 """Datasets, grouping, router, the resumable knowledge job and its CLI errors."""
 
 import json
-import os
 import sys
 import zipfile
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from laser.cli import main as cli

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from laser.cli import main as cli
-from laser.job import read_records, strip_timing
+from laser.job import read_records
 
 from jobhelp import BLOCK, LIMIT, NEW, job_args, pool_bytes, records_of
 
@@ -267,3 +267,15 @@ def test_gguf_model_is_converted_once_and_loads(tmp_path, monkeypatch):
     assert (folders[0] / "config.json").stat().st_mtime == mtime  # cached, not converted again
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         load_model(str(tmp_path / "missing.gguf"))
+
+
+def test_calibrate_writes_a_cost_file_the_job_takes(peaked_model, tmp_path, capsys):
+    cost = tmp_path / "cost.json"
+    assert cli(["calibrate", "--model", str(peaked_model), "--context", "16", "--out", str(cost)]) == 0
+    curve = json.loads(cost.read_text())
+    assert len(curve) == 33 and all(c > 0 for c in curve) and curve == sorted(curve)
+    out = tmp_path / "o.jsonl"
+    args = job_args(peaked_model, out, limit=2)
+    args[args.index("--cost") + 1] = str(cost)
+    assert cli(args) == 0
+    assert json.loads(Path(str(out) + ".manifest.json").read_text())["cost"] == curve

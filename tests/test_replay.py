@@ -1,7 +1,4 @@
-"""benchmarks/replay.py replays strict decoding exactly: same steps as laser.generate."""
-
-import importlib.util
-from pathlib import Path
+"""laser.replay (benchmarks/replay.py) replays strict decoding exactly: same steps as laser.generate."""
 
 import numpy as np
 
@@ -9,11 +6,7 @@ import laser
 from laser.data import chat_ids
 from laser.groups import PoolSet
 from laser.job import JobConfig, make_plan
-
-spec = importlib.util.spec_from_file_location("replay", Path(__file__).parents[1] / "benchmarks" / "replay.py")
-replay_mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(replay_mod)
-
+from laser.replay import replay
 
 def test_replay_counts_the_steps_strict_decoding_takes(peaked_model):
     model, tok = laser.load_model(peaked_model)
@@ -31,7 +24,17 @@ def test_replay_counts_the_steps_strict_decoding_takes(peaked_model):
         pools.get("global").insert(new.astype(np.int64))
         if i >= 4:
             steps += res.stats.steps
-    out = replay_mod.replay(records, prompts, plan, budget=16, warm=4, n_eval=6, block=1, draft=draft)
+    out = replay(records, prompts, plan, budget=16, warm=4, n_eval=6, block=1, draft=draft)
     assert out["steps"] == steps
     assert out["tokens"] == sum(len(r["tokens"]) for r in records[4:])
     assert out["tokens_per_step"] > 1.0  # the tiny model repeats itself: drafts are accepted
+
+
+def test_report_plots_tokens_per_step_against_pool_size(reference, tmp_path):
+    from laser.cli import main as cli
+
+    corpus = reference("strict", 1)  # a strict job output of the tiny model (20 users)
+    assert cli(["report", "--replay", str(corpus), "--replay-only", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Drafting vs pool size" in md and md.count("\n| ") >= 3
+    assert (tmp_path / "replay.png").stat().st_size > 1000
