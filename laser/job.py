@@ -40,6 +40,11 @@ from laser.groups import PoolSet, Router, collaborative_groups, default_threshol
 from laser.model import file_sha256, model_identity
 
 MANIFEST_FORMAT = 1
+# The job's drafting beyond budget and depth (which the manifest holds). Pinned here, not
+# taken from DraftConfig's defaults, so that a new default cannot change a resumed job's
+# records; a change of these belongs in the manifest (a new field, defaulting to these
+# values for older manifests).
+JOB_DRAFT = {"min_match": 2, "max_match": 4, "prompt_weight": 8.0, "confidence": 1.0}
 TIMING_FIELDS = ("time",)  # the only record fields that vary between identical runs
 
 
@@ -433,7 +438,7 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
     blocks = [[k for k in b if k in subset] for b in plan.blocks]  # global block numbers, this subset's ids
     groups = {plan.group(k) for k in keys} if len(subset) < len(plan.all_keys) else None
     pools = _pools(cfg, pool_dir, blocks, by_id, tok, plan.group, groups)
-    draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost)
+    draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost, **JOB_DRAFT)
     in_run = subset & set(plan.keys)
     last_block = -(-len(plan.keys) // cfg.block)  # blocks that hold ids of this run
     stats = {"written": 0, "tokens": 0, "steps": 0, "mismatched": 0,

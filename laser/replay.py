@@ -19,7 +19,7 @@ import numpy as np
 import laser
 from laser.data import chat_ids
 from laser.groups import PoolSet
-from laser.job import JobConfig, make_plan, read_records
+from laser.job import JOB_DRAFT, JobConfig, make_plan, read_records
 
 
 def corpus_plan(corpus: Path, dataset: str, target: str):
@@ -36,7 +36,7 @@ def corpus_plan(corpus: Path, dataset: str, target: str):
 def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_eval: int, block: int = 1,
            draft: laser.DraftConfig | None = None) -> dict:
     """Replay records[-n_eval:] after warming with records[:warm]; returns the totals."""
-    cfg = draft or laser.DraftConfig(budget=budget, max_depth=plan.cfg.max_depth)
+    cfg = draft or laser.DraftConfig(budget=budget, max_depth=plan.cfg.max_depth, **JOB_DRAFT)
     pools = PoolSet(plan.cfg.pool, vocab_size=0)
     for rec in records[:warm]:
         pool = pools.get(rec["group"])
