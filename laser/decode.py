@@ -53,7 +53,7 @@ class DecodeStats:
 
 @dataclass
 class DecodeOutput:
-    sequences: torch.Tensor  # [1, L + new] int64, prompt included (like HF generate)
+    sequences: torch.Tensor  # [B, L + new] int64, prompt included and padded like HF generate's (B = 1: unpadded)
     stats: DecodeStats
 
 
@@ -235,10 +235,16 @@ def generate(
     use_kernels: bool | None = None,
     stopping_criteria=None,
     streamer=None,
+    attention_mask=None,
+    pad_token_id: int | None = None,
 ) -> DecodeOutput:
     """Speculative decoding with drafts from `pool` and from the request's own text.
 
     strict mode returns exactly `model.generate(do_sample=False)`'s tokens.
+    input_ids: one sequence ([L] or [1, L]), or a batch as HF takes it: [B, L] with a
+    left-padding attention_mask, or a list of id lists; a batch runs through the batch loop
+    (laser.batch) and comes back [B, L + new] like HF's (early-stopped rows right-padded
+    with pad_token_id, default: the generation config's, else its EOS).
     eos_token_id: "auto" takes the model's generation config; None never stops early.
     use_kernels: Triton tree attention in the verification pass (default: on CUDA).
     stopping_criteria: HF StoppingCriteria(List), checked after every committed token (a
@@ -247,6 +253,11 @@ def generate(
     """
     cfg = draft or DraftConfig()
     device = model.device
+    rows = _rows_of(input_ids, attention_mask)
+    if rows is not None:
+        return _generate_rows(model, rows, input_ids, attention_mask, pool, max_new_tokens, mode, top_k, min_prob,
+                              eos_token_id, update_pool, cfg, pad_token_id,
+                              logits_processor=logits_processor, stopping_criteria=stopping_criteria, streamer=streamer)
     ids = _check_args(model, torch.as_tensor(input_ids), max_new_tokens, mode, top_k, min_prob, cfg)
     if isinstance(eos_token_id, str):
         if eos_token_id != "auto":
@@ -266,6 +277,59 @@ def generate(
         if streamer is not None:
             streamer.end()
         return out
+
+
+def _rows_of(input_ids, attention_mask) -> list[list[int]] | None:
+    """The unpadded rows of a batch input (a list of id lists, or [B, L] with B > 1 or with a
+    left-padding attention_mask); None for one plain sequence."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray, torch.Tensor)):
+        return [list(map(int, r)) for r in input_ids]
+    x = torch.as_tensor(input_ids)
+    if x.dim() != 2 or (x.shape[0] == 1 and (attention_mask is None or bool(torch.as_tensor(attention_mask).all()))):
+        return None
+    m = torch.ones_like(x, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).bool()
+    if m.shape != x.shape:
+        raise ValueError(f"attention_mask {tuple(m.shape)} does not match input_ids {tuple(x.shape)}")
+    out = []
+    for r in range(x.shape[0]):
+        keep = m[r].nonzero().flatten()
+        if keep.numel() == 0 or not bool(m[r, int(keep[0]):].all()):
+            raise ValueError(f"row {r}: attention_mask must be left padding (zeros, then ones) with at least one token")
+        out.append(x[r, int(keep[0]):].tolist())
+    return out
+
+
+def _generate_rows(model, rows, input_ids, attention_mask, pool, max_new_tokens, mode, top_k, min_prob, eos_token_id,
+                   update_pool, cfg, pad_token_id, **unsupported) -> DecodeOutput:
+    """B rows through the batch loop (laser.batch), returned as HF's generate returns a batch:
+    [B, L + new], the input as given (or left-padded to L) and each row's new tokens after it,
+    rows that stopped early right-padded with pad_token_id."""
+    from laser.batch import Request, generate_batch
+
+    named = [k for k, v in unsupported.items() if v is not None]
+    if named:
+        raise ValueError(f"laser.generate takes {named[0]} for one sequence only (got {len(rows)} rows)")
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.pad_token_id
+        if pad_token_id is None:
+            eos = model.generation_config.eos_token_id
+            pad_token_id = int(np.atleast_1d(eos)[0]) if eos is not None else 0
+    res = sorted(generate_batch(model, [Request(r, pool) for r in rows], batch_size=len(rows),
+                                max_new_tokens=max_new_tokens, mode=mode, top_k=top_k, min_prob=min_prob,
+                                eos_token_id=eos_token_id, update_pool=update_pool, draft=cfg), key=lambda r: r.index)
+    x = torch.as_tensor(input_ids) if not isinstance(input_ids, (list, tuple)) else None
+    width = x.shape[1] if x is not None else max(len(r) for r in rows)
+    new = max(len(r.tokens) for r in res)
+    out = torch.full((len(rows), width + new), pad_token_id, dtype=torch.long)
+    stats = DecodeStats()
+    for i, (row, r) in enumerate(zip(rows, res)):
+        out[i, :width] = x[i] if x is not None else torch.tensor([pad_token_id] * (width - len(row)) + row)
+        out[i, width : width + len(r.tokens)] = torch.from_numpy(r.tokens.astype(np.int64))
+        stats.steps += r.stats.steps
+        stats.new_tokens += r.stats.new_tokens
+        stats.accepted += r.stats.accepted
+        stats.tree_sizes += r.stats.tree_sizes
+    return DecodeOutput(out, stats)
 
 
 def _stop_at(stopping, seq: np.ndarray, n: int, out: np.ndarray) -> int:

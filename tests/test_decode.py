@@ -162,8 +162,8 @@ def test_bad_input_raises_clear_errors():
         generate(model, [-1, 2], max_new_tokens=3)
     with pytest.raises(TypeError, match="integers"):
         generate(model, torch.tensor([1.0, 2.0]), max_new_tokens=3)
-    with pytest.raises(ValueError, match="batch"):
-        generate(model, torch.ones(2, 4, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(ValueError, match="out of range"):  # each row of a batch is checked
+        generate(model, torch.tensor([[1, 2], [1, V]]), max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [1, 2], max_new_tokens=0)
     with pytest.raises(ValueError, match="min_match"):
@@ -363,3 +363,22 @@ def test_hf_entry_point_honours_stopping_criteria_and_streamer_and_refuses_what_
     for bad in (dict(do_sample=True), dict(num_beams=2), dict(num_return_sequences=2, num_beams=2)):
         with pytest.raises(ValueError, match="does not support"):
             model.generate(prompt, **{**kw, **bad})
+
+
+def test_batch_inputs_follow_hf_conventions():
+    """[B, L] with left padding, or a list of sequences: [B, L + new] padded like HF's output."""
+    model = tiny("llama", 14)
+    rows = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5]]
+    L = max(map(len, rows))
+    x = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    m = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    outs = [greedy(model, r, 12, eos_token_id=None) for r in rows]
+    eos = outs[1][len(rows[1]) + 3]  # row 1 stops early
+    want = model.generate(x, attention_mask=m, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got = laser.generate(model, x, attention_mask=m, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert got.sequences.tolist() == want.tolist()
+    assert laser.generate(model, rows, max_new_tokens=12, eos_token_id=eos, pad_token_id=0).sequences.tolist() == want.tolist()
+    with pytest.raises(ValueError, match="left padding"):
+        laser.generate(model, x, attention_mask=m.flip(1), max_new_tokens=4)
+    with pytest.raises(ValueError, match="one sequence only"):
+        laser.generate(model, rows, max_new_tokens=4, streamer=object())
