@@ -2,8 +2,9 @@
 
     python benchmarks/e2e_decode.py [--prompts 10] [--warm 16] [--new 160] [--device cpu]
 
-Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER strict, LASER
-relaxed (k=2, p=0.1). The shared pool is warmed with the knowledge texts the model wrote
+Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER with no drafts
+(its own forward, one token per step: what the faster CPU forward alone gives), LASER
+strict, LASER relaxed (k=2, p=0.1). The shared pool is warmed with the knowledge texts the model wrote
 for *other* users (generated here with LASER strict, which equals greedy). Prints, per
 method, tokens/s, the ratio to greedy (total and median per prompt) and the mean number
 of tokens committed per step.
@@ -58,7 +59,7 @@ def main(argv=None):
         laser.generate(model, prompts[u], pool=pool, max_new_tokens=args.new, draft=cfg)
     print(f"warmed pool with {len(warm_users)} users' texts in {time.perf_counter() - t:.0f} s: {len(pool)} nodes")
 
-    rows = {m: {"tokens": [], "time": [], "per_step": []} for m in ("hf_greedy", "hf_prompt_lookup", "laser_strict", "laser_relaxed")}
+    rows = {m: {"tokens": [], "time": [], "per_step": []} for m in ("hf_greedy", "hf_prompt_lookup", "laser_no_drafts", "laser_strict", "laser_relaxed")}
     mismatches = 0
     for u in eval_users:
         ids = prompts[u]
@@ -66,6 +67,11 @@ def main(argv=None):
         rows["hf_greedy"]["tokens"].append(len(ref)); rows["hf_greedy"]["time"].append(dt)
         pl, dt = hf(model, ids, args.new, prompt_lookup_num_tokens=10)
         rows["hf_prompt_lookup"]["tokens"].append(len(pl)); rows["hf_prompt_lookup"]["time"].append(dt)
+        # LASER's own forward (same linears and attention) with no drafts: one token per step
+        t = time.perf_counter()
+        out = laser.generate(model, ids, max_new_tokens=args.new, draft=laser.DraftConfig(budget=0, prompt_weight=0))
+        r = rows["laser_no_drafts"]
+        r["tokens"].append(out.stats.new_tokens); r["time"].append(time.perf_counter() - t); r["per_step"].append(1.0)
         for mode in ("strict", "relaxed"):
             # each method starts from the same warmed pool: no online update across eval prompts
             t = time.perf_counter()
@@ -87,6 +93,11 @@ def main(argv=None):
         per = np.median([(gt / gn) / (t / n) for t, n, gt, gn in zip(r["time"], r["tokens"], g["time"], g["tokens"])])
         step = f"{np.mean(r['per_step']):9.2f}" if r["per_step"] else f"{'-':>9s}"
         print(f"{name:18s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step}")
+    nd = rows["laser_no_drafts"]
+    nd_tps = sum(nd["tokens"]) / sum(nd["time"])
+    for mode in ("strict", "relaxed"):
+        r = rows[f"laser_{mode}"]
+        print(f"speculation alone ({mode}): {sum(r['tokens']) / sum(r['time']) / nd_tps:.2f}x LASER with no drafts")
     print(f"strict outputs differing from HF greedy: {mismatches}/{len(eval_users)}")
 
 

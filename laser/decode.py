@@ -334,9 +334,9 @@ def _generate_rows(model, rows, input_ids, attention_mask, pool, max_new_tokens,
 
 def _stop_at(stopping, seq: np.ndarray, n: int, out: np.ndarray) -> int:
     """Tokens of `out` to keep: up to and including the first one after which `stopping` fires (0 = none fired)."""
+    full = torch.from_numpy(np.concatenate([seq[:n], out]).astype(np.int64))[None]  # one copy per step; views below
     for j in range(out.size):
-        ids = torch.from_numpy(np.concatenate([seq[:n], out[: j + 1]]).astype(np.int64))[None]
-        if bool(torch.as_tensor(stopping(ids, None)).any()):
+        if bool(torch.as_tensor(stopping(full[:, : n + j + 1], None)).any()):
             return j + 1
     return 0
 
