@@ -5,7 +5,9 @@
 Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; the shared
 pool is warmed with the texts written for other users. Each batch size gets its own
 verification cost curve (laser.calibrate(batch=B)): a tree node costs B tokens there. Prints tokens/s per method and
-batch size, and LASER's ratio to HF batched greedy at the same batch size.
+batch size, and LASER's ratio to HF batched greedy at the same batch size. The "no drafts"
+row is LASER's own loop and forward (same linears, attention, cache) with no tree, one
+token per row and step: strict or relaxed over it is what speculation alone buys.
 """
 
 from __future__ import annotations
@@ -68,14 +70,16 @@ def main(argv=None):
         for mode in ("strict", "relaxed"):
             list(generate_batch(model, [Request(p, pool) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
                                 mode=mode, draft=cfg_at[B], update_pool=False))
+    no_drafts = laser.DraftConfig(budget=0, prompt_weight=0)
     rows = []
     for B in args.batch:
         hf = hf_batched(model, tok, prompts, B, args.new)
         line = {"B": B, "hf": hf}
-        for mode in ("strict", "relaxed"):
+        for mode in ("none", "strict", "relaxed"):
             t0 = time.perf_counter()
-            res = list(generate_batch(model, [Request(p, pool) for p in prompts], batch_size=B, max_new_tokens=args.new,
-                                      mode=mode, draft=cfg_at[B], update_pool=False))
+            res = list(generate_batch(model, [Request(p, None if mode == "none" else pool) for p in prompts],
+                                      batch_size=B, max_new_tokens=args.new, mode="strict" if mode == "none" else mode,
+                                      draft=no_drafts if mode == "none" else cfg_at[B], update_pool=False))
             line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
             line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
             # every row's stats hold each batch step's phase times: per step, averaged over rows
@@ -83,15 +87,17 @@ def main(argv=None):
                    for k in ("draft", "verify", "accept", "cache")}
             line[mode + "_phases"] = " ".join(f"{k} {v:.1f}" for k, v in per.items())
         rows.append(line)
-        print(f"B={B:2d}: HF {hf:6.1f} tok/s, LASER strict {line['strict']:6.1f} ({line['strict'] / hf:.2f}x), "
+        print(f"B={B:2d}: HF {hf:6.1f} tok/s, LASER no drafts {line['none']:6.1f} ({line['none'] / hf:.2f}x), strict {line['strict']:6.1f} ({line['strict'] / hf:.2f}x), "
               f"relaxed {line['relaxed']:6.1f} ({line['relaxed'] / hf:.2f}x); ms per step: strict "
               f"{line['strict_phases']}; relaxed {line['relaxed_phases']}", flush=True)
 
     print(f"\n{len(prompts)} ML-100K user prompts x {args.new} new tokens, SmolLM2-135M on {args.device}")
-    print(f"{'B':>3s} {'HF greedy tok/s':>16s} {'strict tok/s':>13s} {'x HF':>6s} {'relaxed tok/s':>14s} {'x HF':>6s} {'tok/step s/r':>13s}")
+    print(f"{'B':>3s} {'HF greedy tok/s':>16s} {'no drafts':>10s} {'x HF':>6s} {'strict tok/s':>13s} {'x HF':>6s} "
+          f"{'relaxed tok/s':>14s} {'x HF':>6s} {'tok/step s/r':>13s} {'spec. alone s/r':>16s}")
     for r in rows:
-        print(f"{r['B']:3d} {r['hf']:16.1f} {r['strict']:13.1f} {r['strict'] / r['hf']:6.2f} {r['relaxed']:14.1f} "
-              f"{r['relaxed'] / r['hf']:6.2f} {r['strict_step']:6.2f}/{r['relaxed_step']:.2f}")
+        print(f"{r['B']:3d} {r['hf']:16.1f} {r['none']:10.1f} {r['none'] / r['hf']:6.2f} {r['strict']:13.1f} "
+              f"{r['strict'] / r['hf']:6.2f} {r['relaxed']:14.1f} {r['relaxed'] / r['hf']:6.2f} "
+              f"{r['strict_step']:6.2f}/{r['relaxed_step']:.2f} {r['strict'] / r['none']:9.2f}/{r['relaxed'] / r['none']:.2f}")
 
 
 if __name__ == "__main__":

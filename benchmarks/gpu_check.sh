@@ -26,7 +26,7 @@ fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = kernels ]; then
   # the installed package (not the source tree) so laser._C is the freshly built extension
-  (cd tests && timeout 200 python3 -m pytest -q -x -p no:cacheprovider test_kernels.py test_decode.py test_batch.py \
+  (cd tests && timeout 200 python3 -m pytest -q -x -p no:cacheprovider test_kernels.py test_decode.py test_batch.py test_engine.py \
      2>&1 | tee "$OUT/tests.log" | tail -6)
   timeout 200 python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench.log"
 fi

@@ -207,6 +207,32 @@ PyMethodDef draft_union_def{
     "confidence=1.0)\n--\n\n"
     "Draft from several pools at once; a node's count is the weighted sum of the pools' counts."};
 
+// cut_trees: one cost-aware budget for trees verified together (None entries: idle rows).
+py::list cut_trees(const py::list& trees, const py::object& cost, double confidence) {
+  if (!(confidence > 0.0 && confidence <= 1.0)) throw py::value_error("confidence must be in (0, 1]");
+  py::object keep;
+  const DraftParams p = params(0, 1, 1, 1, cost, confidence, keep);
+  if (!p.cost) throw py::value_error("cut_trees needs a cost curve");
+  std::vector<const DraftTree*> live;
+  for (const py::handle& t : trees)
+    if (!t.is_none()) live.push_back(&t.cast<const DraftTree&>());
+  std::vector<std::vector<double>> chance(live.size());
+  std::vector<const double*> rows(live.size());
+  std::vector<int32_t> sizes(live.size());
+  for (size_t r = 0; r < live.size(); ++r) {
+    chance[r].resize(size_t(live[r]->n));
+    laser::chance_by_rank(*live[r], chance[r].data());
+    rows[r] = chance[r].data(), sizes[r] = live[r]->n;
+  }
+  const int32_t b = laser::best_budget(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len, p.confidence);
+  py::list out;
+  for (const py::handle& t : trees) {
+    if (t.is_none() || t.cast<const DraftTree&>().n <= b) out.append(t);
+    else out.append(py::cast(laser::prefix(t.cast<const DraftTree&>(), b)));
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -235,6 +261,11 @@ PYBIND11_MODULE(_C, m) {
         return "DraftTree(n=" + std::to_string(t.n) + ", match_len=" + std::to_string(t.match_len) +
                ", paths=" + std::to_string(t.n_paths) + ")";
       });
+
+  m.def("cut_trees", &cut_trees, py::arg("trees"), py::arg("cost"), py::arg("confidence") = 1.0,
+        "Cut trees verified in one forward to their first b best-first nodes, one b for all: the b that\n"
+        "maximises sum over trees of (1 + expected accepted) / cost[b] (the cut draft() makes for one tree).\n"
+        "None entries (idle rows) pass through.");
 
   py::class_<Pool> pool_cls(m, "RetrievalPool");
   pool_cls

@@ -458,6 +458,7 @@ struct Scratch {
   std::vector<std::vector<int32_t>> list_ids;  // [len(list), P] for each merged list
   std::vector<int32_t> head, tail, next, dfs_of, order, stack;
   std::vector<uint8_t> is_leaf;
+  std::vector<double> chance;     // the cost cut's chances, best-first
 };
 // A Scratch from a free list for the duration of one draft. Not thread_local: in this
 // dlopen'ed module every TLS access goes through __tls_get_addr (~5% of a 64-node draft).
@@ -480,6 +481,72 @@ struct ScratchLease {
   }
 };
 }  // namespace
+
+int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
+                    int32_t cost_len, double confidence) {
+  int32_t top = 0;
+  for (int r = 0; r < rows; ++r) top = std::max(top, sizes[r]);
+  top = std::min(top, cost_len - 1);
+  // total[b] accumulates each row's 1 + gain in row order; gain grows by one node per b
+  std::vector<double> gain(size_t(rows), 1.0);
+  double best = -1.0;
+  int32_t best_b = 0;
+  for (int32_t b = 0; b <= top; ++b) {
+    double total = 0.0;
+    for (int r = 0; r < rows; ++r) {
+      if (b > 0 && b <= sizes[r]) gain[r] += confidence * chance[r][b - 1];
+      total += gain[r];
+    }
+    const double score = total / cost[b];
+    if (score > best) best = score, best_b = b;
+  }
+  return best_b;
+}
+
+void chance_by_rank(const DraftTree& t, double* out) {
+  for (int32_t i = 0; i < t.n; ++i)
+    out[t.rank[i]] = t.root_count > 0.0 ? std::min(1.0, double(t.counts[i]) / t.root_count) : 0.0;
+}
+
+DraftTree prefix(const DraftTree& t, int32_t b) {
+  std::vector<int32_t> keep, new_of(size_t(t.n), -1);  // kept DFS indices; old index -> new
+  for (int32_t i = 0; i < t.n; ++i)
+    if (t.rank[i] < b) new_of[i] = int32_t(keep.size()), keep.push_back(i);
+  const int32_t n = int32_t(keep.size());
+  std::vector<uint8_t> is_leaf(size_t(n), 1);
+  for (int32_t i = 0; i < n; ++i)
+    if (t.parents[keep[i]] >= 0) is_leaf[new_of[t.parents[keep[i]]]] = 0;
+  int32_t leaves = 0, width = 0;
+  for (int32_t i = 0; i < n; ++i)
+    if (is_leaf[i]) ++leaves, width = std::max(width, t.depth[keep[i]]);
+  DraftTree out;
+  out.allocate(n, leaves, width);
+  out.match_len = t.match_len;
+  out.root_count = t.root_count;
+  // ranks stay a best-first order (rank < b' is still a subtree): renumber them densely
+  std::vector<int32_t> by_rank(keep.size());
+  for (int32_t i = 0; i < n; ++i) by_rank[i] = t.rank[keep[i]];
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t c) { return by_rank[a] < by_rank[c]; });
+  for (int32_t k = 0; k < n; ++k) out.rank[order[k]] = k;
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t o = keep[i];
+    out.tokens[i] = t.tokens[o];
+    out.parents[i] = t.parents[o] < 0 ? -1 : new_of[t.parents[o]];
+    out.depth[i] = t.depth[o];
+    out.counts[i] = t.counts[o];
+    uint8_t* row = out.mask + size_t(i) * n;
+    if (out.parents[i] >= 0) std::memcpy(row, out.mask + size_t(out.parents[i]) * n, size_t(out.parents[i]) + 1);
+    row[i] = 1;
+  }
+  for (int32_t i = 0, row = 0; i < n; ++i) {
+    if (!is_leaf[i]) continue;
+    for (int32_t j = i; j >= 0; j = out.parents[j]) out.paths[size_t(row) * width + out.depth[j] - 1] = j;
+    ++row;
+  }
+  return out;
+}
 
 DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, const int32_t* ctx, int64_t n_ctx,
                 const DraftParams& prm) {
@@ -605,14 +672,11 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   // Cost-aware cut: keep the best-first prefix maximising (1 + E[accepted]) / cost.
   int32_t n = int32_t(sel.size());
   if (prm.cost && n > 0 && root_count > 0.0) {
-    double gain = 1.0, best = 1.0 / prm.cost[0];
-    int32_t best_b = 0;
-    for (int32_t b = 1; b <= n; ++b) {
-      gain += prm.confidence * std::min(1.0, sel[b - 1].count / root_count);
-      const double score = gain / prm.cost[b];
-      if (score > best) best = score, best_b = b;
-    }
-    n = best_b;
+    auto& chance = S.chance;
+    chance.resize(n);
+    for (int32_t i = 0; i < n; ++i) chance[i] = std::min(1.0, sel[i].count / root_count);
+    const double* rows[1] = {chance.data()};
+    n = best_budget(rows, &n, 1, prm.cost, prm.cost_len, prm.confidence);
   }
 
   // Flatten depth-first. Children of a node are visited in selection (best-first) order.

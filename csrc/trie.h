@@ -229,6 +229,19 @@ class Pool {
   mutable std::mutex cache_mu_;
 };
 
+// The cost-aware cut, shared by a single draft and a batch of drafts verified together.
+// chance[r][i] = empirical chance that row r's text follows its node of rank i (best-first
+// order, so ranks < b form a subtree); rows are padded to the widest, so the batch pays
+// cost[b] for b nodes per row. Returns the b in [0, min(max size, cost_len - 1)] that
+// maximises sum over rows of (1 + confidence * sum_{i < min(b, size_r)} chance[r][i]) / cost[b],
+// the first such b on ties.
+int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
+                    int32_t cost_len, double confidence);
+// chance[i] of tree t's node of rank i: min(1, counts / root_count), written to out[n].
+void chance_by_rank(const DraftTree& t, double* out);
+// The subtree of t's nodes with rank < b, in the same DFS order (b >= t.n: a copy).
+DraftTree prefix(const DraftTree& t, int32_t b);
+
 // Draft from the union of several pools: each pool matches its own longest context
 // suffix; a tree node's count is the weighted sum of the pools' counts for that path.
 // Growth is best-first by count, ties broken by (depth asc, token asc, parent asc), so

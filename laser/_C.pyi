@@ -39,9 +39,9 @@ class RetrievalPool:
     def draft(
         self,
         context: npt.ArrayLike,
-        budget: int = 64,
-        max_depth: int = 0,
-        min_match: int = 1,
+        budget: int = 32,
+        max_depth: int = 10,  # <= 0: the pool's own
+        min_match: int = 2,
         max_match: int = 4,
         cost: npt.ArrayLike | None = None,
         confidence: float = 1.0,
@@ -66,10 +66,14 @@ def draft_union(
     pools: Sequence[RetrievalPool],
     weights: Sequence[float],
     context: npt.ArrayLike,
-    budget: int = 64,
-    max_depth: int = 12,
-    min_match: int = 1,
+    budget: int = 32,
+    max_depth: int = 10,
+    min_match: int = 2,
     max_match: int = 4,
     cost: npt.ArrayLike | None = None,
     confidence: float = 1.0,
 ) -> DraftTree: ...
+
+def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, confidence: float = 1.0) -> list[DraftTree | None]:
+    """Cut trees verified in one forward to their first b best-first nodes, one b for all (None: idle rows)."""
+    ...

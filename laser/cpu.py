@@ -19,16 +19,13 @@ weight is the bmm's left operand (x^T is the small one MKL packs: [T, N/T, K] @ 
 above that the right one ([rows, K] @ [T, K, N/T]); each layout is the faster one there.
 Vocabulary-wide products (N >= WIDE) over more than FEW_ROWS rows go to oneDNN instead.
 
-`route_linears(model)` gives each `nn.Linear` of the model this routing for one decode
-call by setting the module's `forward` and deleting it after (the class's forward
-returns). Only the linears pass through Python: a TorchFunctionMode doing the same
-intercepted every torch call of the forward (~2,200 per SmolLM2 forward) and cost
+laser.engine.Engine gives each `nn.Linear` of a model a forward that takes this route
+inside LASER calls. Only the linears pass through Python: a TorchFunctionMode doing the
+same intercepted every torch call of the forward (~2,200 per SmolLM2 forward) and cost
 15-22 ms of an 80-150 ms forward. Results equal F.linear up to fp32 summation order.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -60,33 +57,7 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
     return y if bias is None else y + bias
 
 
-@contextlib.contextmanager
-def route_linears(model):
-    """On a multi-core CPU, route every forward's linears through split_linear for the
-    duration of the block; yields how many were routed (0: nothing changed).
-
-    Each `nn.Linear` gets an instance `forward`, deleted on exit (the class's returns).
-    Linears whose `forward` is already set on the instance (accelerate's hooks) are left
-    alone. Every forward of the model inside the block is routed, from any thread.
-    """
-    if model.device.type != "cpu" or torch.get_num_threads() < 2:
-        yield 0
-        return
-    ways = 2 * torch.get_num_threads()
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
-    for m in linears:
-        m.forward = lambda x, m=m: split_linear(x, m.weight, m.bias, ways)
-    try:
-        yield len(linears)
-    finally:
-        for m in linears:
-            del m.forward
-
-
 # ---------------------------------------------------------------- attention
-
-SDPA_GQA = "laser_sdpa"
-
 
 def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' SDPA attention, with grouped-query heads handled inside SDPA (enable_gqa).
@@ -108,12 +79,3 @@ def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, sca
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, enable_gqa=True)  # [B, Hq, q, D]
     return out.transpose(1, 2).contiguous(), None
-
-
-def register_sdpa_gqa() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(SDPA_GQA, sdpa_gqa_forward)
-    AttentionMaskInterface.register(SDPA_GQA, sdpa_mask)
-    return SDPA_GQA

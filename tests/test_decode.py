@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import laser
-import laser.decode as decode
+from laser.cache import TreeCache
 from laser.decode import DraftConfig, generate
 
 V = 96
@@ -178,8 +178,8 @@ def test_cache_length_is_checked_every_step(monkeypatch):
     pool.insert(want[len(prompt):])
     generate(model, prompt, pool=pool, max_new_tokens=30, eos_token_id=None)  # invariant holds
 
-    real = decode.compact_cache
-    monkeypatch.setattr(decode, "compact_cache", lambda cache, start, keep: real(cache, start, keep[:-1]))
+    real = TreeCache.commit
+    monkeypatch.setattr(TreeCache, "commit", lambda cache, rows, src, dst: real(cache, rows[:-1], src[:-1], dst[:-1]))
     with pytest.raises(RuntimeError, match="KV cache"):
         generate(model, prompt, pool=pool, max_new_tokens=30, eos_token_id=None)
 
@@ -226,10 +226,10 @@ def test_hf_custom_generate_entry_point():
 
 def test_calibrated_cost_curve_drives_budget():
     model = tiny("llama", 13)
-    cost = decode.calibrate(model, context_len=32, sizes=(16, 0, 4), repeats=2)
+    cost = laser.calibrate(model, context_len=32, sizes=(16, 0, 4), repeats=2)
     assert cost.shape == (17,) and (cost > 0).all() and (np.diff(cost) >= 0).all()
     with pytest.raises(ValueError):
-        decode.calibrate(model, sizes=(-1, 4))
+        laser.calibrate(model, sizes=(-1, 4))
     prompt = [1, 2, 3]
     want = greedy(model, prompt, 20, eos_token_id=None)
     pool = laser.RetrievalPool()
@@ -267,27 +267,80 @@ def test_split_linear_leaves_other_shapes_to_torch():
         torch.testing.assert_close(split_linear(x, w, None, 4), torch.nn.functional.linear(x, w), rtol=0, atol=0)
 
 
-def test_verification_forward_under_split_matches_plain():
-    """A tiny Llama's tree-sized forward gives the same logits with and without the split,
-    and the model's linears are back to their class forward afterwards, even after an error."""
-    from laser.cpu import route_linears
+def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypatch):
+    """Inside engine.active() a tiny Llama's linears run split_linear (same logits up to fp32
+    order); outside they run F.linear, bit-identical to the unprepared model; close() gives
+    the model back (class forwards, its own attention implementation), even after an error."""
+    import laser.engine as engine_mod
 
     model = tiny("llama", 0)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, 2))  # routing is for multi-core CPUs
-    for n in (1, 3, 9):  # both layouts
-        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-        plain = model(input_ids=ids).logits
-        with route_linears(model) as routed:
-            split = model(input_ids=ids).logits
-        assert routed == len(linears) > 0
+    calls = []
+    real = engine_mod.split_linear
+    monkeypatch.setattr(engine_mod, "split_linear", lambda *a: calls.append(1) or real(*a))
+    try:
+        ids = [torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 3, 9)]
+        plain = [model(input_ids=x).logits for x in ids]
+        engine = laser.Engine(model)
+        assert model.config._attn_implementation == "laser"
+        assert all("forward" in m.__dict__ for m in linears)
+        for x, want in zip(ids, plain):
+            assert torch.equal(model(input_ids=x).logits, want), "outside a LASER call: the model as it was"
+            assert not calls
+            with engine.active():
+                torch.testing.assert_close(model(input_ids=x).logits, want, rtol=1e-4, atol=1e-5)
+            assert len(calls) == len(linears)
+            calls.clear()
+        with pytest.raises(RuntimeError, match="boom"), engine.active():
+            raise RuntimeError("boom")
+        assert torch.equal(model(input_ids=ids[0]).logits, plain[0]) and not calls, "the error left the call"
+        engine.close()
         assert not any("forward" in m.__dict__ for m in linears)
-        torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-5)
-    with pytest.raises(RuntimeError, match="boom"), route_linears(model):
-        raise RuntimeError("boom")
-    assert not any("forward" in m.__dict__ for m in linears)
-    torch.set_num_threads(threads)
+        assert model.config._attn_implementation == "sdpa"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_threads_decode_on_one_model_while_hf_generates():
+    """Two threads run laser.generate on one model at once (strict, relaxed), a third runs HF
+    greedy on it: each gets what it gets alone. The preparation is shared, the calls are not."""
+    import threading
+
+    model = tiny("qwen2", 3)
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
+    alone = [greedy(model, p, 40, eos_token_id=None) for p in prompts]
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for p, o in zip(prompts, alone):
+        pool.insert(o[len(p):])
+    relaxed_alone = generate(model, prompts[1], pool=pool, max_new_tokens=40, eos_token_id=None, mode="relaxed",
+                             update_pool=False).sequences[0].tolist()
+    got, errors = {}, []
+
+    def run(name, fn):
+        try:
+            for _ in range(3):
+                got.setdefault(name, []).append(fn())
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    jobs = {
+        "strict": lambda: generate(model, prompts[0], pool=pool, max_new_tokens=40, eos_token_id=None,
+                                   update_pool=False).sequences[0].tolist(),
+        "relaxed": lambda: generate(model, prompts[1], pool=pool, max_new_tokens=40, eos_token_id=None,
+                                    mode="relaxed", update_pool=False).sequences[0].tolist(),
+        "hf": lambda: greedy(model, prompts[1], 40, eos_token_id=None),
+    }
+    threads = [threading.Thread(target=run, args=kv) for kv in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert got["strict"] == [alone[0]] * 3
+    assert got["relaxed"] == [relaxed_alone] * 3
+    assert got["hf"] == [alone[1]] * 3
 
 
 def test_sdpa_gqa_equals_transformers_sdpa():
@@ -314,7 +367,7 @@ def test_sdpa_gqa_equals_transformers_sdpa():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     prompt = [5, 6, 7, 8, 9]
     assert generate(model, prompt, max_new_tokens=6, eos_token_id=None).sequences[0].tolist() == greedy(model, prompt, 6)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "laser", "prepared once, kept for the next call"
 
 
 def test_hf_entry_point_honours_stopping_criteria_and_streamer_and_refuses_what_it_cannot_do():

@@ -345,3 +345,15 @@ def test_draft_defaults_agree_between_the_pool_and_draft_config():
         params = inspect.signature(fn).parameters
         for name in ("budget", "max_depth", "min_match", "max_match"):
             assert params[name].default == getattr(cfg, name), (fn.__name__, name)
+    import ast
+    from pathlib import Path
+
+    import laser
+
+    stubs = ast.parse((Path(laser.__file__).parent / "_C.pyi").read_text())
+    for node in ast.walk(stubs):  # the type stubs say the same
+        if isinstance(node, ast.FunctionDef) and node.name in ("draft", "draft_union"):
+            names = [a.arg for a in node.args.args][-len(node.args.defaults):]
+            stub = dict(zip(names, (ast.literal_eval(d) for d in node.args.defaults)))
+            for name in ("budget", "max_depth", "min_match", "max_match"):
+                assert stub[name] == getattr(cfg, name), (node.name, name)

@@ -1,15 +1,16 @@
 """Tree-masked attention for the verification pass.
 
-The last n key/value positions are the draft tree (query i = tree position i); the
-`past` positions before them are fully visible. Inside the tree, query i sees key j iff
-j is an ancestor-or-self of i, given as a bitmask: bits[i, j // 64] >> (j % 64) & 1.
+The last n key/value positions are the draft tree (query i = tree position i); of the
+`past` positions before them, row b sees the first lens[b] (its own past; the rest of a
+row shorter than the batch's widest is garbage). Inside the tree, query i of row b sees
+key j iff j is an ancestor-or-self of i, given as a bitmask: bits[b, i, j // 64] >> (j % 64) & 1.
 Grouped-query attention: query head h reads kv head h // (Hq / Hkv).
 
 Kernels: _tree_attn (flash-style online softmax, grid = query blocks x batch*heads x splits of
 the past) and _tree_attn_combine (merges the splits' partial softmax states).
 Launcher: tree_attention. Reference: tree_attention_reference (dense mask + SDPA math).
-HF wiring: register() adds the "laser_tree" attention implementation; the decoder passes
-`laser_tree_bits` as a forward kwarg on CUDA, and every other call falls back to SDPA.
+The model wiring (transformers' attention interface) lives in laser.engine: this package
+imports only torch and Triton.
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ import triton
 import triton.language as tl
 
 from laser.kernels.bits import mask_to_bits  # noqa: F401  (re-exported)
-from laser.kernels.common import kernels_forced
 
 NEG = tl.constexpr(-3.0e38)
 
 
 @triton.jit
 def _tree_attn(
-    q_ptr, k_ptr, v_ptr, bits_ptr, o_ptr,  # q/o [B, Hq, n, D]; k/v [B, Hkv, past + n, D]; bits [n, W] int64
+    q_ptr, k_ptr, v_ptr, bits_ptr, o_ptr,  # q/o [B, Hq, n, D]; k/v [B, Hkv, past + n, D]; bits [B, n, W] int64
+    lens_ptr,  # [B] int32: visible past per row (<= past)
     ws_ptr,  # fp32 workspace for the split partials: m, l [B*Hq*SPLITS*n_pad] then acc [.., D]
     sq_b, sq_h, sq_n,
     sk_b, sk_h, sk_t,
     sv_b, sv_h, sv_t,
-    so_b, so_h, so_n,
+    so_b, so_h, so_n, sbits_b,
     Hq, n, n_pad, past, chunk, group, scale,
     W: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -61,7 +62,7 @@ def _tree_attn(
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     # 1. this split's share of the cached past: every key visible
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, past)
+    hi = tl.minimum(lo + chunk, tl.load(lens_ptr + b))
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kmask = offs_n < hi
@@ -72,7 +73,7 @@ def _tree_attn(
         for start in range(0, n, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             jmask = offs_j < n
-            words = tl.load(bits_ptr + offs_m[:, None] * W + offs_j[None, :] // 64,
+            words = tl.load(bits_ptr + b * sbits_b + offs_m[:, None] * W + offs_j[None, :] // 64,
                             mask=mrow[:, None] & jmask[None, :], other=0)
             seen = ((words >> (offs_j[None, :] % 64).to(tl.int64)) & 1) != 0
             m_i, l_i, acc = _attend(q, kbase, vbase, past + offs_j, jmask, seen, m_i, l_i, acc, offs_d,
@@ -152,8 +153,10 @@ def _workspace(device, n: int) -> torch.Tensor:
     return buf
 
 
-def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None = None) -> torch.Tensor:
-    """q [B, Hq, n, D]; k, v [B, Hkv, past + n, D]; bits [n, W] int64 -> out [B, Hq, n, D] (q's dtype).
+def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None = None,
+                   lens: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, n, D]; k, v [B, Hkv, past + n, D]; bits [n, W] (every row) or [B, n, W] int64;
+    lens [B] visible past per row (None: all of it) -> out [B, Hq, n, D] (q's dtype).
 
     splits: programs per (query block, head) along the past (None: enough to fill the GPU).
     """
@@ -172,12 +175,19 @@ def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None
     if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("the head dim must be contiguous")
     W = -(-n // 64)
-    if bits.dtype != torch.int64 or tuple(bits.shape) != (n, W):
-        raise ValueError(f"bits must be int64 [{n}, {W}]")
+    if bits.dim() == 2:
+        bits = bits[None]
+    if bits.dtype != torch.int64 or tuple(bits.shape[1:]) != (n, W) or bits.shape[0] not in (1, B):
+        raise ValueError(f"bits must be int64 [{n}, {W}] or [{B}, {n}, {W}]")
     bits = bits.to(q.device).contiguous()
+    past = T - n
+    if lens is None:
+        lens = torch.full((B,), past, dtype=torch.int32, device=q.device)
+    lens = lens.to(device=q.device, dtype=torch.int32).contiguous()
+    if tuple(lens.shape) != (B,):
+        raise ValueError(f"lens must be [{B}]")
     out = torch.empty_like(q)
     scale = D ** -0.5 if scale is None else scale
-    past = T - n
     BLOCK_M = 16 if n <= 16 else (32 if n <= 32 else 64)
     BLOCK_N = 32 if q.dtype == torch.float32 and D >= 128 else 64  # fp32 tiles: stay inside shared memory
     interp = os.environ.get("TRITON_INTERPRET") == "1"
@@ -193,11 +203,11 @@ def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None
     n_pad = m_blocks * BLOCK_M
     ws = _workspace(q.device, B * Hq * splits * n_pad * (2 + D)) if splits > 1 else out  # out: unused
     grid = (m_blocks, B * Hq, splits)
-    _tree_attn[grid](q, k, v, bits, out, ws,
+    _tree_attn[grid](q, k, v, bits, out, lens, ws,
                      q.stride(0), q.stride(1), q.stride(2),
                      k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2),
-                     out.stride(0), out.stride(1), out.stride(2),
+                     out.stride(0), out.stride(1), out.stride(2), bits.stride(0) if bits.shape[0] > 1 else 0,
                      Hq, n, n_pad, past, chunk, Hq // Hkv, scale,
                      W=W, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits, UPCAST=upcast, PREC=prec)
     if splits > 1:
@@ -206,41 +216,19 @@ def tree_attention(q, k, v, bits, scale: float | None = None, splits: int | None
     return out
 
 
-def tree_attention_reference(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
-    """Same math in torch: dense [n, n] bool tree mask, past fully visible, GQA by repeat."""
+def tree_attention_reference(q, k, v, mask, scale: float | None = None, lens=None) -> torch.Tensor:
+    """Same math in torch: dense [n, n] or [B, n, n] bool tree mask, the first lens[b] past keys
+    visible (None: all), GQA by repeat."""
     B, Hq, n, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     kk = k.repeat_interleave(Hq // Hkv, dim=1).float()
     vv = v.repeat_interleave(Hq // Hkv, dim=1).float()
-    visible = torch.ones(n, T, dtype=torch.bool, device=q.device)
-    visible[:, T - n :] = torch.as_tensor(mask, device=q.device)
+    visible = torch.ones(B, 1, n, T, dtype=torch.bool, device=q.device)
+    if lens is not None:
+        visible[:, 0, :, : T - n] = torch.arange(T - n, device=q.device)[None, None, :] < torch.as_tensor(lens, device=q.device)[:, None, None]
+    m = torch.as_tensor(mask, device=q.device)
+    visible[:, 0, :, T - n :] = m if m.dim() == 3 else m[None]
     s = (q.float() @ kk.transpose(-1, -2)) * scale
     s = s.masked_fill(~visible, float("-inf"))
     return (torch.softmax(s, dim=-1) @ vv).to(q.dtype)
-
-
-# ---------------------------------------------------------------- transformers wiring
-
-NAME = "laser_tree"
-
-
-def tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry: the Triton kernel when the decoder passes tree bits on CUDA, else SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-
-    bits = kwargs.pop("laser_tree_bits", None)
-    if bits is None or not (query.is_cuda or kernels_forced()) or query.shape[2] != bits.shape[0]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    out = tree_attention(query, key, value, bits, scaling)  # [B, Hq, n, D]
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, tree_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    return NAME

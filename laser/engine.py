@@ -1,0 +1,501 @@
+"""The LASER decode engine: one loop, draft -> verify -> accept -> commit, over B >= 1 rows.
+
+`laser.generate` is this loop with one row, `generate_batch` the same loop with a queue
+that refills rows as they finish (continuous batching).
+
+Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per model):
+  attention  a model running transformers' SDPA is switched to the "laser" attention
+             function, which inside a LASER call runs the Triton tree kernel (when the
+             call uses kernels) or SDPA with grouped-query heads read in place (CPU), and
+             outside one runs transformers' own SDPA, as before.
+  linears    every nn.Linear gets a forward that, inside a LASER call on a multi-core CPU,
+             runs laser.cpu.split_linear and otherwise F.linear, as before.
+"Inside a LASER call" is a context variable, set for the duration of a call in the calling
+thread only: calls nest and run concurrently on one model from several threads, and the
+model's other users see the model they had. Engine.close() undoes the preparation.
+
+State of one call (nothing survives it):
+  rows    B slots of _Row (None = idle): the request's sequence, pools and stats.
+  cache   a TreeCache [B, H, capacity, D] per layer; cache.lens[r] == rows[r].n - 1 (the
+          last committed token, "pending", is fed at the start of the next verification).
+Each step: every row drafts its tree from its own pools; with a cost curve all trees are
+cut to one best-first budget (laser._C.cut_trees); one forward over [B, q] (pending + tree,
+padded) at cache column W = max(lens), per-row positions and 4-D masks; per-row acceptance
+in one pass; cache.commit moves each row's pending + accepted path onto its past. Finished
+rows are refilled from the queue (one prefill forward for all rows freed in a step); once
+the queue is empty they leave the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from laser._C import RetrievalPool, cut_trees, draft_union
+from laser.accept import accept_trees
+from laser.cache import TreeCache
+from laser.config import AcceptConfig, DraftConfig
+from laser.cpu import sdpa_gqa_forward, split_linear
+from laser.hf import cache_kwarg, fill_only
+from laser.kernels.bits import mask_to_bits
+from laser.kernels.common import kernels_forced
+
+
+@dataclass
+class DecodeStats:
+    steps: int = 0
+    new_tokens: int = 0
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step
+    tree_sizes: list[int] = field(default_factory=list)
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_accept: float = 0.0
+    time_cache: float = 0.0
+    time_prefill: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens committed per verification step (accepted drafts + the bonus token)."""
+        return float(np.mean(self.accepted)) + 1.0 if self.accepted else 0.0
+
+    @property
+    def histogram(self) -> np.ndarray:
+        """histogram[a] = number of steps that accepted a draft tokens."""
+        return np.bincount(np.asarray(self.accepted, dtype=np.int64))
+
+    @property
+    def total_time(self) -> float:
+        return self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_cache
+
+
+@dataclass
+class Request:
+    input_ids: list[int] | np.ndarray
+    pool: RetrievalPool | None = None  # shared pool: drafts from it, receives the output (update_pool)
+    tag: object = None  # returned with the result (e.g. the record id)
+
+
+@dataclass
+class Result:
+    tag: object
+    tokens: np.ndarray  # generated tokens (prompt excluded)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    index: int = -1  # position of the request in the input list
+
+
+# ---------------------------------------------------------------- model preparation
+
+@dataclass(frozen=True)
+class _Call:
+    kernels: bool  # verification attention through the Triton tree kernel
+    ways: int  # CPU linears through split_linear with this many blocks (0: F.linear)
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("laser_call", default=None)
+ATTENTION = "laser"
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers AttentionInterface entry of the "laser" implementation (see the module docstring).
+    query [B, Hq, q, D], key/value [B, Hkv, T, D]; laser_tree_bits [B, q, ceil(q/64)] and
+    laser_tree_lens [B] come as forward kwargs from the engine's kernel path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    call = _CALL.get()
+    bits, lens = kwargs.pop("laser_tree_bits", None), kwargs.pop("laser_tree_lens", None)
+    if call is not None and call.kernels and bits is not None and query.shape[2] == bits.shape[-2]:
+        from laser.kernels.tree_attention import tree_attention
+
+        out = tree_attention(query, key, value, bits, scaling, lens=lens)  # [B, Hq, q, D]
+        return out.transpose(1, 2).contiguous(), None
+    if call is not None and query.device.type == "cpu":
+        return sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    call = _CALL.get()
+    if call is not None and call.ways:
+        return split_linear(x, module.weight, module.bias, call.ways)
+    return F.linear(x, module.weight, module.bias)
+
+
+class Engine:
+    """A model prepared for LASER decoding (see the module docstring). Engine(model) is one
+    object per model until close(). Thread-safe: one Engine serves concurrent calls; each
+    call holds its own cache and rows."""
+
+    _engines: "weakref.WeakKeyDictionary[torch.nn.Module, Engine]" = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __new__(cls, model):
+        """The model's engine: prepared on first use, the same object until close()."""
+        with cls._lock:
+            engine = cls._engines.get(model)
+            if engine is None:
+                engine = super().__new__(cls)
+                engine._prepare(model)
+                cls._engines[model] = engine
+            return engine
+
+    @classmethod
+    def of(cls, model) -> "Engine":
+        return cls(model)
+
+    def _prepare(self, model) -> None:
+        self.model = model
+        self.kv = cache_kwarg(model)
+        self.dtype = next(model.parameters()).dtype
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        text = model.config.get_text_config()
+        types = set(getattr(text, "layer_types", None) or ["full_attention"])
+        if not types <= {"full_attention", "sliding_attention"}:
+            raise ValueError(f"LASER supports full and sliding-window attention layers, not {sorted(types)}")
+        # sliding-window layers get their own mask (the model takes a dict of masks by layer type)
+        self.window = getattr(text, "sliding_window", None) if "sliding_attention" in types else None
+        self._before = model.config._attn_implementation
+        self.attention = self._before == "sdpa" and getattr(model, "_supports_attention_backend", False)
+        if self.attention:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+            AttentionInterface.register(ATTENTION, _attention)
+            AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+            model.set_attn_implementation(ATTENTION)
+        # linears whose forward is already set on the instance (accelerate's hooks) are left alone
+        self._linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+        for m in self._linears:
+            m.forward = _linear_forward.__get__(m)
+
+    def close(self) -> None:
+        """Give the model back as it was: its attention implementation, its linears' forward."""
+        with self._lock:
+            for m in self._linears:
+                m.__dict__.pop("forward", None)
+            self._linears = []
+            if self.attention:
+                self.model.set_attn_implementation(self._before)
+                self.attention = False
+            if Engine._engines.get(self.model) is self:
+                del Engine._engines[self.model]
+
+    @contextlib.contextmanager
+    def active(self, kernels: bool = False):
+        """Forwards of the model in this block (this thread) run LASER's attention and linears."""
+        cpu = self.model.device.type == "cpu" and torch.get_num_threads() >= 2
+        token = _CALL.set(_Call(kernels=kernels and self.attention and self.window is None,
+                                ways=2 * torch.get_num_threads() if cpu else 0))
+        try:
+            yield
+        finally:
+            _CALL.reset(token)
+
+    # ------------------------------------------------------------ checks
+
+    def check(self, ids, max_new_tokens: int, cfg: DraftConfig) -> np.ndarray:
+        """One request's ids as int32 numpy [L], or a clear error."""
+        x = torch.as_tensor(np.asarray(ids) if isinstance(ids, (list, tuple)) else ids)
+        if x.dim() == 2 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() != 1 or x.numel() == 0:
+            raise ValueError("input_ids must be a non-empty 1-D sequence or a [1, L] tensor")
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integers, got {x.dtype}")
+        bad = (x < 0) | (x >= self.vocab)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"token id {int(x[i])} at position {i} is out of range [0, {self.vocab})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        cfg_ = self.model.config
+        limit = getattr(cfg_, "max_position_embeddings", None) or getattr(cfg_, "n_positions", None)
+        need = x.numel() + max_new_tokens + cfg.max_depth
+        if limit is not None and need > limit:
+            raise ValueError(f"prompt of {x.numel()} tokens + max_new_tokens {max_new_tokens} (+ draft depth "
+                             f"{cfg.max_depth}) exceeds the model's context window of {limit} tokens")
+        return x.cpu().numpy().astype(np.int32)
+
+    def eos_ids(self, eos_token_id) -> np.ndarray:
+        if isinstance(eos_token_id, str):
+            if eos_token_id != "auto":
+                raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'auto', got {eos_token_id!r}")
+            eos_token_id = self.model.generation_config.eos_token_id
+        return np.asarray([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+
+    # ------------------------------------------------------------ the loop
+
+    @torch.no_grad()
+    def run(self, prompts: list[np.ndarray], pools: list, B: int, max_new_tokens: int, accept: AcceptConfig,
+            eos: np.ndarray, update_pool: bool, cfg: DraftConfig, kernels: bool, tags=None, processor=None,
+            stopping=None, streamer=None) -> Iterator[Result]:
+        """Decode checked prompts B rows at a time; yields each Result as its row finishes.
+        processor / stopping: HF LogitsProcessorList / StoppingCriteriaList (plain lists too), or None."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        if isinstance(processor, list) and not isinstance(processor, LogitsProcessorList):
+            processor = LogitsProcessorList(processor)
+        if isinstance(stopping, list) and not isinstance(stopping, StoppingCriteriaList):
+            stopping = StoppingCriteriaList(stopping)
+        with self.active(kernels):
+            yield from _Loop(self, prompts, pools, B, max_new_tokens, accept, eos, update_pool, cfg, tags,
+                             processor, stopping, streamer).run()
+
+
+@dataclass
+class _Row:
+    index: int  # the request's position
+    seq: np.ndarray  # int32 [L + max_new + 1]: prompt + committed tokens; seq[:n] valid, seq[n-1] pending
+    L: int
+    n: int
+    local: RetrievalPool  # this request's prompt and output (prompt lookup)
+    pools: list  # what it drafts from: the shared pool (weight 1) and local (prompt_weight)
+    weights: list
+    budget: int
+    shared: RetrievalPool | None
+    stats: DecodeStats
+
+    @property
+    def new(self) -> int:
+        return self.n - self.L
+
+
+class _Loop:
+    """One call's loop over B rows (see the module docstring)."""
+
+    def __init__(self, engine: Engine, prompts, pools, B, max_new, accept, eos, update_pool, cfg, tags, processor,
+                 stopping, streamer):
+        self.e, self.prompts, self.pools, self.tags = engine, prompts, pools, tags
+        self.max_new, self.accept, self.eos, self.update_pool, self.cfg = max_new, accept, eos, update_pool, cfg
+        self.processor, self.stopping, self.streamer = processor, stopping, streamer
+        self.queue = deque(range(len(prompts)))
+        capacity = max(p.size for p in prompts) + max_new + cfg.budget + 1  # widest block end: W + q
+        self.cache = TreeCache.for_model(engine.model, B, capacity)
+        self.rows: list[_Row | None] = [None] * B
+        self.kernels = _CALL.get().kernels
+
+    def run(self) -> Iterator[Result]:
+        cache, cfg = self.cache, self.cfg
+        self.start(list(range(len(self.rows))))
+        while any(row is not None for row in self.rows):
+            t0 = time.perf_counter()
+            # 1. draft: each row's tree from its own pools; one cost-aware budget for all
+            trees = [None if row is None else
+                     draft_union(row.pools, row.weights, row.seq[: row.n], budget=row.budget, max_depth=cfg.max_depth,
+                                 min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost,
+                                 confidence=cfg.confidence) for row in self.rows]
+            if cfg.cost is not None and len(trees) > 1:
+                trees = cut_trees(trees, cfg.cost, cfg.confidence)
+            W = cache.begin_block()
+            lens = cache.lens[: len(self.rows)]
+            pending = np.array([row.seq[row.n - 1] if row else 0 for row in self.rows])
+            ids, pos, mask, extra = self.verify_inputs(pending, trees, lens, W)
+            t1 = time.perf_counter()
+            # 2. verify: one forward over [B, q]; logits [B, q, V] in the model's dtype
+            logits = self.e.model(input_ids=ids, position_ids=pos, attention_mask=mask, **{self.e.kv: cache},
+                                  use_cache=True, **extra).logits
+            if self.processor is not None:
+                logits = self.process(logits, trees)
+            t2 = time.perf_counter()
+            # 3. accept: longest agreeing root path + the bonus token per row, cut at EOS / max_new_tokens
+            judged = accept_trees(logits, trees, self.accept.mode, self.accept.top_k, self.accept.min_prob, self.eos,
+                                  [self.max_new - row.new if row else 0 for row in self.rows])
+            if self.stopping is not None:
+                judged = [j if j is None or not (cut := _stop_at(self.stopping, row.seq, row.n, j[1]))
+                          else (j[0], j[1][:cut], True) for row, j in zip(self.rows, judged)]
+            t3 = time.perf_counter()
+            # 4. commit: each row's pending + accepted path onto its past; tokens; pools
+            moves = [(r, W + j, lens[r] + i) for r, j_ in enumerate(judged) if j_ is not None
+                     for i, j in enumerate(np.concatenate([[0], j_[0][: j_[1].size - 1] + 1]))]
+            if moves:
+                cache.commit(*np.array(moves, dtype=np.int64).T)
+            done = []
+            for r, (row, t, j) in enumerate(zip(self.rows, trees, judged)):
+                if row is None:
+                    continue
+                path, out, stop = j
+                row.local.extend(row.seq[: row.n], out)
+                if self.update_pool and row.shared is not None:
+                    row.shared.extend(row.seq[row.L : row.n], out)  # windows inside the output only
+                row.seq[row.n : row.n + out.size] = out
+                row.n += out.size
+                if cache.lens[r] != row.n - 1:
+                    raise RuntimeError(f"KV cache row {r} holds {cache.lens[r]} positions, expected {row.n - 1}")
+                if self.streamer is not None:
+                    self.streamer.put(torch.from_numpy(out.astype(np.int64)))
+                st = row.stats
+                st.steps += 1
+                st.accepted.append(out.size - 1)
+                st.tree_sizes.append(len(t))
+                st.time_draft += t1 - t0
+                st.time_verify += t2 - t1
+                st.time_accept += t3 - t2
+                if stop or row.new >= self.max_new:
+                    st.new_tokens = row.new
+                    tag = self.tags[row.index] if self.tags is not None else None
+                    done.append(Result(tag, row.seq[row.L : row.n].copy(), st, row.index))
+                    self.rows[r] = None
+            t4 = time.perf_counter()
+            for row in self.rows:
+                if row is not None:
+                    row.stats.time_cache += t4 - t3
+            free = [r for r, row in enumerate(self.rows) if row is None]
+            if free:
+                cache.reset_rows(free)
+                self.start(free)
+            yield from done  # rows finished this step, in row order
+
+    def start(self, free: list[int]) -> None:
+        """Fill free rows with the next queued prompts (one prefill forward for all of them);
+        once the queue is empty, idle rows leave the batch."""
+        take = [(r, self.queue.popleft()) for r in free[: len(self.queue)]]
+        if take:
+            t0 = time.perf_counter()
+            prompts = [self.prompts[i] for _, i in take]
+            self.prefill([r for r, _ in take], prompts)
+            each = (time.perf_counter() - t0) / len(take)
+            cfg = self.cfg
+            for (r, i), ids in zip(take, prompts):
+                L = ids.size
+                seq = np.zeros(L + self.max_new + 1, dtype=np.int32)
+                seq[:L] = ids
+                shared = self.pools[i]
+                local = RetrievalPool(max_depth=shared.max_depth if shared is not None else 12)
+                local.insert(ids)
+                pairs = [(p, w) for p, w in ((shared, 1.0), (local, cfg.prompt_weight)) if p is not None and w > 0]
+                # with neither pool: budget 0, one token per step (draft_union needs a pool: local)
+                self.rows[r] = _Row(i, seq, L, L, local, [p for p, _ in pairs] or [local],
+                                    [w for _, w in pairs] or [1.0], cfg.budget if pairs else 0, shared,
+                                    DecodeStats(time_prefill=each))
+        if not self.queue and any(row is None for row in self.rows) and any(self.rows):
+            keep = [r for r, row in enumerate(self.rows) if row is not None]
+            self.cache.keep_rows(keep)
+            self.rows = [self.rows[r] for r in keep]
+
+    def prefill(self, rows: list[int], prompts: list[np.ndarray]) -> None:
+        """Cache rows[j] <- prompts[j][:-1] (the last prompt token is pending), one forward.
+        Right-padded to one length; a causal mask keeps every real token off the padding."""
+        lengths = [p.size - 1 for p in prompts]
+        L = max(lengths)
+        if L == 0:
+            self.cache.lens[rows] = 0
+            return
+        ids = np.zeros((len(rows), L), dtype=np.int64)
+        for j, p in enumerate(prompts):
+            ids[j, : p.size - 1] = p[:-1]
+        pos = np.broadcast_to(np.arange(L), (len(rows), L))
+        visible = np.broadcast_to(np.tril(np.ones((L, L), dtype=bool)), (len(rows), L, L))
+        device = self.e.model.device
+        with self.cache.filling(rows, lengths):
+            self.e.model(input_ids=torch.from_numpy(ids).to(device), position_ids=torch.from_numpy(pos.copy()).to(device),
+                         attention_mask=self.masks(visible, pos, pos), **{self.e.kv: self.cache}, use_cache=True,
+                         **fill_only(self.e.model))
+
+    def masks(self, visible: np.ndarray, qpos: np.ndarray, kpos: np.ndarray):
+        """Additive 4-D mask [B, 1, q, T] from visible [B, q, T]; with sliding-window layers, a dict
+        by layer type whose sliding mask also hides keys at positions <= qpos - window."""
+        e = self.e
+        device = e.model.device
+
+        def additive(v: np.ndarray) -> torch.Tensor:
+            m = torch.zeros(v.shape[0], 1, *v.shape[1:], dtype=e.dtype, device=device)
+            return m.masked_fill_(~torch.from_numpy(np.require(v, requirements=["C", "W"])).to(device)[:, None], torch.finfo(e.dtype).min)
+
+        full = additive(visible)
+        if e.window is None:
+            return full
+        near = (qpos[:, :, None] - kpos[:, None, :]) < e.window
+        return {"full_attention": full, "sliding_attention": additive(visible & near)}
+
+    def verify_inputs(self, pending: np.ndarray, trees: list, lens: np.ndarray, W: int):
+        """One verification forward's inputs over B rows of [pending] + tree.
+
+        pending [B]: each row's last committed token; trees[r] None = an idle row; lens [B]:
+        positions cached per row; the block goes at cache column W = max(lens). With q = 1 + the
+        largest tree: input_ids [B, q] (pending, then the tree in DFS order, zero-padded),
+        position_ids [B, q] (lens[r] + depth), masks over [B, q, W + q]: row r sees its own
+        past (columns < lens[r]), the pending column W and its ancestors inside the block;
+        padded nodes see only themselves and pending, so every row stays finite. Kernel path:
+        the block's tree masks as bits [B, q, ceil(q/64)] and lens.
+        """
+        B = len(trees)
+        q = 1 + max(len(t) for t in trees if t is not None)
+        ids = np.zeros((B, q), dtype=np.int64)
+        pos = np.zeros((B, q), dtype=np.int64)
+        visible = np.zeros((B, q, W + q), dtype=bool)
+        visible[:, :, W] = True
+        for r, t in enumerate(trees):
+            if t is None:
+                continue
+            m = len(t)
+            ids[r, 0], ids[r, 1 : m + 1] = pending[r], t.tokens
+            pos[r, :] = lens[r]
+            pos[r, 1 : m + 1] += t.depth
+            visible[r, :, : lens[r]] = True
+            visible[r, 1 : m + 1, W + 1 : W + 1 + m] = t.mask
+            visible[r, m + 1 :, W + 1 + m :] = np.eye(q - 1 - m, dtype=bool)
+        kpos = np.concatenate([np.broadcast_to(np.arange(W), (B, W)), pos], axis=1)  # [B, W + q]
+        device = self.e.model.device
+        extra = {}
+        if self.kernels and self.e.window is None:
+            extra = {"laser_tree_bits": mask_to_bits(visible[:, :, W:]).to(device),
+                     "laser_tree_lens": torch.from_numpy(lens.astype(np.int32)).to(device)}
+        return (torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), self.masks(visible, pos, kpos),
+                extra)
+
+    def process(self, logits: torch.Tensor, trees: list) -> torch.Tensor:
+        """HF logits processors on every row, each verification position seeing its own prefix."""
+        out = logits.float()  # HF's processors see fp32 scores, as in its own generate
+        for r, (row, t) in enumerate(zip(self.rows, trees)):
+            if row is not None:
+                out[r, : len(t) + 1] = _process(out[r, : len(t) + 1], row.seq, row.n, t, self.processor)
+        return out
+
+
+def _process(logits: torch.Tensor, seq: np.ndarray, n: int, tree, processor) -> torch.Tensor:
+    """logits [m + 1, V] fp32 of one row: position 0 continues seq[:n], position i + 1 continues
+    seq[:n] + the path to tree node i. Positions of equal depth have equal prefix lengths
+    and go through the processor as one batch."""
+    device = logits.device
+    base = torch.from_numpy(seq[:n].astype(np.int64)).to(device)
+    out = logits.clone()
+    out[:1] = processor(base[None], logits[:1])
+    if len(tree):
+        depth, paths_of = tree.depth, _paths_to_nodes(tree)
+        for d in range(1, int(depth.max()) + 1):
+            nodes = np.flatnonzero(depth == d)
+            prefix = torch.from_numpy(tree.tokens[paths_of[nodes, :d]].astype(np.int64)).to(device)
+            ids = torch.cat([base.expand(len(nodes), n), prefix], dim=1)
+            at = torch.from_numpy(nodes + 1).to(device)
+            out[at] = processor(ids, logits[at])
+    return out
+
+
+def _paths_to_nodes(tree) -> np.ndarray:
+    """[m, max_depth] DFS indices of each node's root path (-1 padded)."""
+    m = len(tree)
+    out = np.full((m, int(tree.depth.max())), -1, dtype=np.int64)
+    for i in range(m):  # parents precede children: copy the parent's path, append self
+        p = tree.parents[i]
+        if p >= 0:
+            out[i] = out[p]
+        out[i, tree.depth[i] - 1] = i
+    return out
+
+
+def _stop_at(stopping, seq: np.ndarray, n: int, out: np.ndarray) -> int:
+    """Tokens of `out` to keep: up to and including the first one after which `stopping` fires (0 = none fired)."""
+    full = torch.from_numpy(np.concatenate([seq[:n], out]).astype(np.int64))[None]  # one copy per step; views below
+    for j in range(out.size):
+        if bool(torch.as_tensor(stopping(full[:, : n + j + 1], None)).any()):
+            return j + 1
+    return 0

@@ -1,0 +1,182 @@
+"""The engine's parts: TreeCache, the shared budget cut, configuration, sliding windows, refusals."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
+from transformers import RepetitionPenaltyLogitsProcessor, StoppingCriteria
+
+import laser
+from laser.cache import TreeCache
+from test_decode import V, greedy, tiny
+
+
+def sliding(arch: str):
+    """Tiny models whose windows (6 and 5 positions) are far shorter than what they decode."""
+    torch.manual_seed(0)
+    if arch == "gemma3":
+        cfg = Gemma3TextConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                               sliding_window=6, layer_types=["sliding_attention", "sliding_attention",
+                                                              "full_attention", "sliding_attention"])
+        return Gemma3ForCausalLM(cfg).eval()
+    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, max_position_embeddings=256, use_sliding_window=True, sliding_window=5,
+                      max_window_layers=1)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_sliding_window_models_decode_exactly(arch):
+    """Strict == greedy on models with sliding-window layers, one row and a ragged batch: the
+    cache keeps every position, and the sliding layers' mask hides what their window does not
+    reach (without it the outputs differ: checked below)."""
+    model = sliding(arch)
+    assert "sliding_attention" in model.config.layer_types
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, V, int(rng.integers(3, 12))).tolist() for _ in range(3)]
+    wants = [greedy(model, p, 30, eos_token_id=None) for p in prompts]
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for p, w in zip(prompts, wants):
+        pool.insert(w[len(p):])
+    for p, w in zip(prompts, wants):
+        assert laser.generate(model, p, pool=pool, max_new_tokens=30, eos_token_id=None,
+                              update_pool=False).sequences[0].tolist() == w
+    rows = laser.generate(model, prompts, pool=pool, max_new_tokens=30, eos_token_id=None, update_pool=False)
+    assert [r[-30:] for r in rows.sequences.tolist()] == [w[-30:] for w in wants]
+    engine = laser.Engine.of(model)
+    window, engine.window = engine.window, None
+    try:
+        blind = [laser.generate(model, p, max_new_tokens=30, eos_token_id=None).sequences[0].tolist() for p in prompts]
+    finally:
+        engine.window = window
+    assert blind != wants, "the window must matter for this test to mean something"
+
+
+def test_unsupported_layer_types_are_refused():
+    model = tiny("llama", 0)
+    model.config.layer_types = ["linear_attention", "full_attention"]
+    with pytest.raises(ValueError, match="linear_attention"):
+        laser.Engine(model)
+
+
+def test_tree_cache_is_allocated_once_and_written_in_place(monkeypatch):
+    """Every forward of a decode (prefill, verification) writes into the same buffers; the
+    model sees them through HF's Cache interface; commit moves exactly the accepted columns."""
+    model = tiny("llama", 4)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    want = greedy(model, prompt, 24, eos_token_id=None)
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    pool.insert(want[len(prompt):])
+    seen = []
+    real = TreeCache.commit
+
+    def spy(cache, rows, src, dst):
+        seen.append(tuple(cache.data_ptrs()))
+        real(cache, rows, src, dst)
+
+    monkeypatch.setattr(TreeCache, "commit", spy)
+    out = laser.generate(model, prompt, pool=pool, max_new_tokens=24, eos_token_id=None, update_pool=False)
+    assert out.sequences[0].tolist() == want
+    assert len(seen) == out.stats.steps > 1 and len(set(seen)) == 1 and len(seen[0]) == 2 * model.config.num_hidden_layers
+
+    cache = TreeCache(n_layers=1, rows=2, capacity=8)
+    assert isinstance(cache, laser.cache.Cache) and cache.get_seq_length() == 0
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
+    with cache.filling([0, 1], [3, 2]):
+        assert cache.get_seq_length() == 0
+        keys, _ = cache.update(k, -k, 0)
+    assert keys is k and cache.lens.tolist() == [3, 2]
+    assert cache.begin_block() == 3 and cache.get_seq_length() == 3 and cache.get_mask_sizes(2, 0)[0] == 5
+    block = torch.full((2, 1, 2, 2), 7.0)
+    keys, values = cache.update(block, -block, 0)
+    assert keys.shape == (2, 1, 5, 2) and keys.data_ptr() == cache.layers[0].keys.data_ptr()  # a view
+    cache.commit(np.array([0, 1, 1]), np.array([4, 3, 4]), np.array([3, 2, 3]))
+    assert cache.lens.tolist() == [4, 4]
+    buf = cache.layers[0].keys
+    assert torch.equal(buf[0, 0, 3], block[0, 0, 1]) and torch.equal(buf[1, 0, 2:4], block[1, 0])
+    assert torch.equal(buf[0, 0, :3], k[0, 0])
+    cache.keep_rows([1])
+    assert cache.rows == 1 and cache.lens.tolist() == [4, 0] and torch.equal(buf[0, 0, 2:4], block[1, 0])
+    cache.begin_block()
+    with pytest.raises(RuntimeError, match="capacity"):
+        cache.update(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
+
+
+def test_cut_trees_is_the_drafts_own_cut_and_one_budget_for_a_batch():
+    rng = np.random.default_rng(0)
+    pool = laser.RetrievalPool(max_depth=8)
+    for _ in range(60):
+        pool.insert(rng.integers(0, 5, 50))
+    cost = 1.0 + 0.15 * np.arange(33)
+    contexts = [[1, 2], [3, 3], [0, 4, 1]]
+    full = [pool.draft(c, budget=32) for c in contexts]
+    for c, t in zip(contexts, full):  # one tree: the cut draft() makes with the same cost
+        (alone,) = laser.cut_trees([t], cost)
+        want = pool.draft(c, budget=32, cost=cost)
+        assert alone.tokens.tolist() == want.tokens.tolist() and alone.parents.tolist() == want.parents.tolist()
+    cut = laser.cut_trees(full + [None], cost)
+    assert cut[-1] is None
+    sizes = {len(t) for t in cut[:-1]}
+
+    def score(b):  # sum over rows of (1 + expected accepted in the first b nodes) / cost[b]
+        total = 0.0
+        for t in full:
+            chance = np.zeros(len(t))
+            chance[t.rank] = np.minimum(1.0, t.counts / t.root_count)
+            total += 1.0 + chance[:b].sum()
+        return total / cost[b]
+
+    b = max(range(33), key=lambda b: (score(b), -b))
+    assert all(len(c) == min(b, len(t)) for c, t in zip(cut, full))
+    assert len(sizes) >= 1 and 0 < b < 32
+    for c, t in zip(cut, full):  # a best-first prefix, in DFS order, with consistent buffers
+        keep = np.flatnonzero(t.rank < b)
+        assert c.tokens.tolist() == t.tokens[keep].tolist() and c.depth.tolist() == t.depth[keep].tolist()
+        assert (c.parents < np.arange(len(c))).all()
+        assert all(c.mask[i, i] and (c.parents[i] < 0 or (c.mask[i] >= c.mask[c.parents[i]]).all()) for i in range(len(c)))
+        assert sorted(c.rank.tolist()) == list(range(len(c)))
+
+
+def test_configs_are_validated_where_they_are_built():
+    with pytest.raises(ValueError, match="budget"):
+        laser.DraftConfig(budget=-1)
+    with pytest.raises(ValueError, match="min_match"):
+        laser.DraftConfig(min_match=3, max_match=2)
+    with pytest.raises(ValueError, match="cost"):
+        laser.DraftConfig(cost=np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="confidence"):
+        laser.DraftConfig(confidence=0)
+    with pytest.raises(TypeError, match="max_depth"):
+        laser.DraftConfig(max_depth=2.5)
+    with pytest.raises(ValueError, match="mode"):
+        laser.AcceptConfig(mode="greedy")
+    with pytest.raises(ValueError, match="top_k"):
+        laser.AcceptConfig(top_k=0)
+    assert laser.DraftConfig(cost=[1.0, 2.0]) == laser.DraftConfig(cost=np.array([1.0, 2.0]))
+
+
+def test_processors_and_stopping_criteria_apply_to_every_row_of_a_batch():
+    """A ragged batch with a repetition penalty and a stop-on-token criterion: each row is what
+    HF's generate gives that row alone with the same processor and criterion."""
+    model = tiny("qwen2", 6)
+    rows = [[5, 6, 7, 8], [11, 12], [30, 31, 32, 33, 34]]
+    proc = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])
+    alone = [greedy(model, r, 20, eos_token_id=None, repetition_penalty=1.5) for r in rows]
+    stop_token = alone[0][len(rows[0]) + 5]
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for r, a in zip(rows, alone):
+        pool.insert(a[len(r):])
+    got = laser.generate(model, rows, pool=pool, max_new_tokens=20, eos_token_id=None, update_pool=False,
+                         logits_processor=proc, stopping_criteria=[StopAt()], pad_token_id=0).sequences.tolist()
+    width = max(map(len, rows))
+    for r, a, g in zip(rows, alone, got):
+        new = a[len(r):]
+        if stop_token in new:
+            new = new[: new.index(stop_token) + 1]
+        assert g[width : width + len(new)] == new and all(t == 0 for t in g[width + len(new):])
