@@ -10,9 +10,10 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              outside one runs transformers' own SDPA, as before.
   linears    every nn.Linear gets a forward that, inside a LASER call on a multi-core CPU,
              runs laser.cpu.split_linear and otherwise F.linear, as before.
-"Inside a LASER call" is a context variable, set for the duration of a call in the calling
-thread only: calls nest and run concurrently on one model from several threads, and the
-model's other users see the model they had. Engine.close() undoes the preparation.
+"Inside a LASER call" is a context variable, set around each of LASER's forwards in the
+calling thread only (never across a yield to the caller): calls nest, interleave and run
+concurrently on one model from several threads, and the model's other users see the model
+they had. Engine.close() undoes the preparation.
 
 State of one call (nothing survives it):
   rows    B slots of _Row (None = idle): the request's sequence, pools and stats.
@@ -191,7 +192,8 @@ class Engine:
 
     @contextlib.contextmanager
     def active(self, kernels: bool = False):
-        """Forwards of the model in this block (this thread) run LASER's attention and linears."""
+        """Forwards of the model in this block (this thread) run LASER's attention and linears.
+        Keep the block free of yields: a generator suspended inside it would leave it set."""
         cpu = self.model.device.type == "cpu" and torch.get_num_threads() >= 2
         token = _CALL.set(_Call(kernels=kernels and self.attention and self.window is None,
                                 ways=2 * torch.get_num_threads() if cpu else 0))
@@ -246,9 +248,14 @@ class Engine:
             processor = LogitsProcessorList(processor)
         if isinstance(stopping, list) and not isinstance(stopping, StoppingCriteriaList):
             stopping = StoppingCriteriaList(stopping)
+        kernels = kernels and self.attention and self.window is None
+        yield from _Loop(self, prompts, pools, B, max_new_tokens, accept, eos, update_pool, cfg, tags, processor,
+                         stopping, streamer, kernels).run()
+
+    def forward(self, kernels: bool, **inputs):
+        """One forward of the model on LASER's route (the only way the loop calls the model)."""
         with self.active(kernels):
-            yield from _Loop(self, prompts, pools, B, max_new_tokens, accept, eos, update_pool, cfg, tags,
-                             processor, stopping, streamer).run()
+            return self.model(**inputs)
 
 
 @dataclass
@@ -273,7 +280,7 @@ class _Loop:
     """One call's loop over B rows (see the module docstring)."""
 
     def __init__(self, engine: Engine, prompts, pools, B, max_new, accept, eos, update_pool, cfg, tags, processor,
-                 stopping, streamer):
+                 stopping, streamer, kernels):
         self.e, self.prompts, self.pools, self.tags = engine, prompts, pools, tags
         self.max_new, self.accept, self.eos, self.update_pool, self.cfg = max_new, accept, eos, update_pool, cfg
         self.processor, self.stopping, self.streamer = processor, stopping, streamer
@@ -281,7 +288,7 @@ class _Loop:
         capacity = max(p.size for p in prompts) + max_new + cfg.budget + 1  # widest block end: W + q
         self.cache = TreeCache.for_model(engine.model, B, capacity)
         self.rows: list[_Row | None] = [None] * B
-        self.kernels = _CALL.get().kernels
+        self.kernels = kernels  # Triton tree attention in verification
 
     def run(self) -> Iterator[Result]:
         cache, cfg = self.cache, self.cfg
@@ -301,23 +308,29 @@ class _Loop:
             ids, pos, mask, extra = self.verify_inputs(pending, trees, lens, W)
             t1 = time.perf_counter()
             # 2. verify: one forward over [B, q]; logits [B, q, V] in the model's dtype
-            logits = self.e.model(input_ids=ids, position_ids=pos, attention_mask=mask, **{self.e.kv: cache},
-                                  use_cache=True, **extra).logits
+            logits = self.e.forward(self.kernels, input_ids=ids, position_ids=pos, attention_mask=mask,
+                                    **{self.e.kv: cache}, use_cache=True, **extra).logits
             if self.processor is not None:
                 logits = self.process(logits, trees)
             t2 = time.perf_counter()
             # 3. accept: longest agreeing root path + the bonus token per row, cut at EOS / max_new_tokens
             judged = accept_trees(logits, trees, self.accept.mode, self.accept.top_k, self.accept.min_prob, self.eos,
                                   [self.max_new - row.new if row else 0 for row in self.rows])
-            if self.stopping is not None:
-                judged = [j if j is None or not (cut := _stop_at(self.stopping, row.seq, row.n, j[1]))
-                          else (j[0], j[1][:cut], True) for row, j in zip(self.rows, judged)]
+            for r, (row, j) in enumerate(zip(self.rows, judged)):
+                if row is not None and self.stopping is not None:
+                    if cut := _stop_at(self.stopping, row.seq, row.n, j[1]):
+                        judged[r] = (j[0], j[1][:cut], True)
             t3 = time.perf_counter()
-            # 4. commit: each row's pending + accepted path onto its past; tokens; pools
-            moves = [(r, W + j, lens[r] + i) for r, j_ in enumerate(judged) if j_ is not None
-                     for i, j in enumerate(np.concatenate([[0], j_[0][: j_[1].size - 1] + 1]))]
+            # 4. commit: each row's pending + accepted path (block columns W + keep) onto its past
+            moves = []  # (row, block column, destination column) per kept token
+            for r, j in enumerate(judged):
+                if j is not None:
+                    path, out, _ = j
+                    keep = np.concatenate([[0], path[: out.size - 1] + 1])  # pending + the committed path's nodes
+                    moves += [(r, W + k, lens[r] + i) for i, k in enumerate(keep)]
             if moves:
                 cache.commit(*np.array(moves, dtype=np.int64).T)
+            t4 = time.perf_counter()
             done = []
             for r, (row, t, j) in enumerate(zip(self.rows, trees, judged)):
                 if row is None:
@@ -339,15 +352,12 @@ class _Loop:
                 st.time_draft += t1 - t0
                 st.time_verify += t2 - t1
                 st.time_accept += t3 - t2
+                st.time_cache += t4 - t3
                 if stop or row.new >= self.max_new:
                     st.new_tokens = row.new
                     tag = self.tags[row.index] if self.tags is not None else None
                     done.append(Result(tag, row.seq[row.L : row.n].copy(), st, row.index))
                     self.rows[r] = None
-            t4 = time.perf_counter()
-            for row in self.rows:
-                if row is not None:
-                    row.stats.time_cache += t4 - t3
             free = [r for r, row in enumerate(self.rows) if row is None]
             if free:
                 cache.reset_rows(free)
@@ -396,9 +406,9 @@ class _Loop:
         visible = np.broadcast_to(np.tril(np.ones((L, L), dtype=bool)), (len(rows), L, L))
         device = self.e.model.device
         with self.cache.filling(rows, lengths):
-            self.e.model(input_ids=torch.from_numpy(ids).to(device), position_ids=torch.from_numpy(pos.copy()).to(device),
-                         attention_mask=self.masks(visible, pos, pos), **{self.e.kv: self.cache}, use_cache=True,
-                         **fill_only(self.e.model))
+            self.e.forward(False, input_ids=torch.from_numpy(ids).to(device), position_ids=torch.from_numpy(pos.copy()).to(device),
+                           attention_mask=self.masks(visible, pos, pos), **{self.e.kv: self.cache}, use_cache=True,
+                           **fill_only(self.e.model))
 
     def masks(self, visible: np.ndarray, qpos: np.ndarray, kpos: np.ndarray):
         """Additive 4-D mask [B, 1, q, T] from visible [B, q, T]; with sliding-window layers, a dict

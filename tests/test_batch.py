@@ -6,7 +6,7 @@ import torch
 
 import laser
 from laser.batch import Request, generate_batch
-from test_decode import V, greedy, tiny
+from test_decode import V, greedy, greedy_case, tiny
 
 
 def run_batch(*args, **kwargs) -> list:
@@ -122,12 +122,7 @@ def test_batch_bad_input():
 def test_common_budget_cut_keeps_rows_exact():
     """With a cost curve every row's tree is cut to one best-first prefix; outputs stay greedy."""
     model = tiny("llama", 25)
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(1, V, int(rng.integers(3, 15))).tolist() for _ in range(5)]
-    outs = [greedy(model, p, 24, eos_token_id=None) for p in prompts]
-    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
-    for p, o in zip(prompts, outs):
-        pool.insert(o[len(p):])
+    prompts, outs, pool = greedy_case(model, 5, 5, 3, 15, 24)
     cost = 1.0 + 0.2 * np.arange(17)  # each node costs a fifth of a step: trees get cut
     res = run_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=24,
                          eos_token_id=None, update_pool=False, draft=laser.DraftConfig(budget=16, cost=cost))

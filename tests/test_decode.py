@@ -34,6 +34,18 @@ def greedy(model, ids, n, **kw):
     return out[0].tolist()
 
 
+def greedy_case(model, seed: int, count: int, lo: int, hi: int, new: int):
+    """count random prompts of lo..hi-1 tokens, their greedy outputs (new tokens, no EOS), and a
+    pool holding every output's new tokens."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, V, int(rng.integers(lo, hi))).tolist() for _ in range(count)]
+    outs = [greedy(model, p, new, eos_token_id=None) for p in prompts]
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for p, o in zip(prompts, outs):
+        pool.insert(o[len(p):])
+    return prompts, outs, pool
+
+
 def assert_same_or_near_tie(model, want, got, prompt_len):
     """Token-identical, except a divergence where greedy's top-2 gap < TIE_GAP (returns 1 then)."""
     if want == got:

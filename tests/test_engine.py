@@ -8,7 +8,7 @@ from transformers import RepetitionPenaltyLogitsProcessor, StoppingCriteria
 
 import laser
 from laser.cache import TreeCache
-from test_decode import V, greedy, tiny
+from test_decode import V, greedy, greedy_case, tiny
 
 
 def sliding(arch: str):
@@ -33,12 +33,7 @@ def test_sliding_window_models_decode_exactly(arch):
     reach (without it the outputs differ: checked below)."""
     model = sliding(arch)
     assert "sliding_attention" in model.config.layer_types
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(1, V, int(rng.integers(3, 12))).tolist() for _ in range(3)]
-    wants = [greedy(model, p, 30, eos_token_id=None) for p in prompts]
-    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
-    for p, w in zip(prompts, wants):
-        pool.insert(w[len(p):])
+    prompts, wants, pool = greedy_case(model, 1, 3, 3, 12, 30)
     for p, w in zip(prompts, wants):
         assert laser.generate(model, p, pool=pool, max_new_tokens=30, eos_token_id=None,
                               update_pool=False).sequences[0].tolist() == w
@@ -180,3 +175,20 @@ def test_processors_and_stopping_criteria_apply_to_every_row_of_a_batch():
         if stop_token in new:
             new = new[: new.index(stop_token) + 1]
         assert g[width : width + len(new)] == new and all(t == 0 for t in g[width + len(new):])
+
+
+def test_nothing_of_laser_is_active_between_results_or_after_a_call():
+    """The route is set around LASER's forwards only: the consumer of a result stream, and
+    two interleaved streams, run outside it."""
+    import laser.engine as engine_mod
+    from laser.batch import Request, generate_batch
+
+    model = tiny("llama", 2)
+    a = generate_batch(model, [Request([1, 2, 3]), Request([4, 5])], batch_size=1, max_new_tokens=5)
+    b = generate_batch(model, [Request([7, 8]), Request([9])], batch_size=1, max_new_tokens=5)
+    seen = []
+    for ra, rb in zip(a, b):
+        seen += [engine_mod._CALL.get(), ra.tokens.size, rb.tokens.size]
+    assert seen == [None, 5, 5] * 2
+    laser.generate(model, [1, 2], max_new_tokens=3)
+    assert engine_mod._CALL.get() is None
