@@ -393,7 +393,9 @@ class _Loop:
 
     def prefill(self, rows: list[int], prompts: list[np.ndarray]) -> None:
         """Cache rows[j] <- prompts[j][:-1] (the last prompt token is pending), one forward.
-        Right-padded to one length; a causal mask keeps every real token off the padding."""
+        Right-padded to one length: a causal mask keeps every real token off the padding. The
+        model builds it from a 2-D mask (SDPA's causal path where nothing is padded), except
+        with sliding-window layers, which get explicit masks per layer type."""
         lengths = [p.size - 1 for p in prompts]
         L = max(lengths)
         if L == 0:
@@ -403,12 +405,15 @@ class _Loop:
         for j, p in enumerate(prompts):
             ids[j, : p.size - 1] = p[:-1]
         pos = np.broadcast_to(np.arange(L), (len(rows), L))
-        visible = np.broadcast_to(np.tril(np.ones((L, L), dtype=bool)), (len(rows), L, L))
         device = self.e.model.device
+        if self.e.window is None:
+            mask = torch.from_numpy((np.arange(L)[None, :] < np.array(lengths)[:, None]).astype(np.int64)).to(device)
+        else:
+            mask = self.masks(np.broadcast_to(np.tril(np.ones((L, L), dtype=bool)), (len(rows), L, L)), pos, pos)
         with self.cache.filling(rows, lengths):
-            self.e.forward(False, input_ids=torch.from_numpy(ids).to(device), position_ids=torch.from_numpy(pos.copy()).to(device),
-                           attention_mask=self.masks(visible, pos, pos), **{self.e.kv: self.cache}, use_cache=True,
-                           **fill_only(self.e.model))
+            self.e.forward(False, input_ids=torch.from_numpy(ids).to(device),
+                           position_ids=torch.from_numpy(pos.copy()).to(device), attention_mask=mask,
+                           **{self.e.kv: self.cache}, use_cache=True, **fill_only(self.e.model))
 
     def masks(self, visible: np.ndarray, qpos: np.ndarray, kpos: np.ndarray):
         """Additive 4-D mask [B, 1, q, T] from visible [B, q, T]; with sliding-window layers, a dict
