@@ -192,10 +192,11 @@ class Engine:
 
     @contextlib.contextmanager
     def active(self, kernels: bool = False):
-        """Forwards of the model in this block (this thread) run LASER's attention and linears.
+        """Forwards of the model in this block (this thread) run LASER's attention and linears
+        (kernels: callers pass it already checked against self.attention and self.window, as run() does).
         Keep the block free of yields: a generator suspended inside it would leave it set."""
         cpu = self.model.device.type == "cpu" and torch.get_num_threads() >= 2
-        token = _CALL.set(_Call(kernels=kernels and self.attention and self.window is None,
+        token = _CALL.set(_Call(kernels=kernels,
                                 ways=2 * torch.get_num_threads() if cpu else 0))
         try:
             yield
@@ -458,7 +459,7 @@ class _Loop:
             visible[r, :, : lens[r]] = True
             visible[r, 1 : m + 1, W + 1 : W + 1 + m] = t.mask
             visible[r, m + 1 :, W + 1 + m :] = np.eye(q - 1 - m, dtype=bool)
-        kpos = np.concatenate([np.broadcast_to(np.arange(W), (B, W)), pos], axis=1)  # [B, W + q]
+        kpos = None if self.e.window is None else np.concatenate([np.broadcast_to(np.arange(W), (B, W)), pos], axis=1)
         device = self.e.model.device
         extra = {}
         if self.kernels and self.e.window is None:
