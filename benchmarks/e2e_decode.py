@@ -1,13 +1,15 @@
 """End-to-end decode comparison on ML-100K user-knowledge prompts, one run, same prompts.
 
-    python benchmarks/e2e_decode.py [--prompts 10] [--warm 16] [--new 160] [--device cpu]
+    python benchmarks/e2e_decode.py [--prompts 10] [--warm 16] [--new 160] [--device cpu] [--acceptance]
 
 Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER with no drafts
 (its own forward, one token per step: what the faster CPU forward alone gives), LASER
 strict, LASER relaxed (k=2, p=0.1). The shared pool is warmed with the knowledge texts the model wrote
 for *other* users (generated here with LASER strict, which equals greedy). Prints, per
 method, tokens/s, the ratio to greedy (total and median per prompt) and the mean number
-of tokens committed per step.
+of tokens committed per step. --acceptance adds LASER strict and relaxed drafting with an
+AcceptanceModel (min_match 1, 3 match levels, draft depth 30 over depth-32 pools), each
+mode's model learned online: strict's from the warm-up texts on, relaxed's over the eval prompts.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=160)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -53,13 +56,19 @@ def main(argv=None):
     print("verify cost (ms) for 0/1/2/4/8/16/32/64 nodes:", " ".join(f"{cost[b] * 1e3:.0f}" for b in (0, 1, 2, 4, 8, 16, 32, 64)))
     cfg = laser.DraftConfig(budget=args.budget, max_depth=10, cost=cost)
 
-    pool = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
+    am_cfg = laser.DraftConfig(budget=args.budget, max_depth=30, min_match=1, match_levels=3, cost=cost)
+    models = {"strict": laser.AcceptanceModel(), "relaxed": laser.AcceptanceModel()} if args.acceptance else {}
+    # depth 32 holds the deep contexts the acceptance rows draft from; the others draft as before
+    pool = laser.RetrievalPool(max_depth=32 if args.acceptance else 12, vocab_size=len(tok))
     t = time.perf_counter()
     for u in warm_users:
-        laser.generate(model, prompts[u], pool=pool, max_new_tokens=args.new, draft=cfg)
+        laser.generate(model, prompts[u], pool=pool, max_new_tokens=args.new, draft=am_cfg if models else cfg,
+                       acceptance=models.get("strict"))
     print(f"warmed pool with {len(warm_users)} users' texts in {time.perf_counter() - t:.0f} s: {len(pool)} nodes")
 
-    rows = {m: {"tokens": [], "time": [], "per_step": []} for m in ("hf_greedy", "hf_prompt_lookup", "laser_no_drafts", "laser_strict", "laser_relaxed")}
+    methods = ["hf_greedy", "hf_prompt_lookup", "laser_no_drafts", "laser_strict", "laser_relaxed"]
+    methods += ["laser_strict_am", "laser_relaxed_am"] if models else []
+    rows = {m: {"tokens": [], "time": [], "per_step": []} for m in methods}
     mismatches = 0
     for u in eval_users:
         ids = prompts[u]
@@ -72,15 +81,17 @@ def main(argv=None):
         out = laser.generate(model, ids, max_new_tokens=args.new, draft=laser.DraftConfig(budget=0, prompt_weight=0))
         r = rows["laser_no_drafts"]
         r["tokens"].append(out.stats.new_tokens); r["time"].append(time.perf_counter() - t); r["per_step"].append(1.0)
-        for mode in ("strict", "relaxed"):
+        for mode, name in [("strict", ""), ("relaxed", "")] + [(m, "_am") for m in models]:
             # each method starts from the same warmed pool: no online update across eval prompts
             t = time.perf_counter()
-            out = laser.generate(model, ids, pool=pool, max_new_tokens=args.new, mode=mode, draft=cfg, update_pool=False)
+            out = laser.generate(model, ids, pool=pool, max_new_tokens=args.new, mode=mode,
+                                 draft=am_cfg if name else cfg, update_pool=False,
+                                 acceptance=models[mode] if name else None)
             dt = time.perf_counter() - t
             got = out.sequences[0, len(ids):].tolist()
             if mode == "strict" and got != ref:
                 mismatches += 1
-            r = rows[f"laser_{mode}"]
+            r = rows[f"laser_{mode}{name}"]
             r["tokens"].append(len(got)); r["time"].append(dt); r["per_step"].append(out.stats.mean_accepted)
 
     g = rows["hf_greedy"]
@@ -95,10 +106,10 @@ def main(argv=None):
         print(f"{name:18s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step}")
     nd = rows["laser_no_drafts"]
     nd_tps = sum(nd["tokens"]) / sum(nd["time"])
-    for mode in ("strict", "relaxed"):
-        r = rows[f"laser_{mode}"]
-        print(f"speculation alone ({mode}): {sum(r['tokens']) / sum(r['time']) / nd_tps:.2f}x LASER with no drafts")
-    print(f"strict outputs differing from HF greedy: {mismatches}/{len(eval_users)}")
+    for name in methods[3:]:
+        r = rows[name]
+        print(f"speculation alone ({name}): {sum(r['tokens']) / sum(r['time']) / nd_tps:.2f}x LASER with no drafts")
+    print(f"strict outputs differing from HF greedy: {mismatches}/{len(eval_users) * (1 + bool(models))}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 #include "trie.h"
 
 namespace py = pybind11;
+using laser::AcceptanceModel;
 using laser::DraftParams;
 using laser::DraftTree;
 using laser::Pool;
@@ -100,16 +101,29 @@ double float_arg(PyObject* o, const char* name, double dflt) {
 }
 
 // a = [context, budget, max_depth (already resolved into `max_depth`), min_match, max_match,
-// cost, confidence]: the arguments after the pools, as bind_args() left them.
+// cost, confidence, acceptance, sources, min_chance, match_levels]: the arguments after the pools, as
+// bind_args() left them.
 DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_pools, PyObject* const* a,
                     int32_t max_depth) {
   Tokens ctx = as_tokens(a[0], "context");
   for (size_t i = 0; i < n_pools; ++i)
     if (!(weights[i] > 0.0)) throw py::value_error("pool weights must be positive");
   py::object keep;  // owner of the cost buffer, if any
-  const DraftParams p = params(int_arg(a[1], "budget", 32), max_depth, int_arg(a[3], "min_match", 2),
-                               int_arg(a[4], "max_match", 4), py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None),
-                               float_arg(a[6], "confidence", 1.0), keep);
+  DraftParams p = params(int_arg(a[1], "budget", 32), max_depth, int_arg(a[3], "min_match", 2),
+                         int_arg(a[4], "max_match", 4), py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None),
+                         float_arg(a[6], "confidence", 1.0), keep);
+  std::vector<int32_t> sources;
+  if (a[7] && a[7] != Py_None) {
+    if (!py::isinstance<AcceptanceModel>(a[7])) throw py::type_error("acceptance must be an AcceptanceModel or None");
+    p.acceptance = &py::handle(a[7]).cast<const AcceptanceModel&>();
+  }
+  if (a[8] && a[8] != Py_None) {
+    sources = py::handle(a[8]).cast<std::vector<int32_t>>();
+    if (sources.size() != n_pools) throw py::value_error("need one source slot per pool");
+    p.sources = sources.data();
+  }
+  p.min_chance = float_arg(a[9], "min_chance", 0.0);
+  p.match_levels = int_arg(a[10], "match_levels", 1);
   py::gil_scoped_release release;
   return laser::draft(pools, weights, int(n_pools), ctx.data(), ctx.size(), p);
 }
@@ -166,9 +180,12 @@ PyObject* guarded(F&& body) {
 }
 
 PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
-  static Signature sig{"draft", {"context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence"}, 1};
+  static Signature sig{"draft",
+                       {"context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence", "acceptance",
+                        "sources", "min_chance", "match_levels"},
+                       1};
   return guarded([&] {
-    PyObject* a[7];
+    PyObject* a[11];
     bind_args(sig, args, nargs, kwnames, a);
     const Pool* one = &py::handle(self).cast<const Pool&>();
     const double unit = 1.0;
@@ -179,10 +196,11 @@ PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
 
 PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static Signature sig{"draft_union",
-                       {"pools", "weights", "context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence"},
+                       {"pools", "weights", "context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence",
+                        "acceptance", "sources", "min_chance", "match_levels"},
                        3};
   return guarded([&] {
-    PyObject* a[9];
+    PyObject* a[13];
     bind_args(sig, args, nargs, kwnames, a);
     const auto pools = py::handle(a[0]).cast<std::vector<const Pool*>>();
     const auto weights = py::handle(a[1]).cast<std::vector<double>>();
@@ -198,14 +216,16 @@ PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t narg
 
 PyMethodDef draft_def{
     "draft", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_method)), METH_FASTCALL | METH_KEYWORDS,
-    "draft($self, /, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, confidence=1.0)\n--\n\n"
+    "draft($self, /, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, confidence=1.0, "
+    "acceptance=None, sources=None, min_chance=0.0, match_levels=1)\n--\n\n"
     "Draft tree for the longest matching suffix of `context` (max_depth 0: the pool's own)."};
 PyMethodDef draft_union_def{
     "draft_union", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_union_function)),
     METH_FASTCALL | METH_KEYWORDS,
     "draft_union(pools, weights, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, "
-    "confidence=1.0)\n--\n\n"
-    "Draft from several pools at once; a node's count is the weighted sum of the pools' counts."};
+    "confidence=1.0, acceptance=None, sources=None, min_chance=0.0, match_levels=1)\n--\n\n"
+    "Draft from several pools at once; a node's count is the weighted sum of the pools' counts\n"
+    "(with an AcceptanceModel: nodes are scored by their calibrated chance, the best pool's for a token)."};
 
 // cut_trees: one cost-aware budget for trees verified together (None entries: idle rows).
 py::list cut_trees(const py::list& trees, const py::object& cost, double confidence) {
@@ -248,6 +268,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("depth", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.depth, {t.n}, s); })
       .def_property_readonly("counts", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.counts, {t.n}, s); })
       .def_property_readonly("rank", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.rank, {t.n}, s); })
+      .def_property_readonly("bins", [](py::object s) { auto& t = s.cast<DraftTree&>(); return view(t.bins, {t.n}, s); })
       .def_property_readonly("mask", [](py::object s) {
         auto& t = s.cast<DraftTree&>();
         return py::array(py::dtype("bool"), {t.n, t.n}, {t.n, 1}, t.mask, s);
@@ -266,6 +287,43 @@ PYBIND11_MODULE(_C, m) {
         "Cut trees verified in one forward to their first b best-first nodes, one b for all: the b that\n"
         "maximises sum over trees of (1 + expected accepted) / cost[b] (the cut draft() makes for one tree).\n"
         "None entries (idle rows) pass through.");
+
+  auto state = [](const std::vector<double>& (AcceptanceModel::*get)() const) {
+    return [get](const AcceptanceModel& c) {
+      std::shared_lock<std::shared_mutex> lock(c.mutex());
+      const std::vector<double>& v = (c.*get)();
+      return py::array_t<double>(py::ssize_t(v.size()), v.data());  // a copy
+    };
+  };
+  py::class_<AcceptanceModel>(m, "AcceptanceModel",
+                          "Acceptance model of drafted nodes by (source, context length, parent count, share),\n"
+                          "learned from verified trees with observe(tree, accepted_path).")
+      .def(py::init<double>(), py::arg("prior") = 4.0)
+      .def("observe",
+           [](AcceptanceModel& c, const DraftTree& t, const py::handle& path) {
+             Tokens p = as_tokens(path, "path");
+             py::gil_scoped_release release;
+             c.observe(t, p.data(), int32_t(p.size()));
+           },
+           py::arg("tree"), py::arg("path"))
+      .def("set_state",
+           [](AcceptanceModel& c, const py::handle& hits, const py::handle& tries) {
+             auto h = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(hits);
+             auto t = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(tries);
+             if (!h || !t || h.ndim() != 1 || t.ndim() != 1 || h.size() != AcceptanceModel::kBins || t.size() != AcceptanceModel::kBins)
+               throw py::value_error("acceptance model state: hits and tries must be 1-D of length " +
+                                     std::to_string(AcceptanceModel::kBins));
+             c.set_state(h.data(), t.data());
+           },
+           py::arg("hits"), py::arg("tries"))
+      .def_property_readonly("hits", state(&AcceptanceModel::hits))
+      .def_property_readonly("tries", state(&AcceptanceModel::tries))
+      .def_property_readonly("q", state(&AcceptanceModel::q))
+      .def_property_readonly("prior", &AcceptanceModel::prior)
+      .def_static("bin", &AcceptanceModel::bin, py::arg("source"), py::arg("context"), py::arg("parent_count"), py::arg("share"))
+      .def_property_readonly_static("shape", [](py::object) {
+        return py::make_tuple(AcceptanceModel::kSources, AcceptanceModel::kContexts, AcceptanceModel::kCounts, AcceptanceModel::kShares);
+      });
 
   py::class_<Pool> pool_cls(m, "RetrievalPool");
   pool_cls

@@ -407,20 +407,98 @@ void DraftTree::allocate(int32_t n_nodes, int32_t leaves, int32_t width) {
   n = n_nodes, n_paths = leaves, path_width = width;
   const size_t per_node = size_t(n), n_paths_words = size_t(leaves) * size_t(width);
   const size_t mask_words = (size_t(n) * size_t(n) + 3) / 4;
-  buf.reset(new int32_t[5 * per_node + n_paths_words + mask_words]);  // uninitialised
+  buf.reset(new int32_t[6 * per_node + n_paths_words + mask_words]);  // uninitialised
   int32_t* p = buf.get();
   tokens = p, parents = p + per_node, depth = p + 2 * per_node, rank = p + 3 * per_node;
   counts = reinterpret_cast<float*>(p + 4 * per_node);
-  paths = p + 5 * per_node;
+  bins = p + 5 * per_node;
+  std::fill(bins, bins + per_node, -1);
+  paths = p + 6 * per_node;
   std::fill(paths, paths + n_paths_words, -1);
   mask = reinterpret_cast<uint8_t*>(paths + n_paths_words);
   std::memset(mask, 0, size_t(n) * size_t(n));
 }
 
+// ---------------------------------------------------------------- AcceptanceModel
+
+AcceptanceModel::AcceptanceModel(double prior)
+    : prior_(prior), hits_(kBins, 0.0), tries_(kBins, 0.0), q_(kBins, 0.0) {
+  if (!(prior > 0.0)) throw std::invalid_argument("acceptance model prior must be positive");
+  refresh();
+}
+
+int32_t AcceptanceModel::bin(int32_t source, int32_t context, double parent_count, double share) {
+  const int32_t c = context <= 4 ? std::max(context, 1) - 1 : context <= 6 ? 4 : context <= 8 ? 5 : context <= 12 ? 6 : 7;
+  const int32_t k = parent_count < 1.5 ? 0 : parent_count < 2.5 ? 1 : parent_count < 4.5 ? 2
+                  : parent_count < 8.5 ? 3 : parent_count < 16.5 ? 4 : 5;
+  const int32_t v = std::min(kShares - 1, std::max(0, int32_t(share * kShares)));
+  return ((source * kContexts + c) * kCounts + k) * kShares + v;
+}
+
+void AcceptanceModel::refresh() {
+  // two levels of shrinkage: a bin toward its source's rate at that share (all contexts and
+  // counts pooled), that toward the share itself; then nondecreasing in the share per row
+  constexpr int32_t kRow = kContexts * kCounts;
+  for (int32_t src = 0; src < kSources; ++src) {
+    for (int32_t v = 0; v < kShares; ++v) {
+      double h = 0.0, n = 0.0;
+      for (int32_t r = 0; r < kRow; ++r) h += hits_[(src * kRow + r) * kShares + v], n += tries_[(src * kRow + r) * kShares + v];
+      const double mid = (v + 0.5) / kShares;
+      const double m = (h + prior_ * mid) / (n + prior_);
+      for (int32_t r = 0; r < kRow; ++r) {
+        const int32_t i = (src * kRow + r) * kShares + v;
+        q_[i] = (hits_[i] + prior_ * m) / (tries_[i] + prior_);
+      }
+    }
+    for (int32_t r = 0; r < kRow; ++r) {  // isotonic in the share: pool adjacent violators, weights tries + prior
+      double value[kShares], weight[kShares];
+      int32_t size[kShares], blocks = 0;
+      for (int32_t v = 0; v < kShares; ++v) {
+        const int32_t i = (src * kRow + r) * kShares + v;
+        value[blocks] = q_[i], weight[blocks] = tries_[i] + prior_, size[blocks] = 1;
+        for (++blocks; blocks > 1 && value[blocks - 2] > value[blocks - 1]; --blocks) {
+          const double w = weight[blocks - 2] + weight[blocks - 1];
+          value[blocks - 2] = (value[blocks - 2] * weight[blocks - 2] + value[blocks - 1] * weight[blocks - 1]) / w;
+          weight[blocks - 2] = w, size[blocks - 2] += size[blocks - 1];
+        }
+      }
+      for (int32_t k = 0, v = 0; k < blocks; ++k)
+        for (int32_t j = 0; j < size[k]; ++j, ++v) q_[(src * kRow + r) * kShares + v] = std::min(1.0, value[k]);
+    }
+  }
+}
+
+void AcceptanceModel::observe(const DraftTree& t, const int32_t* path, int32_t n_path) {
+  std::vector<uint8_t> acc(size_t(t.n), 0);
+  for (int32_t j = 0; j < n_path; ++j) {
+    if (path[j] < 0 || path[j] >= t.n) throw std::invalid_argument("accepted path index out of range");
+    acc[path[j]] = 1;
+  }
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  for (int32_t i = 0; i < t.n; ++i) {
+    const int32_t b = t.bins[i], p = t.parents[i];
+    if (b < 0 || (p >= 0 && !acc[p])) continue;  // only nodes whose parent was accepted were tried
+    tries_[b] += 1.0;
+    hits_[b] += acc[i];
+  }
+  refresh();
+}
+
+void AcceptanceModel::set_state(const double* hits, const double* tries) {
+  for (int32_t i = 0; i < kBins; ++i)
+    if (!(hits[i] >= 0.0 && tries[i] >= hits[i])) throw std::invalid_argument("acceptance model state needs 0 <= hits <= tries");
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  hits_.assign(hits, hits + kBins);
+  tries_.assign(tries, tries + kBins);
+  refresh();
+}
+
 namespace {
 using Kid = Pool::Kid;
 struct Cand {
-  double count;                  // weighted count (sum over pools)
+  double count;                  // weighted count (sum over pools); calibrated: the path's chance
+  double pscore;                 // calibrated: the parent's chance (1 for the context)
+  const int32_t* bin;            // calibrated: this candidate's bin in its list (siblings follow)
   int32_t depth, token, parent;  // parent: selection index, -1 for the context
   int32_t left;                  // siblings after this one in its sorted list
   const Kid* kid;                // this candidate in its sorted sibling list
@@ -443,8 +521,8 @@ struct Worse {  // a is a worse candidate than b: std heaps keep the best on top
   }
 };
 struct Merged {
-  double count;
-  int32_t token, pool, node;
+  double count;  // weighted count; calibrated: q
+  int32_t token, pool, node, bin;
 };
 // Buffers of one draft call, reused so that a warm draft allocates nothing but its result.
 struct Scratch {
@@ -456,6 +534,7 @@ struct Scratch {
   std::vector<Kid> small;          // [budget + 1, kSmallFanout] storage for small child lists
   std::vector<std::vector<Kid>> lists;         // P > 1: merged sorted lists (stable buffers)
   std::vector<std::vector<int32_t>> list_ids;  // [len(list), P] for each merged list
+  std::vector<std::vector<int32_t>> list_bins; // calibrated: [len(list)] bins for each merged list
   std::vector<int32_t> head, tail, next, dfs_of, order, stack;
   std::vector<uint8_t> is_leaf;
   std::vector<double> chance;     // the cost cut's chances, best-first
@@ -536,6 +615,7 @@ DraftTree prefix(const DraftTree& t, int32_t b) {
     out.parents[i] = t.parents[o] < 0 ? -1 : new_of[t.parents[o]];
     out.depth[i] = t.depth[o];
     out.counts[i] = t.counts[o];
+    out.bins[i] = t.bins[o];
     uint8_t* row = out.mask + size_t(i) * n;
     if (out.parents[i] >= 0) std::memcpy(row, out.mask + size_t(out.parents[i]) * n, size_t(out.parents[i]) + 1);
     row[i] = 1;
@@ -555,7 +635,16 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     throw std::invalid_argument("need 0 <= budget < 2^22 - 1, max_depth >= 1, 1 <= min_match <= max_match");
   if (prm.cost && prm.cost_len < 1) throw std::invalid_argument("cost curve must not be empty");
   if (!(prm.confidence > 0.0 && prm.confidence <= 1.0)) throw std::invalid_argument("confidence must be in (0, 1]");
-  const int P = n_pools;
+  if (!(prm.min_chance >= 0.0 && prm.min_chance < 1.0)) throw std::invalid_argument("min_chance must be in [0, 1)");
+  if (prm.match_levels < 1) throw std::invalid_argument("match_levels must be >= 1");
+  int P = n_pools;
+  const AcceptanceModel* cal = prm.acceptance;
+  if (prm.sources)
+    for (int p = 0; p < P; ++p)
+      if (prm.sources[p] < 0 || prm.sources[p] >= AcceptanceModel::kSources)
+        throw std::invalid_argument("sources must be in [0, " + std::to_string(AcceptanceModel::kSources) + ")");
+  std::shared_lock<std::shared_mutex> cal_lock;
+  if (cal) cal_lock = std::shared_lock<std::shared_mutex>(cal->mutex());
   for (int p = 0; p < P; ++p) pools[p]->check_tokens(ctx, n_ctx);
   int32_t budget = prm.budget;
   if (prm.cost) budget = std::min(budget, prm.cost_len - 1);
@@ -582,19 +671,35 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     locks.held = i + 1;
     locks.list[i]->reserve_cache(budget + 1);
   }
-  // Each pool matches its own longest suffix; the root's count sums the matched nodes.
-  int32_t ids_small[8];
-  std::vector<int32_t> ids_big(P > 8 ? P : 0);
-  int32_t* ids = P > 8 ? ids_big.data() : ids_small;
+  // Each pool matches its own longest suffix; the root's count sums the matched nodes. With
+  // match_levels m > 1 a pool enters once per matched suffix length, its m longest (an entry
+  // = pool, weight, source slot and matched node); from here on `pools`, `weights`, `sources`
+  // and P are the entries.
   DraftTree t;
   double root_count = 0.0;
+  std::vector<const Pool*> entry_pools;
+  std::vector<double> entry_weights;
+  std::vector<int32_t> entry_sources, ids;
   for (int p = 0; p < P; ++p) {
     int32_t len = 0;
-    ids[p] = pools[p]->match(ctx, n_ctx, prm.min_match, prm.max_match, &len);
-    if (ids[p] >= 0) root_count += weights[p] * pools[p]->nodes()[ids[p]].count;
+    const int32_t node = pools[p]->match(ctx, n_ctx, prm.min_match, prm.max_match, &len);
     t.match_len = std::max(t.match_len, len);
+    auto enter = [&](int32_t id) {
+      entry_pools.push_back(pools[p]), entry_weights.push_back(weights[p]);
+      entry_sources.push_back(prm.sources ? prm.sources[p] : 0), ids.push_back(id);
+      if (id >= 0) root_count += weights[p] * pools[p]->nodes()[id].count;
+    };
+    enter(node);
+    for (int32_t L = len - 1, more = prm.match_levels - 1; node >= 0 && more > 0 && L >= prm.min_match; --L) {
+      int32_t v = 0;
+      for (int64_t i = n_ctx - L; i < n_ctx && v >= 0; ++i) v = pools[p]->child(v, ctx[i]);
+      if (v >= 0 && pools[p]->nodes()[v].first_child >= 0) enter(v), --more;
+    }
   }
-  t.root_count = root_count;
+  P = int(entry_pools.size());
+  pools = entry_pools.data(), weights = entry_weights.data();
+  const int32_t* sources = entry_sources.data();
+  t.root_count = cal ? 1.0 : root_count;  // calibrated: counts are chances already
 
   // Best-first growth with lazy siblings: an expanded node's sorted child list stays where
   // it is (the pool's cache for one pool, a merged list for several) and only its best
@@ -608,56 +713,77 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   sel.clear(), sel_ids.clear(), cands.clear(), heap.clear();
   size_t n_lists = 0, n_expanded = 0;
   S.small.resize(size_t(budget + 1) * Pool::kSmallFanout);
-  auto push = [&](const Kid* kid, const int32_t* kid_ids, int32_t left, int32_t depth, int32_t parent) {
-    const double count = P == 1 ? weights[0] * kid->count : kid->count;
+  // kid: the best remaining child in its sorted list (siblings follow it); pscore and bin:
+  // calibrated drafts only (the parent's chance, the kid's bin in its list).
+  auto push = [&](const Kid* kid, const int32_t* kid_ids, int32_t left, int32_t depth, int32_t parent, double pscore,
+                  const int32_t* bin) {
+    const double count = cal ? pscore * kid->count : P == 1 ? weights[0] * kid->count : kid->count;
+    if (cal && count < prm.min_chance) return;  // its later siblings score lower still
     heap.push_back(HeapItem{count, HeapItem::pack(depth, kid->token, parent), int32_t(cands.size())});
-    cands.push_back(Cand{count, depth, kid->token, parent, left, kid, kid_ids});
+    cands.push_back(Cand{count, pscore, bin, depth, kid->token, parent, left, kid, kid_ids});
     std::push_heap(heap.begin(), heap.end(), Worse{});
   };
 
-  auto expand = [&](const int32_t* pid, int32_t depth, int32_t parent_sel, int32_t room) {
+  // pscore: the chance of the node being expanded (calibrated drafts; 1 for the context)
+  auto expand = [&](const int32_t* pid, int32_t depth, int32_t parent_sel, int32_t room, double pscore) {
     if (depth >= prm.max_depth || room <= 0) return;
     // Storage for this expansion's small list (at most budget + 1 expansions: no realloc).
     Kid* small = S.small.data() + size_t(n_expanded++) * Pool::kSmallFanout;
-    if (P == 1) {  // the pool's cached list, in place; a Kid's node is its only id
+    if (P == 1 && !cal) {  // the pool's cached list, in place; a Kid's node is its only id
       int32_t len = 0;
       const Kid* kids = pools[0]->best_children(pid[0], room, &len, small);
-      if (len > 0) push(kids, &kids->node, len - 1, depth + 1, parent_sel);
+      if (len > 0) push(kids, &kids->node, len - 1, depth + 1, parent_sel, 0.0, nullptr);
       return;
     }
-    // Several pools: each offers its best `room`; equal tokens are summed into one list.
+    // Several pools (or calibrated): each offers its best `room`; equal tokens are summed into
+    // one list (calibrated: the best q of the pools, and that pool's bin).
     auto& merged = S.merged;
     merged.clear();
     for (int p = 0; p < P; ++p) {
       if (pid[p] < 0) continue;
       int32_t len = 0;
       const Kid* kids = pools[p]->best_children(pid[p], room, &len, small);
-      for (int32_t j = 0; j < len; ++j) merged.push_back(Merged{weights[p] * kids[j].count, kids[j].token, p, kids[j].node});
+      const Node& parent = pools[p]->nodes()[pid[p]];
+      for (int32_t j = 0; j < len; ++j) {
+        if (!cal) {
+          merged.push_back(Merged{weights[p] * kids[j].count, kids[j].token, p, kids[j].node, -1});
+          continue;
+        }
+        const int32_t b = AcceptanceModel::bin(sources[p], parent.depth, parent.count,
+                                           parent.count > 0.0 ? kids[j].count / parent.count : 0.0);
+        merged.push_back(Merged{cal->q()[b], kids[j].token, p, kids[j].node, b});
+      }
     }
     if (merged.empty()) return;
     std::sort(merged.begin(), merged.end(), [](const Merged& a, const Merged& b) { return a.token < b.token; });
-    if (n_lists == S.lists.size()) S.lists.emplace_back(), S.list_ids.emplace_back();
+    if (n_lists == S.lists.size()) S.lists.emplace_back(), S.list_ids.emplace_back(), S.list_bins.emplace_back();
     std::vector<Kid>& kids = S.lists[n_lists];
     std::vector<int32_t>& kid_ids = S.list_ids[n_lists];
+    std::vector<int32_t>& kid_bins = S.list_bins[n_lists];
     ++n_lists;
     kids.clear();  // Kid::node = first index of the token's run in `merged`
     for (size_t i = 0; i < merged.size(); ++i) {
       if (i == 0 || merged[i].token != merged[i - 1].token) kids.push_back(Kid{0.0, merged[i].token, int32_t(i)});
-      kids.back().count += merged[i].count;
+      if (cal) kids.back().count = std::max(kids.back().count, merged[i].count);
+      else kids.back().count += merged[i].count;
     }
     auto best_first = [](const Kid& a, const Kid& b) { return a.count != b.count ? a.count > b.count : a.token < b.token; };
     std::sort(kids.begin(), kids.end(), best_first);
     if (int32_t(kids.size()) > room) kids.resize(room);
     kid_ids.assign(kids.size() * P, -1);
+    kid_bins.assign(kids.size(), -1);
     for (size_t k = 0; k < kids.size(); ++k)
-      for (size_t i = size_t(kids[k].node); i < merged.size() && merged[i].token == kids[k].token; ++i)
+      for (size_t i = size_t(kids[k].node); i < merged.size() && merged[i].token == kids[k].token; ++i) {
         kid_ids[k * P + merged[i].pool] = merged[i].node;
-    push(kids.data(), kid_ids.data(), int32_t(kids.size()) - 1, depth + 1, parent_sel);
+        if (merged[i].count == kids[k].count && kid_bins[k] < 0) kid_bins[k] = merged[i].bin;  // the best pool's
+      }
+    push(kids.data(), kid_ids.data(), int32_t(kids.size()) - 1, depth + 1, parent_sel, pscore,
+         cal ? kid_bins.data() : nullptr);
   };
 
   sel.reserve(budget);
   sel_ids.reserve(size_t(budget) * P);
-  if (t.match_len > 0) expand(ids, 0, -1, budget);
+  if (t.match_len > 0) expand(ids.data(), 0, -1, budget, 1.0);
   while (int32_t(sel.size()) < budget && !heap.empty()) {
     std::pop_heap(heap.begin(), heap.end(), Worse{});
     const Cand c = cands[heap.back().cand];
@@ -665,8 +791,10 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     const int32_t s = int32_t(sel.size());
     sel.push_back(c);
     if (P == 1) sel_ids.push_back(*c.ids); else sel_ids.insert(sel_ids.end(), c.ids, c.ids + P);
-    if (c.left > 0) push(c.kid + 1, P == 1 ? &c.kid[1].node : c.ids + P, c.left - 1, c.depth, c.parent);
-    expand(sel_ids.data() + size_t(s) * P, c.depth, s, budget - s - 1);
+    if (c.left > 0)
+      push(c.kid + 1, P == 1 && !cal ? &c.kid[1].node : c.ids + P, c.left - 1, c.depth, c.parent, c.pscore,
+           c.bin ? c.bin + 1 : nullptr);
+    expand(sel_ids.data() + size_t(s) * P, c.depth, s, budget - s - 1, c.count);
   }
 
   // Cost-aware cut: keep the best-first prefix maximising (1 + E[accepted]) / cost.
@@ -674,9 +802,9 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   if (prm.cost && n > 0 && root_count > 0.0) {
     auto& chance = S.chance;
     chance.resize(n);
-    for (int32_t i = 0; i < n; ++i) chance[i] = std::min(1.0, sel[i].count / root_count);
+    for (int32_t i = 0; i < n; ++i) chance[i] = cal ? sel[i].count : std::min(1.0, sel[i].count / root_count);
     const double* rows[1] = {chance.data()};
-    n = best_budget(rows, &n, 1, prm.cost, prm.cost_len, prm.confidence);
+    n = best_budget(rows, &n, 1, prm.cost, prm.cost_len, cal ? 1.0 : prm.confidence);
   }
 
   // Flatten depth-first. Children of a node are visited in selection (best-first) order.
@@ -714,6 +842,7 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     t.parents[i] = c.parent < 0 ? -1 : dfs_of[c.parent];
     t.depth[i] = c.depth;
     t.counts[i] = float(c.count);
+    t.bins[i] = c.bin ? *c.bin : -1;
     t.rank[i] = order[i];
     uint8_t* row = t.mask + size_t(i) * n;
     if (t.parents[i] >= 0) std::memcpy(row, t.mask + size_t(t.parents[i]) * n, size_t(t.parents[i]) + 1);

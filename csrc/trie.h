@@ -118,12 +118,13 @@ struct DraftTree {
   int32_t* tokens = nullptr;      // [n]
   int32_t* parents = nullptr;     // [n]   DFS index of the parent, -1 = child of the context
   int32_t* depth = nullptr;       // [n]   1 for children of the context
-  float* counts = nullptr;        // [n]   pool count (weighted sum across pools)
+  float* counts = nullptr;        // [n]   pool count (weighted sum across pools); calibrated: the chance
+  int32_t* bins = nullptr;        // [n]   AcceptanceModel bin of the node (-1: drafted without one)
   int32_t* rank = nullptr;        // [n]   selection order (best-first); rank < b is a subtree
   int32_t* paths = nullptr;       // [n_paths, path_width] DFS indices root->leaf, -1 padded
   uint8_t* mask = nullptr;        // [n, n] mask[i*n + j] = j is an ancestor of i or j == i (zeroed)
   std::unique_ptr<int32_t[]> buf;
-  // Sets n, n_paths, path_width and the array pointers; paths start at -1, mask at 0.
+  // Sets n, n_paths, path_width and the array pointers; paths start at -1, bins at -1, mask at 0.
   void allocate(int32_t n_nodes, int32_t leaves, int32_t width);
 };
 
@@ -139,7 +140,50 @@ struct DraftParams {
   // count divided by its root count (the empirical chance that the text follows it).
   const double* cost = nullptr;
   int32_t cost_len = 0;
-  double confidence = 1.0;  // scales each node's empirical chance in the cut (calibrated by the caller)
+  double confidence = 1.0;  // scales each node's empirical chance in the cut (uncalibrated drafts)
+  // Optional acceptance model: nodes are scored by their calibrated chance (see AcceptanceModel),
+  // sources[p] names pool p's source slot, and candidates below min_chance never enter.
+  const class AcceptanceModel* acceptance = nullptr;
+  const int32_t* sources = nullptr;  // [n_pools] in [0, AcceptanceModel::kSources); null: all 0
+  double min_chance = 0.0;
+  // Each pool drafts from its match_levels longest matched suffixes (>= min_match), not only
+  // the longest: shorter contexts add continuations the longest one never saw.
+  int32_t match_levels = 1;
+};
+
+// Acceptance model of drafted nodes, learned from verified trees: q(bin) estimates the chance
+// that a node is accepted given that its parent was (or that it is a child of the context), by
+//   bin = (source slot of the pool it came from, the length of the context its parent stands
+//          for in that pool (match length + depth - 1), the parent's count there, the node's
+//          share of that count).
+// A calibrated draft scores a node by the product of q along its path: the chance that the
+// text follows the whole path, which is what the best-first growth and the cost cut use.
+// q = (hits + prior * m) / (tries + prior), where m is the same estimate for the bin's source
+// and share with contexts and counts pooled (itself shrunk toward the bin's mid share), then
+// fitted nondecreasing in the share within each (source, context, count) row (isotonic
+// regression, weights tries + prior), so that a node's children sorted by count are sorted by q. Thread-safe: observe() takes the write lock,
+// draft() a shared one.
+class AcceptanceModel {
+ public:
+  static constexpr int kSources = 4, kContexts = 8, kCounts = 6, kShares = 10;
+  static constexpr int kBins = kSources * kContexts * kCounts * kShares;
+  explicit AcceptanceModel(double prior);
+  static int32_t bin(int32_t source, int32_t context, double parent_count, double share);
+  // One verified tree: path[0:n_path] = DFS indices of its accepted nodes (a root path).
+  void observe(const DraftTree& t, const int32_t* path, int32_t n_path);
+  // Replace the counts (hits <= tries, both [kBins]); for resuming a saved model.
+  void set_state(const double* hits, const double* tries);
+  double prior() const { return prior_; }
+  const std::vector<double>& hits() const { return hits_; }  // caller holds lock_shared()
+  const std::vector<double>& tries() const { return tries_; }
+  const std::vector<double>& q() const { return q_; }
+  std::shared_mutex& mutex() const { return mu_; }
+
+ private:
+  void refresh();  // recompute q from the counts
+  double prior_;
+  std::vector<double> hits_, tries_, q_;
+  mutable std::shared_mutex mu_;
 };
 
 class Pool {

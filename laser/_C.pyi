@@ -15,7 +15,7 @@ class DraftTree:
     """Draft tree in depth-first pre-order; arrays are zero-copy views owned by the tree."""
 
     match_len: int
-    root_count: float  # weighted count of the matched context; counts / root_count = empirical chance
+    root_count: float  # weighted count of the matched context (1 with an AcceptanceModel); counts / root_count = chance
     @property
     def tokens(self) -> npt.NDArray[np.int32]: ...  # [n]
     @property
@@ -25,12 +25,33 @@ class DraftTree:
     @property
     def counts(self) -> npt.NDArray[np.float32]: ...  # [n]
     @property
+    def bins(self) -> npt.NDArray[np.int32]: ...  # [n] AcceptanceModel bin of each node, -1 without a model
+    @property
     def rank(self) -> npt.NDArray[np.int32]: ...  # [n] best-first selection order; rank < b is a subtree
     @property
     def mask(self) -> npt.NDArray[np.bool_]: ...  # [n, n] ancestor-or-self
     @property
     def paths(self) -> npt.NDArray[np.int32]: ...  # [n_leaves, max_depth], -1 padded
     def __len__(self) -> int: ...
+
+class AcceptanceModel:
+    """Chance that a drafted node is accepted given its parent was, by (source slot, context
+    length, parent count, share); learned from verified trees (observe)."""
+
+    shape: tuple[int, int, int, int]  # (sources, contexts, counts, shares)
+    def __init__(self, prior: float = 4.0) -> None: ...
+    def observe(self, tree: DraftTree, path: npt.ArrayLike) -> None: ...  # path: DFS indices of the accepted nodes
+    def set_state(self, hits: npt.ArrayLike, tries: npt.ArrayLike) -> None: ...
+    @property
+    def hits(self) -> npt.NDArray[np.float64]: ...  # [prod(shape)] copies
+    @property
+    def tries(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def q(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def prior(self) -> float: ...
+    @staticmethod
+    def bin(source: int, context: int, parent_count: float, share: float) -> int: ...
 
 class RetrievalPool:
     def __init__(self, max_depth: int = 12, vocab_size: int = 0, max_nodes: int = 1 << 22, decay: float = 0.5) -> None: ...
@@ -45,6 +66,10 @@ class RetrievalPool:
         max_match: int = 4,
         cost: npt.ArrayLike | None = None,
         confidence: float = 1.0,
+        acceptance: AcceptanceModel | None = None,
+        sources: Sequence[int] | None = None,  # one source slot per pool, in [0, 4)
+        min_chance: float = 0.0,
+        match_levels: int = 1,
     ) -> DraftTree: ...
     def count(self, tokens: npt.ArrayLike) -> float: ...
     def check_tokens(self, tokens: npt.ArrayLike) -> None: ...
@@ -72,6 +97,10 @@ def draft_union(
     max_match: int = 4,
     cost: npt.ArrayLike | None = None,
     confidence: float = 1.0,
+    acceptance: AcceptanceModel | None = None,
+    sources: Sequence[int] | None = None,
+    min_chance: float = 0.0,
+    match_levels: int = 1,
 ) -> DraftTree: ...
 
 def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, confidence: float = 1.0) -> list[DraftTree | None]:

@@ -1,13 +1,13 @@
 """LASER: retrieval-based speculative decoding for recommender knowledge generation."""
 
-from laser._C import DraftTree, PoolFormatError, RetrievalPool, cut_trees, draft_union
+from laser._C import AcceptanceModel, DraftTree, PoolFormatError, RetrievalPool, cut_trees, draft_union
 from laser.config import AcceptConfig, DraftConfig
 from laser.decode import DecodeOutput, DecodeStats, calibrate, generate, hf_generate
 from laser.engine import Engine
 from laser.model import load_model
 
 __all__ = [
-    "AcceptConfig", "DecodeOutput", "DecodeStats", "DraftConfig", "DraftTree", "Engine", "PoolFormatError",
+    "AcceptConfig", "AcceptanceModel", "DecodeOutput", "DecodeStats", "DraftConfig", "DraftTree", "Engine", "PoolFormatError",
     "RetrievalPool", "calibrate", "cut_trees", "draft_union", "generate", "hf_generate", "load_model",
 ]
 __version__ = "0.1.0"

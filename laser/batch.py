@@ -17,13 +17,15 @@ __all__ = ["Request", "Result", "generate_batch"]
 def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_tokens: int = 128,
                    mode: str = "strict", top_k: int = 2, min_prob: float = 0.1, eos_token_id="auto",
                    update_pool: bool = True, draft: DraftConfig | None = None, use_kernels: bool | None = None,
-                   logits_processor=None, stopping_criteria=None) -> Iterator[Result]:
+                   logits_processor=None, stopping_criteria=None, acceptance=None,
+                   learn_into=None) -> Iterator[Result]:
     """Decode all requests, `batch_size` rows at a time, refilling rows as they finish.
 
     Returns an iterator that yields each Result as its request finishes (finish order;
     `Result.index` is the request's position): nothing is kept after it is yielded, so a
     long queue runs in flat memory. Arguments are checked here, before the first result.
-    Strict mode gives each request exactly its own greedy output.
+    Strict mode gives each request exactly its own greedy output. acceptance, learn_into:
+    AcceptanceModels, as in laser.generate.
     """
     cfg = draft or DraftConfig()
     accept = AcceptConfig(mode, top_k, min_prob)
@@ -37,4 +39,4 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
         return iter(())
     return engine.run(prompts, [r.pool for r in requests], min(batch_size, len(requests)), max_new_tokens, accept,
                       eos, update_pool, cfg, kernels, tags=[r.tag for r in requests], processor=logits_processor,
-                      stopping=stopping_criteria)
+                      stopping=stopping_criteria, acceptance=acceptance, learn_into=learn_into)

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=int, default=32, help="most draft-tree nodes per step")
     g.add_argument("--cost", help="cost curve JSON (laser calibrate); default: measured once, kept in the manifest")
     g.add_argument("--rebuild-pools", action="store_true", help="rebuild OUT.pools from the records (records untouched)")
+    g.add_argument("--acceptance", action="store_true", help="draft with an acceptance model learned from the job's "
+                   "own verified trees (kept with the pools; 1-token and several match lengths)")
     g.add_argument("--workers", type=int, help="run on Ray with N actors (one model replica each), sharded by pool group")
     g.add_argument("--ray-address", help="an existing Ray cluster (default: a local instance started for the job)")
     g.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
                             clusters=args.clusters, threshold=args.threshold, seed=args.seed,
                             batch_size=args.batch_size, block=args.block, budget=args.budget, cost=args.cost,
                             rebuild_pools=args.rebuild_pools, prompt_template=args.prompt_template,
-                            history_until=args.history_until,
+                            history_until=args.history_until, acceptance=args.acceptance,
                             files={"users": args.users, "items": args.items, "interactions": args.interactions})
             summary = run_job(cfg, progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address,
                               threads=args.threads_per_worker, fmt=args.format)

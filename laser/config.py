@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# AcceptanceModel source slots (draft_union(..., sources=)): where a drafted node came from.
+SHARED, OWN, GLOBAL = 0, 1, 2  # the request's group pool, its own prompt and output, a pool of every text
+
+
 @dataclass(frozen=True)
 class DraftConfig:
     budget: int = 32  # hard cap on tree nodes per step
@@ -23,10 +27,14 @@ class DraftConfig:
     max_match: int = 4
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each step's trees (see calibrate)
-    confidence: float = 1.0  # scales the pool's chances in the cost cut, in (0, 1]
+    confidence: float = 1.0  # scales the pool's chances in the cost cut, in (0, 1] (drafts without an AcceptanceModel)
+    # With an AcceptanceModel (generate(..., acceptance=)): nodes whose calibrated chance is
+    # below min_chance are not drafted, and each pool drafts from its match_levels longest matches.
+    min_chance: float = 0.0
+    match_levels: int = 1
 
     def __post_init__(self):
-        for name in ("budget", "max_depth", "min_match", "max_match"):
+        for name in ("budget", "max_depth", "min_match", "max_match", "match_levels"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"DraftConfig.{name} must be an int, got {v!r}")
@@ -40,6 +48,10 @@ class DraftConfig:
             raise ValueError(f"DraftConfig.prompt_weight must be >= 0, got {self.prompt_weight!r}")
         if not 0 < self.confidence <= 1:
             raise ValueError(f"DraftConfig.confidence must be in (0, 1], got {self.confidence!r}")
+        if not 0 <= self.min_chance < 1:
+            raise ValueError(f"DraftConfig.min_chance must be in [0, 1), got {self.min_chance!r}")
+        if self.match_levels < 1:
+            raise ValueError(f"DraftConfig.match_levels must be >= 1, got {self.match_levels}")
         if self.cost is not None:
             cost = np.asarray(self.cost, dtype=np.float64)
             if cost.ndim != 1 or cost.size < 1 or not np.all(np.isfinite(cost)) or not np.all(cost > 0):
@@ -51,7 +63,8 @@ class DraftConfig:
             return NotImplemented
         same_cost = (self.cost is None and other.cost is None) or (
             self.cost is not None and other.cost is not None and np.array_equal(self.cost, other.cost))
-        fields = ("budget", "max_depth", "min_match", "max_match", "prompt_weight", "confidence")
+        fields = ("budget", "max_depth", "min_match", "max_match", "prompt_weight", "confidence", "min_chance",
+                  "match_levels")
         return same_cost and all(getattr(self, f) == getattr(other, f) for f in fields)
 
     __hash__ = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from laser._C import RetrievalPool
+from laser._C import AcceptanceModel, RetrievalPool
 from laser.cache import TreeCache
 from laser.config import AcceptConfig, DraftConfig
 from laser.engine import DecodeStats, Engine
@@ -46,6 +46,8 @@ def generate(
     streamer=None,
     attention_mask=None,
     pad_token_id: int | None = None,
+    acceptance: AcceptanceModel | None = None,
+    learn_into: AcceptanceModel | None = None,
 ) -> DecodeOutput:
     """Speculative decoding with drafts from `pool` and from each request's own text.
 
@@ -62,6 +64,9 @@ def generate(
     every row (a step that commits several tokens is cut where it fires).
     streamer: an HF streamer (one sequence, as HF's own): it gets the prompt, then each
     step's committed tokens, then end().
+    acceptance: an AcceptanceModel: drafts are scored by its calibrated chances (with
+    draft.min_chance and draft.match_levels) and it learns from every verified tree (or
+    learn_into does, leaving acceptance as it is: drafts then do not depend on row order).
     The first call on a model prepares it (laser.engine.Engine).
     """
     cfg = draft or DraftConfig()
@@ -80,7 +85,8 @@ def generate(
         streamer.put(torch.from_numpy(prompts[0].astype(np.int64))[None])
     res = sorted(engine.run(prompts, [pool] * len(prompts), len(prompts), max_new_tokens, accept, eos, update_pool,
                             cfg, kernels, processor=logits_processor or None, stopping=stopping_criteria or None,
-                            streamer=streamer), key=lambda r: r.index)
+                            streamer=streamer, acceptance=acceptance, learn_into=learn_into),
+                 key=lambda r: r.index)
     if streamer is not None:
         streamer.end()
     if one:

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from laser._C import RetrievalPool, cut_trees, draft_union
+from laser._C import AcceptanceModel, RetrievalPool, cut_trees, draft_union
 from laser.accept import accept_trees
 from laser.cache import TreeCache
-from laser.config import AcceptConfig, DraftConfig
+from laser.config import OWN, SHARED, AcceptConfig, DraftConfig
 from laser.cpu import sdpa_gqa_forward, split_linear
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
@@ -240,9 +240,12 @@ class Engine:
     @torch.no_grad()
     def run(self, prompts: list[np.ndarray], pools: list, B: int, max_new_tokens: int, accept: AcceptConfig,
             eos: np.ndarray, update_pool: bool, cfg: DraftConfig, kernels: bool, tags=None, processor=None,
-            stopping=None, streamer=None) -> Iterator[Result]:
+            stopping=None, streamer=None, acceptance: AcceptanceModel | None = None,
+            learn_into: AcceptanceModel | None = None) -> Iterator[Result]:
         """Decode checked prompts B rows at a time; yields each Result as its row finishes.
-        processor / stopping: HF LogitsProcessorList / StoppingCriteriaList (plain lists too), or None."""
+        processor / stopping: HF LogitsProcessorList / StoppingCriteriaList (plain lists too), or None.
+        acceptance: draft by this model's chances; every verified tree teaches learn_into
+        (default: acceptance itself, learning online)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if isinstance(processor, list) and not isinstance(processor, LogitsProcessorList):
@@ -251,7 +254,7 @@ class Engine:
             stopping = StoppingCriteriaList(stopping)
         kernels = kernels and self.attention and self.window is None
         yield from _Loop(self, prompts, pools, B, max_new_tokens, accept, eos, update_pool, cfg, tags, processor,
-                         stopping, streamer, kernels).run()
+                         stopping, streamer, kernels, acceptance, learn_into).run()
 
     def forward(self, kernels: bool, **inputs):
         """One forward of the model on LASER's route (the only way the loop calls the model)."""
@@ -268,6 +271,7 @@ class _Row:
     local: RetrievalPool  # this request's prompt and output (prompt lookup)
     pools: list  # what it drafts from: the shared pool (weight 1) and local (prompt_weight)
     weights: list
+    sources: list  # AcceptanceModel source slot of each: SHARED or OWN
     budget: int
     shared: RetrievalPool | None
     stats: DecodeStats
@@ -281,8 +285,10 @@ class _Loop:
     """One call's loop over B rows (see the module docstring)."""
 
     def __init__(self, engine: Engine, prompts, pools, B, max_new, accept, eos, update_pool, cfg, tags, processor,
-                 stopping, streamer, kernels):
+                 stopping, streamer, kernels, acceptance, learn_into):
         self.e, self.prompts, self.pools, self.tags = engine, prompts, pools, tags
+        self.acceptance = acceptance
+        self.learner = learn_into if learn_into is not None else acceptance
         self.max_new, self.accept, self.eos, self.update_pool, self.cfg = max_new, accept, eos, update_pool, cfg
         self.processor, self.stopping, self.streamer = processor, stopping, streamer
         self.queue = deque(range(len(prompts)))
@@ -297,12 +303,15 @@ class _Loop:
         while any(row is not None for row in self.rows):
             t0 = time.perf_counter()
             # 1. draft: each row's tree from its own pools; one cost-aware budget for all
+            model = self.acceptance
+            extra = {} if model is None else {"acceptance": model, "min_chance": cfg.min_chance,
+                                              "match_levels": cfg.match_levels}
             trees = [None if row is None else
                      draft_union(row.pools, row.weights, row.seq[: row.n], budget=row.budget, max_depth=cfg.max_depth,
                                  min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost,
-                                 confidence=cfg.confidence) for row in self.rows]
-            if cfg.cost is not None and len(trees) > 1:
-                trees = cut_trees(trees, cfg.cost, cfg.confidence)
+                                 confidence=cfg.confidence, sources=row.sources, **extra) for row in self.rows]
+            if cfg.cost is not None and len(trees) > 1:  # calibrated trees hold chances: no confidence scaling
+                trees = cut_trees(trees, cfg.cost, cfg.confidence if model is None else 1.0)
             W = cache.begin_block()
             lens = cache.lens[: len(self.rows)]
             pending = np.array([row.seq[row.n - 1] if row else 0 for row in self.rows])
@@ -337,6 +346,8 @@ class _Loop:
                 if row is None:
                     continue
                 path, out, stop = j
+                if self.learner is not None:  # the path's committed nodes (out = them + a bonus, or cut)
+                    self.learner.observe(t, path[: out.size])
                 row.local.extend(row.seq[: row.n], out)
                 if self.update_pool and row.shared is not None:
                     row.shared.extend(row.seq[row.L : row.n], out)  # windows inside the output only
@@ -382,11 +393,12 @@ class _Loop:
                 shared = self.pools[i]
                 local = RetrievalPool(max_depth=shared.max_depth if shared is not None else 12)
                 local.insert(ids)
-                pairs = [(p, w) for p, w in ((shared, 1.0), (local, cfg.prompt_weight)) if p is not None and w > 0]
+                pairs = [(p, w, k) for p, w, k in ((shared, 1.0, SHARED), (local, cfg.prompt_weight, OWN))
+                         if p is not None and w > 0]
                 # with neither pool: budget 0, one token per step (draft_union needs a pool: local)
-                self.rows[r] = _Row(i, seq, L, L, local, [p for p, _ in pairs] or [local],
-                                    [w for _, w in pairs] or [1.0], cfg.budget if pairs else 0, shared,
-                                    DecodeStats(time_prefill=each))
+                self.rows[r] = _Row(i, seq, L, L, local, [p for p, *_ in pairs] or [local],
+                                    [w for _, w, _ in pairs] or [1.0], [k for *_, k in pairs] or [OWN],
+                                    cfg.budget if pairs else 0, shared, DecodeStats(time_prefill=each))
         if not self.queue and any(row is None for row in self.rows) and any(self.rows):
             keep = [r for r, row in enumerate(self.rows) if row is not None]
             self.cache.keep_rows(keep)

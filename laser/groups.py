@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from laser import RetrievalPool
+from laser import AcceptanceModel, RetrievalPool
 from laser.data import Dataset
 
 MODES = ("none", "global", "collaborative", "attribute", "routed")
@@ -91,12 +91,15 @@ class Router:
 
 
 class PoolSet:
-    """One RetrievalPool per group, created on first use; saved as files in one folder."""
+    """One RetrievalPool per group, created on first use; saved as files in one folder. With
+    acceptance, also the job's AcceptanceModel (one for all groups), saved in the index."""
 
-    def __init__(self, mode: str, max_depth: int = 12, vocab_size: int = 0, max_nodes: int = 1 << 20):
+    def __init__(self, mode: str, max_depth: int = 12, vocab_size: int = 0, max_nodes: int = 1 << 20,
+                 acceptance: bool = False):
         if mode not in MODES:
             raise ValueError(f"pool mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode, self.max_depth, self.vocab_size, self.max_nodes = mode, max_depth, vocab_size, max_nodes
+        self.acceptance = AcceptanceModel() if acceptance else None
         self.pools: dict[str, RetrievalPool] = {}
         self.records = 0  # output records whose texts are in the pools
         self.blocks = 0  # job blocks whose texts are in the pools (laser.job)
@@ -110,6 +113,10 @@ class PoolSet:
             self.pools[group] = RetrievalPool(self.max_depth, self.vocab_size, self.max_nodes)
         return self.pools[group]
 
+    def learn(self, observed: AcceptanceModel) -> None:
+        """Add a block's observations (counts: the order of a block's rows does not matter)."""
+        self.acceptance.set_state(self.acceptance.hits + observed.hits, self.acceptance.tries + observed.tries)
+
     def save(self, folder: Path) -> None:
         """Pools first, then the index (atomic rename): a crash leaves the previous index valid."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,6 +128,9 @@ class PoolSet:
             files[group] = name + f".r{self.records}"
         index = {"mode": self.mode, "max_depth": self.max_depth, "vocab_size": self.vocab_size,
                  "max_nodes": self.max_nodes, "records": self.records, "blocks": self.blocks, "files": files}
+        if self.acceptance is not None:  # counts are whole numbers: exact in JSON
+            index["acceptance"] = {"prior": self.acceptance.prior, "hits": self.acceptance.hits.tolist(),
+                                   "tries": self.acceptance.tries.tolist()}
         tmp = folder / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, folder / "index.json")
@@ -136,6 +146,10 @@ class PoolSet:
             raise ValueError(f"saved pools in {folder} are for --pool {index['mode']}, not {mode}")
         ps = cls(mode, index["max_depth"], index["vocab_size"], index["max_nodes"])
         ps.records, ps.blocks = int(index["records"]), int(index["blocks"])
+        if "acceptance" in index:
+            a = index["acceptance"]
+            ps.acceptance = AcceptanceModel(float(a["prior"]))
+            ps.acceptance.set_state(np.asarray(a["hits"], dtype=np.float64), np.asarray(a["tries"], dtype=np.float64))
         for group, name in index["files"].items():
             ps.pools[group] = RetrievalPool.load(str(folder / name))
         return ps

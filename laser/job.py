@@ -19,6 +19,10 @@ trees is measured once and stored in the manifest (or given with --cost), and no
 enters the records. With batch_size > 1 a row's float rounding depends on its batch
 mates, so a resumed block is decoded whole again (with the same schedule) and only its
 missing records are written: batch size is an input of the output, nothing else is.
+With --acceptance the job's AcceptanceModel is frozen like the pools: a block drafts from
+the model as of its start, its verified trees are counted aside and added when the block is
+done (sums of counts: row order does not matter), and the model is saved with the pools; a
+resumed block, or one finished after the last snapshot, is decoded whole again for its trees.
 A kill at any moment (SIGKILL, SIGTERM, Ctrl-C) followed by a rerun gives the records an
 uninterrupted run gives (timing fields aside).
 """
@@ -45,6 +49,11 @@ MANIFEST_FORMAT = 1
 # records; a change of these belongs in the manifest (a new field, defaulting to these
 # values for older manifests).
 JOB_DRAFT = {"min_match": 2, "max_match": 4, "prompt_weight": 8.0, "confidence": 1.0}
+# --acceptance: drafts scored by the job's AcceptanceModel, which makes 1-token matches and
+# several match lengths per pool pay (benchmarks/RESULTS.md, drafting replay)
+JOB_DRAFT_ACCEPTANCE = {"min_match": 1, "max_match": 8, "prompt_weight": 8.0, "confidence": 1.0, "match_levels": 3}
+# settings added after the first manifests, with the value every older manifest's job had
+LEGACY_SETTINGS = {"acceptance": False}
 TIMING_FIELDS = ("time",)  # the only record fields that vary between identical runs
 
 
@@ -82,6 +91,7 @@ class JobConfig:
     block: int = 32  # ids per frozen-pool block
     cost: str | None = None  # JSON file with the cost curve; None: measured once, stored in the manifest
     rebuild_pools: bool = False  # rebuild OUT.pools from the records (and --warm), records untouched
+    acceptance: bool = False  # draft with an AcceptanceModel learned from the job's own verified trees
 
 
 def read_records(path: Path) -> list[dict]:
@@ -164,6 +174,7 @@ def _settings(cfg: JobConfig, ds_files: dict, model_id: str, model_hash: str, th
         "max_depth": cfg.max_depth, "batch_size": cfg.batch_size, "block": cfg.block,
         "prompt_template": file_sha256(cfg.prompt_template) if cfg.prompt_template else "built-in",
         "warm": file_sha256(cfg.warm) if cfg.warm else None, "history_until": cfg.history_until,
+        "acceptance": cfg.acceptance,
     }
 
 
@@ -173,7 +184,7 @@ FLAGS = {"model_sha256": "--model (content)", "dataset_files": "--data-dir / --u
 
 def _check_manifest(path: Path, stored: dict, now: dict) -> None:
     for key, value in now.items():
-        if stored.get(key) != value:
+        if stored.get(key, LEGACY_SETTINGS.get(key)) != value:
             flag = FLAGS.get(key, "--" + key.replace("_", "-"))
             raise JobError(f"{path}: the records were made with {flag} = {stored.get(key)!r}, this command gives "
                            f"{value!r}; use the same settings or another --out")
@@ -237,7 +248,7 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict,
     index = pool_dir / "index.json"
     fresh = cfg.rebuild_pools or not by_id
     if fresh:
-        pools = PoolSet(cfg.pool, vocab_size=len(tok))
+        pools = PoolSet(cfg.pool, vocab_size=len(tok), acceptance=cfg.acceptance)
         if cfg.warm:
             _warm(pools, cfg.warm, tok, group_fn, groups)
     elif not index.exists():
@@ -246,13 +257,18 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict,
     else:
         try:
             pools = PoolSet.load(pool_dir, cfg.pool)
-        except (laser.PoolFormatError, json.JSONDecodeError, KeyError, TypeError, OSError) as e:
+        except (laser.PoolFormatError, json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as e:
             raise JobError(f"{pool_dir}: damaged pool snapshot ({e}); rerun with --rebuild-pools") from None
+        if (pools.acceptance is not None) != cfg.acceptance:
+            raise JobError(f"{pool_dir}: the snapshot {'has' if pools.acceptance is not None else 'has no'} "
+                           "acceptance model, this job " + ("uses one" if cfg.acceptance else "does not"))
         if pools.blocks > complete:
             raise JobError(f"{pool_dir}: the snapshot holds {pools.blocks} finished blocks but the records only "
                            f"{complete}; rerun with --rebuild-pools")
     start = pools.blocks
-    for b in range(start, complete):
+    # with an acceptance model, blocks finished after the snapshot are decoded again (their
+    # records stay): the model needs their verified trees, which the records do not hold
+    for b in range(start, start if cfg.acceptance else complete):
         _insert_block(pools, blocks[b], by_id, group_fn)
     if fresh or pools.blocks != start:  # a fresh job saves its warm pools before the first record
         pools.save(pool_dir)
@@ -269,6 +285,9 @@ def _validate(cfg: JobConfig) -> None:
         raise JobError("--limit must be >= 1")
     if cfg.mode not in ("strict", "relaxed"):
         raise JobError(f"--mode must be strict or relaxed, got {cfg.mode!r}")
+    if cfg.acceptance and cfg.rebuild_pools:
+        raise JobError("--rebuild-pools with --acceptance: the acceptance model is learned from verified trees, "
+                       "not from the records, so it cannot be rebuilt; restore OUT.pools or write to another --out")
 
 
 def run_job(cfg: JobConfig, progress: bool = True, workers: int | None = None, ray_address: str | None = None,
@@ -284,6 +303,9 @@ def run_job(cfg: JobConfig, progress: bool = True, workers: int | None = None, r
         raise JobError(f"--format must be jsonl or parquet, got {fmt!r}")
     if workers is None and (ray_address or fmt != "jsonl"):
         raise JobError("--ray-address and --format parquet need --workers (the Ray job)")
+    if workers is not None and cfg.acceptance:
+        raise JobError("--acceptance with --workers is not supported yet: each shard would learn its own model, "
+                       "so the records would depend on the sharding")
     out = Path(cfg.out)
     folder = out.parent if str(out.parent) else Path(".")
     if folder.is_dir() and not (folder.stat().st_mode & 0o222 and os.access(folder, os.W_OK)):  # (root ignores the bits)
@@ -438,7 +460,8 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
     blocks = [[k for k in b if k in subset] for b in plan.blocks]  # global block numbers, this subset's ids
     groups = {plan.group(k) for k in keys} if len(subset) < len(plan.all_keys) else None
     pools = _pools(cfg, pool_dir, blocks, by_id, tok, plan.group, groups)
-    draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost, **JOB_DRAFT)
+    draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost,
+                              **(JOB_DRAFT_ACCEPTANCE if cfg.acceptance else JOB_DRAFT))
     in_run = subset & set(plan.keys)
     last_block = -(-len(plan.keys) // cfg.block)  # blocks that hold ids of this run
     stats = {"written": 0, "tokens": 0, "steps": 0, "mismatched": 0,
@@ -464,9 +487,16 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
         for b in range(pools.blocks, last_block):
             block = [k for k in blocks[b] if k in in_run]
             missing = [k for k in block if k not in by_id]
-            if missing:
-                _decode_block(model, tok, plan, pools, draft, missing if cfg.batch_size == 1 else block, write)
+            # the block's observations of the acceptance model (merged when the block is done)
+            learned = laser.AcceptanceModel(pools.acceptance.prior) if pools.acceptance is not None else None
+            if missing or learned is not None:
+                # a resumed block is decoded whole when the batch (float rounding) or the
+                # acceptance model (what the finished records taught it) depends on all of it
+                whole = cfg.batch_size > 1 or learned is not None
+                _decode_block(model, tok, plan, pools, draft, block if whole else missing, write, learned)
             if all(k in by_id for k in blocks[b]):  # the whole block (not only --limit's part) is done
+                if learned is not None:
+                    pools.learn(learned)
                 _insert_block(pools, blocks[b], by_id, plan.group)
                 if blocks[b]:
                     pools.save(pool_dir)
@@ -477,22 +507,25 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
             "mean_accepted": stats["tokens"] / stats["steps"] if stats["steps"] else 0.0, "pools": len(pools.pools)}
 
 
-def _decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str], write) -> None:
-    """Decode `keys` (in order) against the block's frozen pools; write each record as it finishes."""
+def _decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str], write, learned=None) -> None:
+    """Decode `keys` (in order) against the block's frozen pools (and acceptance model, whose
+    observations go to `learned`); write each record as it finishes."""
     cfg, group_fn = plan.cfg, plan.group
+    am = {} if learned is None else {"acceptance": pools.acceptance, "learn_into": learned}
     prompts = [chat_ids(tok, plan.template.render(plan.ds, cfg.target, k)) for k in keys]
     if cfg.batch_size == 1:
         for key, ids in zip(keys, prompts):
             t0 = time.perf_counter()
             res = laser.generate(model, ids, pool=pools.get(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
-                                 mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False)
+                                 mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False,
+                                 **am)
             write(key, res.sequences[0, len(ids):].tolist(), res.stats.steps, time.perf_counter() - t0)
         return
     from laser.batch import Request, generate_batch
 
     reqs = [Request(ids, pools.get(group_fn(k)), k) for k, ids in zip(keys, prompts)]
     for r in generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
-                            top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False):
+                            top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False, **am):
         write(r.tag, r.tokens.tolist(), r.stats.steps, r.stats.total_time)
 
 

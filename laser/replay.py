@@ -10,6 +10,7 @@ tokens/step here is the decoder's (tests/test_replay.py checks it against laser.
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from pathlib import Path
@@ -17,13 +18,15 @@ from pathlib import Path
 import numpy as np
 
 import laser
+from laser.config import GLOBAL, OWN, SHARED
 from laser.data import chat_ids
 from laser.groups import PoolSet
 from laser.job import JOB_DRAFT, JobConfig, make_plan, read_records
 
 
 def corpus_plan(corpus: Path, dataset: str, target: str):
-    man = corpus.with_name(corpus.name + ".manifest.json")
+    name = corpus.name[: -len(".gz")] if corpus.name.endswith(".gz") else corpus.name
+    man = corpus.with_name(name + ".manifest.json")
     m = json.loads(man.read_text()) if man.exists() else {}
     cfg = JobConfig(dataset=dataset, target=target, pool=m.get("pool", "routed"), clusters=m.get("clusters", 8),
                     seed=m.get("seed", 0), threshold=m.get("threshold"), history_until=m.get("history_until"),
@@ -34,38 +37,65 @@ def corpus_plan(corpus: Path, dataset: str, target: str):
 
 
 def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_eval: int, block: int = 1,
-           draft: laser.DraftConfig | None = None) -> dict:
-    """Replay records[-n_eval:] after warming with records[:warm]; returns the totals."""
+           draft: laser.DraftConfig | None = None, acceptance: laser.AcceptanceModel | None = None,
+           with_global: bool = False, pool_depth: int | None = None, learn_warm: bool = False) -> dict:
+    """Replay records[-n_eval:] after warming with records[:warm]; returns the totals.
+
+    acceptance: draft with this model (source slots SHARED, OWN, GLOBAL) and teach it every
+    verified tree, as the engine does; learn_warm: the warm
+    records are replayed too (uncounted), as the job would have decoded them, so the model
+    has learned from them. with_global: one more pool holding every text (weight 1).
+    pool_depth: the pools' max_depth (default: the job's)."""
     cfg = draft or laser.DraftConfig(budget=budget, max_depth=plan.cfg.max_depth, **JOB_DRAFT)
-    pools = PoolSet(plan.cfg.pool, vocab_size=0)
-    for rec in records[:warm]:
+    pools = PoolSet(plan.cfg.pool, vocab_size=0, **({} if pool_depth is None else {"max_depth": pool_depth}))
+    depth = pools.max_depth
+    everything = laser.RetrievalPool(max_depth=depth) if with_global else None
+
+    def add(rec):
+        tokens = np.asarray(rec["tokens"], dtype=np.int64)
         pool = pools.get(rec["group"])
         if pool is not None:
-            pool.insert(np.asarray(rec["tokens"], dtype=np.int64))
+            pool.insert(tokens)
+        if everything is not None:
+            everything.insert(tokens)
+
+    taught = records[:warm] if learn_warm and acceptance is not None else []
+    if not taught:
+        for rec in records[:warm]:
+            add(rec)
     steps = tokens = nodes = 0
-    t_draft, pending = 0.0, []
-    for rec in records[-n_eval:]:
+    t_draft, pending, expected = 0.0, [], 0.0
+    for k, rec in enumerate(taught + records[-n_eval:]):
+        if k == len(taught):  # the counted part starts
+            steps = tokens = nodes = 0
+            t_draft, expected = 0.0, 0.0
         prompt = np.asarray(prompts[rec["id"]], dtype=np.int32)
         text = np.asarray(rec["tokens"], dtype=np.int32)
         seq = np.concatenate([prompt, text])
-        shared = pools.get(rec["group"])
-        local = laser.RetrievalPool(max_depth=shared.max_depth if shared is not None else 12)
+        local = laser.RetrievalPool(max_depth=depth)
         local.insert(prompt)
-        srcs = [(p, w) for p, w in ((shared, 1.0), (local, cfg.prompt_weight)) if p is not None and w > 0]
+        srcs = [(p, w, k) for p, w, k in ((pools.get(rec["group"]), 1.0, SHARED), (local, cfg.prompt_weight, OWN),
+                                          (everything, 1.0, GLOBAL)) if p is not None and w > 0]
+        kw = {"sources": [k for *_, k in srcs]}
+        if acceptance is not None:  # as the engine drafts with one
+            kw.update(acceptance=acceptance, min_chance=cfg.min_chance, match_levels=cfg.match_levels)
         n, end = prompt.size, seq.size
         while n < end:
             t0 = time.perf_counter()
-            tree = laser.draft_union([p for p, _ in srcs], [w for _, w in srcs], seq[:n], budget=cfg.budget,
-                                     max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match)
+            tree = laser.draft_union([p for p, *_ in srcs], [w for _, w, _ in srcs], seq[:n], budget=cfg.budget,
+                                     max_depth=cfg.max_depth, min_match=cfg.min_match, max_match=cfg.max_match, **kw)
             t_draft += time.perf_counter() - t0
             # node i (depth d) proposes seq[n - 1 + d]; its whole root path must match
-            depth = tree.depth.astype(np.int64)
+            depth_of = tree.depth.astype(np.int64)
             ok = np.zeros(len(tree), dtype=bool)
             for i in range(len(tree)):  # parents precede children (DFS order)
                 p = tree.parents[i]
-                at = n - 1 + depth[i]
+                at = n - 1 + depth_of[i]
                 ok[i] = at < end and tree.tokens[i] == seq[at] and (p < 0 or ok[p])
-            a = int(depth[ok].max()) if ok.any() else 0
+            if acceptance is not None:
+                expected += float(tree.counts.sum())  # the model's expected accepted tokens (before it learns)
+                acceptance.observe(tree, np.flatnonzero(ok))  # the accepted path (one node per depth)
+            a = int(depth_of[ok].max()) if ok.any() else 0
             out = seq[n : min(n + a + 1, end)]  # accepted path + the bonus token
             local.extend(seq[:n], out)
             n += out.size
@@ -73,10 +103,63 @@ def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_e
         pending.append(rec)
         if len(pending) == block:
             for r in pending:
-                pool = pools.get(r["group"])
-                if pool is not None:
-                    pool.insert(np.asarray(r["tokens"], dtype=np.int64))
+                add(r)
             pending = []
+    return {"tokens_per_step": tokens / steps, "nodes_per_step": nodes / steps,
+            "accepted_per_node": (tokens - steps) / nodes if nodes else 0.0, "steps": steps, "tokens": tokens,
+            "draft_us_per_step": 1e6 * t_draft / steps, **({} if acceptance is None else
+                                                          {"expected_accepted_per_step": expected / steps})}
+
+
+def suffix_cache_class():
+    """SuffixDecodingCache (ArcticInference), built by benchmarks/suffix_baseline.sh into $LASER_CACHE/arctic."""
+    import os
+    import sys
+
+    try:
+        from arctic_inference.suffix_decoding import SuffixDecodingCache
+    except ImportError:
+        home = Path(os.environ.get("LASER_CACHE", Path.home() / ".cache" / "laser")) / "arctic"
+        if not (home / "arctic_inference").is_dir():
+            raise RuntimeError(f"SuffixDecoding is not built in {home}: run bash benchmarks/suffix_baseline.sh") from None
+        sys.path.insert(0, str(home))
+        from arctic_inference.suffix_decoding import SuffixDecodingCache
+    return SuffixDecodingCache
+
+
+def replay_suffix(records: list[dict], prompts: dict, budget: int, warm: int, n_eval: int, max_spec_factor: float = 4.0,
+                  min_token_prob: float = 0.0, tree: bool = True, max_depth: int = 64) -> dict:
+    """The same replay with SuffixDecoding drafting (its global tree of all responses, the
+    request's prompt tree, max_spec_tokens = budget). Its native updates: a request's
+    output enters the global tree as it is written."""
+    cache = suffix_cache_class()(max_tree_depth=max_depth)
+    for k, rec in enumerate(records[:warm]):
+        cache.start_request(("warm", k), np.asarray(prompts[rec["id"]], dtype=np.int32))
+        cache.add_active_response(("warm", k), np.asarray(rec["tokens"], dtype=np.int32))
+        cache.stop_request(("warm", k))
+    steps = tokens = nodes = 0
+    t_draft = 0.0
+    for k, rec in enumerate(records[-n_eval:]):
+        prompt = np.asarray(prompts[rec["id"]], dtype=np.int32)
+        seq = np.concatenate([prompt, np.asarray(rec["tokens"], dtype=np.int32)])
+        cache.start_request(("eval", k), prompt)
+        n, end = prompt.size, seq.size
+        while n < end:
+            t0 = time.perf_counter()
+            d = cache.speculate(("eval", k), seq[:n], max_spec_tokens=budget, max_spec_factor=max_spec_factor,
+                                min_token_prob=min_token_prob, use_tree_spec=tree)
+            t_draft += time.perf_counter() - t0
+            a, node = 0, -1  # walk the drafted tree along the true continuation
+            while n + a < end:
+                nxt = [i for i, p in enumerate(d.parents) if p == node and d.token_ids[i] == seq[n + a]]
+                if not nxt:
+                    break
+                node, a = nxt[0], a + 1
+            out = seq[n : min(n + a + 1, end)]
+            cache.add_active_response(("eval", k), out)
+            n += out.size
+            steps, tokens, nodes = steps + 1, tokens + out.size, nodes + len(d.token_ids)
+        cache.stop_request(("eval", k))
     return {"tokens_per_step": tokens / steps, "nodes_per_step": nodes / steps,
             "accepted_per_node": (tokens - steps) / nodes if nodes else 0.0, "steps": steps, "tokens": tokens,
             "draft_us_per_step": 1e6 * t_draft / steps}
@@ -89,7 +172,10 @@ def load_corpus(corpus: str | Path, dataset: str = "ml-100k", target: str = "use
     from laser.model import default_model_dir
 
     corpus = Path(corpus)
-    records = read_records(corpus)
+    if corpus.suffix == ".gz":  # a packed, finished output (benchmarks/knowledge)
+        records = [json.loads(line) for line in gzip.decompress(corpus.read_bytes()).splitlines() if line.strip()]
+    else:
+        records = read_records(corpus)
     plan = corpus_plan(corpus, dataset, target)
     tok = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
     prompts = {r["id"]: chat_ids(tok, plan.template.render(plan.ds, target, r["id"])) for r in records}

@@ -43,11 +43,12 @@ def reference(peaked_model, tmp_path_factory):
 
     made = {}
 
-    def get(mode, batch):
-        if (mode, batch) not in made:
+    def get(mode, batch, extra=()):
+        key = (mode, batch, tuple(extra))
+        if key not in made:
             out = tmp_path_factory.mktemp(f"ref-{mode}-{batch}") / "k.jsonl"
-            assert cli(job_args(peaked_model, out, mode=mode, batch=batch)) == 0
-            made[mode, batch] = out
-        return made[mode, batch]
+            assert cli(job_args(peaked_model, out, mode=mode, batch=batch, extra=extra)) == 0
+            made[key] = out
+        return made[key]
 
     return get

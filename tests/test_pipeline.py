@@ -21,10 +21,11 @@ from jobhelp import BLOCK, LIMIT, NEW, job_args, pool_bytes, records_of
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 4])
-def test_kills_at_random_moments_resume_to_the_uninterrupted_records(peaked_model, reference, tmp_path, batch):
+@pytest.mark.parametrize("batch, extra", [(1, ()), (4, ()), (1, ("--acceptance",))])
+def test_kills_at_random_moments_resume_to_the_uninterrupted_records(peaked_model, reference, tmp_path, batch, extra):
+    """Also with the acceptance model, which learns from the job's own verified trees."""
     out = tmp_path / "k.jsonl"
-    cmd = [sys.executable, "-m", "laser.cli", *job_args(peaked_model, out, batch=batch)]
+    cmd = [sys.executable, "-m", "laser.cli", *job_args(peaked_model, out, batch=batch, extra=extra)]
     rng = np.random.default_rng(batch)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     seen = []
@@ -54,10 +55,12 @@ def test_kills_at_random_moments_resume_to_the_uninterrupted_records(peaked_mode
     assert sum(0 < n < LIMIT for n in seen) >= 2, f"too few kills landed mid-run: {seen}"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    got, want = records_of(out), records_of(reference("relaxed", batch))
+    got, want = records_of(out), records_of(reference("relaxed", batch, extra))
     assert [r["id"] for r in got] == [r["id"] for r in want]  # each id exactly once, in the same order
     assert got == want
-    assert pool_bytes(out) == pool_bytes(reference("relaxed", batch))  # pools byte-identical too
+    assert pool_bytes(out) == pool_bytes(reference("relaxed", batch, extra))  # pools byte-identical too
+    index = lambda o: json.loads((Path(str(o) + ".pools") / "index.json").read_text())  # noqa: E731
+    assert index(out).get("acceptance") == index(reference("relaxed", batch, extra)).get("acceptance")
 
 
 @pytest.mark.slow
@@ -279,3 +282,30 @@ def test_calibrate_writes_a_cost_file_the_job_takes(peaked_model, tmp_path, caps
     args[args.index("--cost") + 1] = str(cost)
     assert cli(args) == 0
     assert json.loads(Path(str(out) + ".manifest.json").read_text())["cost"] == curve
+
+
+def test_acceptance_model_job_is_greedy_in_strict_mode_and_kept_with_the_pools(peaked_model, reference, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "am.jsonl"
+    assert cli(job_args(peaked_model, out, mode="strict", extra=("--acceptance",))) == 0
+    strict = records_of(reference("strict", 1))
+    assert [r["tokens"] for r in records_of(out)] == [r["tokens"] for r in strict]  # greedy, whatever it drafts
+    index = json.loads((Path(str(out) + ".pools") / "index.json").read_text())
+    tries, hits = np.asarray(index["acceptance"]["tries"]), np.asarray(index["acceptance"]["hits"])
+    assert tries.sum() > 0 and 0 < hits.sum() <= tries.sum()  # learned from the finished blocks' trees
+    assert json.loads(Path(str(out) + ".manifest.json").read_text())["acceptance"] is True
+    _fails(job_args(peaked_model, out, mode="strict"), capsys, "--acceptance", "True", "False")  # not switched off
+    _fails(job_args(peaked_model, out, mode="strict", extra=("--acceptance", "--rebuild-pools")), capsys,
+           "cannot be rebuilt")
+    _fails(job_args(peaked_model, tmp_path / "ray.jsonl", extra=("--acceptance", "--workers", "2")), capsys,
+           "--acceptance with --workers")
+
+
+def test_manifests_older_than_a_setting_resume_with_its_old_value(peaked_model, done_job, capsys):
+    manifest = done_job.with_name(done_job.name + ".manifest.json")
+    m = json.loads(manifest.read_text())
+    del m["acceptance"]  # as the manifests written before --acceptance existed
+    manifest.write_text(json.dumps(m))
+    assert cli(job_args(peaked_model, done_job, limit=LIMIT)) == 0
+    assert f"wrote 0 records ({LIMIT} already done)" in capsys.readouterr().out
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--acceptance",)), capsys, "--acceptance")

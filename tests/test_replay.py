@@ -38,3 +38,21 @@ def test_report_plots_tokens_per_step_against_pool_size(reference, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "Drafting vs pool size" in md and md.count("\n| ") >= 3
     assert (tmp_path / "replay.png").stat().st_size > 1000
+
+
+def test_suffix_decoding_baseline_replays_the_same_texts():
+    """SuffixDecoding (ArcticInference's suffix tree, built by benchmarks/suffix_baseline.sh in
+    make test) on the replay: every token is committed once, and a text it has seen before is
+    drafted back in long runs."""
+    from laser.replay import replay_suffix
+
+    rng = np.random.default_rng(0)
+    text = rng.integers(10, 500, size=60).tolist()
+    other = rng.integers(10, 500, size=40).tolist()
+    prompts = {"a": np.array([1, 2, 3], dtype=np.int32), "b": np.array([1, 2, 4], dtype=np.int32),
+               "c": np.array([1, 2, 5], dtype=np.int32)}
+    records = [{"id": "a", "tokens": text}, {"id": "b", "tokens": other}, {"id": "c", "tokens": text}]
+    seen = replay_suffix(records, prompts, budget=16, warm=2, n_eval=1)
+    assert seen["tokens"] == len(text) and seen["steps"] < len(text) / 4  # long accepted runs
+    unseen = replay_suffix(records[:2], prompts, budget=16, warm=0, n_eval=1)  # "b" alone: nothing to draft from
+    assert unseen["tokens"] == len(other) and unseen["steps"] == len(other)
