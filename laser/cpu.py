@@ -1,9 +1,10 @@
-"""Forwards on a multi-core CPU: each linear routed to the fastest fp32 product for its shape.
+"""Forwards on a multi-core CPU: each linear routed to the fastest fp32 product for its shape,
+as measured on this machine.
 
-torch's fp32 `F.linear` (MKL sgemm) is slow at the row counts LASER runs: one pending
-token plus a small tree (1-65 rows), B such rows, or a prompt (a few hundred rows); past
-MAX_ROWS MKL's own threading does as well. On the 2-core benchmark machine, with the
-weights streaming from DRAM as in a real forward (median ms, benchmarks/RESULTS.md):
+At the row counts LASER runs (one pending token plus a small tree, B such rows, or a
+prompt of a few hundred rows) the fastest fp32 product depends on the CPU and its BLAS.
+On a 2-core AMD EPYC VM (median ms, weights streaming from DRAM as in a real forward) MKL's
+F.linear was slow and an output-split bmm won:
 
   rows                      1      2      5      9      17     41     65
   576 -> 1536  F.linear     0.33   0.63   0.59   0.71   0.83   1.24   1.70
@@ -13,11 +14,15 @@ weights streaming from DRAM as in a real forward (median ms, benchmarks/RESULTS.
   (LM head)    split        5.4    7.5    16.2   18.9   21.9   36.3   51.2
                oneDNN       5.8    10.6   11.6   13.4   16.2   26.7   36.9
 
-Split along the output features into `ways` equal blocks, the same product is one
-`torch.bmm` of `ways` batches, which keeps every core busy. Up to FEW_ROWS rows the
-weight is the bmm's left operand (x^T is the small one MKL packs: [T, N/T, K] @ [K, rows]),
-above that the right one ([rows, K] @ [T, K, N/T]); each layout is the faster one there.
-Vocabulary-wide products (N >= WIDE) over more than FEW_ROWS rows go to oneDNN instead.
+while on a 2-core Intel Xeon VM F.linear won at 1-2 rows by 2-3x (LM head, 1 row: 2.9 ms
+against the split's 8.8). So no table is hard-coded: routes_for() times the three products
+for each (N, K) of a model at row buckets 1, 2, 4, ..., 512, once per machine (CPU model,
+torch version, threads), and keeps the winners in $LASER_CACHE/cpu-routes.json, so every
+later process on the machine takes the same routes (and rounds the same way).
+
+split: the weight cut along the output features into `ways` blocks, one torch.bmm of
+`ways` batches, which keeps every core busy; up to FEW_ROWS rows the weight is the bmm's
+left operand ([T, N/T, K] @ [K, rows]), above that the right one.
 
 laser.engine.Engine gives each `nn.Linear` of a model a forward that takes this route
 inside LASER calls. Only the linears pass through Python: a TorchFunctionMode doing the
@@ -27,22 +32,30 @@ same intercepted every torch call of the forward (~2,200 per SmolLM2 forward) an
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-FEW_ROWS = 4  # up to here the weight-major layout is faster (table above)
-MAX_ROWS = 512  # 576 -> 1536 over 296 rows: split 4.2 ms, F.linear 5.0; over 2400: 33.6 vs 33.1 (MKL threads)
-WIDE = 16384  # output features from which oneDNN beats the split above FEW_ROWS (the LM head)
+FEW_ROWS = 4  # up to here the split's weight-major layout is the faster one
+MAX_ROWS = 512  # above: F.linear (MKL's own threading does as well)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured at each, used up to it
+PRODUCTS = ("linear", "split", "onednn")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ways: int) -> torch.Tensor:
-    """F.linear(x [..., K], w [N, K], bias [N]) on a CPU, through the product the table picks."""
+def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ways: int,
+                 product: str = "split") -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K], bias [N]) on a CPU through `product` (one of PRODUCTS)."""
     rows, (N, K) = x.numel() // max(x.shape[-1], 1), w.shape
-    if not (1 <= rows <= MAX_ROWS and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-            and w.is_contiguous()):
+    if (product == "linear" or not 1 <= rows <= MAX_ROWS or not x.dtype == w.dtype == torch.float32
+            or x.device.type != "cpu" or not w.is_contiguous()):
         return F.linear(x, w, bias)
-    if N >= WIDE and rows > FEW_ROWS and _ONEDNN:
+    if product == "onednn" and _ONEDNN:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), w, bias, "none", [], "")
         return y.reshape(*x.shape[:-1], N)
     if N % ways:
@@ -55,6 +68,115 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
         y = torch.bmm(x.reshape(1, rows, K).expand(ways, rows, K), blocks.transpose(1, 2)).transpose(0, 1)
     y = y.reshape(*x.shape[:-1], N)
     return y if bias is None else y + bias
+
+
+class LinearRoutes:
+    """The product to use per (N, K) and row count: table[(N, K)][i] serves rows up to ROW_BUCKETS[i]."""
+
+    def __init__(self, ways: int, table: dict[tuple[int, int], list[str]]):
+        self.ways, self.table = ways, table
+
+    def product(self, N: int, K: int, rows: int) -> str:
+        choice = self.table.get((N, K))
+        if choice is None or not 1 <= rows <= MAX_ROWS:
+            return "linear"
+        i = 0
+        while ROW_BUCKETS[i] < rows:
+            i += 1
+        return choice[i]
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        return split_linear(x, w, bias, self.ways, self.product(w.shape[0], w.shape[1], rows))
+
+
+def _median_ms(f, reps: int) -> float:
+    f()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * sorted(ts)[reps // 2]
+
+
+def measure(N: int, K: int, ways: int, reps: int = 7) -> list[str]:
+    """The fastest product per row bucket for an [N, K] weight, the weights streaming from
+    memory as in a forward (copies of 32 MiB and more in turn)."""
+    copies = max(1, min(16, (32 << 20) // (4 * N * K)))
+    ws = [torch.randn(N, K) for _ in range(copies)]
+    turn = [0]
+    out = []
+    for rows in ROW_BUCKETS:
+        x = torch.randn(rows, K)
+        times = {}
+        for product in PRODUCTS:
+            if (product == "split" and N % ways) or (product == "onednn" and not _ONEDNN):
+                continue
+
+            def run():
+                turn[0] = (turn[0] + 1) % copies
+                split_linear(x, ws[turn[0]], None, ways, product)
+
+            times[product] = _median_ms(run, reps)
+        out.append(min(times, key=lambda p: (times[p], PRODUCTS.index(p))))
+    return out
+
+
+def _machine_key(ways: int) -> str:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} | torch {torch.__version__} | threads {torch.get_num_threads()} | ways {ways}"
+
+
+_lock = threading.Lock()
+
+
+def routes_for(shapes, ways: int, cache_dir: str | Path | None = None) -> LinearRoutes:
+    """Routes for these (N, K) shapes: from $LASER_CACHE/cpu-routes.json, measuring (and
+    adding) the shapes this machine has not seen. Two processes measuring at once keep the
+    file's first answer for a shape."""
+    folder = Path(cache_dir or os.environ.get("LASER_CACHE", Path.home() / ".cache" / "laser"))
+    path = folder / "cpu-routes.json"
+    key = _machine_key(ways)
+
+    def read() -> dict:
+        try:
+            return json.loads(path.read_text()).get(key, {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    with _lock:
+        known = read()
+        todo = sorted({(int(n), int(k)) for n, k in shapes} - {tuple(map(int, s.split("x"))) for s in known})
+        if todo:
+            measured = {f"{n}x{k}": measure(n, k, ways) for n, k in todo}
+            try:
+                data = json.loads(path.read_text()) if path.exists() else {}
+                if not isinstance(data, dict):
+                    data = {}
+            except (OSError, ValueError):
+                data = {}
+            entry = data.setdefault(key, {})
+            for s, choice in measured.items():
+                entry.setdefault(s, choice)  # another process's answer wins
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data, indent=1))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only cache: the routes still hold for this process
+            known = {**measured, **entry}
+    table = {tuple(map(int, s.split("x"))): list(c) for s, c in known.items()
+             if isinstance(c, list) and len(c) == len(ROW_BUCKETS) and all(p in PRODUCTS for p in c)}
+    return LinearRoutes(ways, table)
 
 
 # ---------------------------------------------------------------- attention

@@ -9,7 +9,8 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              call uses kernels) or SDPA with grouped-query heads read in place (CPU), and
              outside one runs transformers' own SDPA, as before.
   linears    every nn.Linear gets a forward that, inside a LASER call on a multi-core CPU,
-             runs laser.cpu.split_linear and otherwise F.linear, as before.
+             runs the product laser.cpu.routes_for() measured fastest for its shape on this
+             machine (once per machine, cached), and otherwise F.linear, as before.
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
@@ -46,7 +47,7 @@ from laser._C import AcceptanceModel, RetrievalPool, cut_trees, draft_union
 from laser.accept import accept_trees
 from laser.cache import TreeCache
 from laser.config import OWN, SHARED, AcceptConfig, DraftConfig
-from laser.cpu import sdpa_gqa_forward, split_linear
+from laser.cpu import LinearRoutes, routes_for, sdpa_gqa_forward
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
 from laser.kernels.common import kernels_forced
@@ -99,7 +100,7 @@ class Result:
 @dataclass(frozen=True)
 class _Call:
     kernels: bool  # verification attention through the Triton tree kernel
-    ways: int  # CPU linears through split_linear with this many blocks (0: F.linear)
+    routes: LinearRoutes | None  # CPU linears by measured route (None: F.linear)
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("laser_call", default=None)
@@ -126,8 +127,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     call = _CALL.get()
-    if call is not None and call.ways:
-        return split_linear(x, module.weight, module.bias, call.ways)
+    if call is not None and call.routes is not None:
+        return call.routes.linear(x, module.weight, module.bias)
     return F.linear(x, module.weight, module.bias)
 
 
@@ -177,6 +178,17 @@ class Engine:
         self._linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
         for m in self._linears:
             m.forward = _linear_forward.__get__(m)
+        self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
+
+    def routes(self) -> LinearRoutes | None:
+        """The CPU linear routes at the current thread count (None on a GPU or one thread)."""
+        threads = torch.get_num_threads()
+        if self.model.device.type != "cpu" or threads < 2:
+            return None
+        if threads not in self._routes:
+            shapes = {tuple(m.weight.shape) for m in self._linears if m.weight.dim() == 2}
+            self._routes[threads] = routes_for(shapes, 2 * threads)
+        return self._routes[threads]
 
     def close(self) -> None:
         """Give the model back as it was: its attention implementation, its linears' forward."""
@@ -195,9 +207,7 @@ class Engine:
         """Forwards of the model in this block (this thread) run LASER's attention and linears
         (kernels: callers pass it already checked against self.attention and self.window, as run() does).
         Keep the block free of yields: a generator suspended inside it would leave it set."""
-        cpu = self.model.device.type == "cpu" and torch.get_num_threads() >= 2
-        token = _CALL.set(_Call(kernels=kernels,
-                                ways=2 * torch.get_num_threads() if cpu else 0))
+        token = _CALL.set(_Call(kernels=kernels, routes=self.routes()))
         try:
             yield
         finally:

@@ -254,19 +254,18 @@ def test_calibrated_cost_curve_drives_budget():
 
 # ---------------------------------------------------------------- CPU split linears
 
-# 1-4 rows: weight-major bmm; 5 and up: row-major bmm; vocabulary-wide above 4 rows: oneDNN (laser/cpu.py)
-@pytest.mark.parametrize("rows,bias,wide", [(1, False, False), (3, True, False), (4, False, False), (5, True, False),
-                                            (33, False, False), (3, False, True), (5, True, True), (33, False, True)])
-def test_split_linear_equals_linear(rows, bias, wide):
-    from laser.cpu import WIDE, split_linear
+# split: 1-4 rows weight-major bmm, 5 and up row-major; onednn; linear (laser/cpu.py)
+@pytest.mark.parametrize("product", ["split", "onednn", "linear"])
+@pytest.mark.parametrize("rows,bias", [(1, False), (3, True), (4, False), (5, True), (33, False)])
+def test_every_cpu_product_equals_linear(rows, bias, product):
+    from laser.cpu import split_linear
 
     g = torch.Generator().manual_seed(rows)
-    N = WIDE if wide else 40
     x = torch.randn(1, rows, 24, generator=g)
-    w = torch.randn(N, 24, generator=g)
-    b = torch.randn(N, generator=g) if bias else None
-    got = split_linear(x, w, b, 4)
-    assert got.shape == (1, rows, N) and got.is_contiguous()
+    w = torch.randn(40, 24, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    got = split_linear(x, w, b, 4, product)
+    assert got.shape == (1, rows, 40) and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
@@ -279,19 +278,46 @@ def test_split_linear_leaves_other_shapes_to_torch():
         torch.testing.assert_close(split_linear(x, w, None, 4), torch.nn.functional.linear(x, w), rtol=0, atol=0)
 
 
+def test_routes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    """routes_for times the products per shape and row bucket once, writes them to the cache,
+    and a later call (another process) takes them from there without measuring."""
+    import json
+
+    import laser.cpu as cpu
+
+    measured = []
+    real = cpu.measure
+    monkeypatch.setattr(cpu, "measure", lambda n, k, ways: measured.append((n, k)) or real(n, k, ways, reps=3))
+    r = cpu.routes_for({(40, 24), (8, 24)}, 4, cache_dir=tmp_path)
+    assert sorted(measured) == [(8, 24), (40, 24)]
+    assert all(p in cpu.PRODUCTS for p in r.table[(40, 24)]) and len(r.table[(40, 24)]) == len(cpu.ROW_BUCKETS)
+    data = json.loads((tmp_path / "cpu-routes.json").read_text())
+    (key,) = data
+    assert "threads" in key and set(data[key]) == {"40x24", "8x24"}
+    data[key]["40x24"] = ["onednn"] * len(cpu.ROW_BUCKETS)  # what another process found
+    (tmp_path / "cpu-routes.json").write_text(json.dumps(data))
+    measured.clear()
+    again = cpu.routes_for({(40, 24)}, 4, cache_dir=tmp_path)
+    assert not measured and again.product(40, 24, 3) == "onednn"
+    assert again.product(40, 24, 5000) == "linear" and again.product(7, 7, 1) == "linear"  # unmeasured: torch's
+    x = torch.randn(3, 24)
+    w = torch.randn(40, 24)
+    torch.testing.assert_close(again.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
 def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypatch):
-    """Inside engine.active() a tiny Llama's linears run split_linear (same logits up to fp32
-    order); outside they run F.linear, bit-identical to the unprepared model; close() gives
-    the model back (class forwards, its own attention implementation), even after an error."""
-    import laser.engine as engine_mod
+    """Inside engine.active() a tiny Llama's linears take the measured CPU routes (same logits
+    up to fp32 order); outside they run F.linear, bit-identical to the unprepared model; close()
+    gives the model back (class forwards, its own attention implementation), even after an error."""
+    from laser.cpu import LinearRoutes
 
     model = tiny("llama", 0)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, 2))  # routing is for multi-core CPUs
     calls = []
-    real = engine_mod.split_linear
-    monkeypatch.setattr(engine_mod, "split_linear", lambda *a: calls.append(1) or real(*a))
+    real = LinearRoutes.linear
+    monkeypatch.setattr(LinearRoutes, "linear", lambda self, *a: calls.append(1) or real(self, *a))
     try:
         ids = [torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 3, 9)]
         plain = [model(input_ids=x).logits for x in ids]
