@@ -1,6 +1,6 @@
 """Batched throughput: LASER continuous batching vs HF batched greedy, same prompts, one run.
 
-    python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16]
+    python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16] [--acceptance]
 
 Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; the shared
 pool is warmed with the texts written for other users. Each batch size gets its own
@@ -8,6 +8,8 @@ verification cost curve (laser.calibrate(batch=B)): a tree node costs B tokens t
 batch size, and LASER's ratio to HF batched greedy at the same batch size. The "no drafts"
 row is LASER's own loop and forward (same linears, attention, cache) with no tree, one
 token per row and step: strict or relaxed over it is what speculation alone buys.
+--acceptance adds strict and relaxed with an AcceptanceModel, drafting as `laser generate
+--acceptance` does (matches of 1-8 tokens, 3 levels), each mode's model learned online.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
     args = ap.parse_args(argv)
+    from laser.job import JOB_DRAFT_ACCEPTANCE
 
     torch.manual_seed(0)
     model, tok = laser.load_model(device=args.device)
@@ -71,15 +75,20 @@ def main(argv=None):
             list(generate_batch(model, [Request(p, pool) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
                                 mode=mode, draft=cfg_at[B], update_pool=False))
     no_drafts = laser.DraftConfig(budget=0, prompt_weight=0)
+    modes = ("none", "strict", "relaxed") + (("strict_am", "relaxed_am") if args.acceptance else ())
     rows = []
     for B in args.batch:
         hf = hf_batched(model, tok, prompts, B, args.new)
         line = {"B": B, "hf": hf}
-        for mode in ("none", "strict", "relaxed"):
+        for mode in modes:
+            am = mode.endswith("_am")
+            draft = (no_drafts if mode == "none" else laser.DraftConfig(budget=32, max_depth=10, cost=cost_at[B],
+                                                                         **JOB_DRAFT_ACCEPTANCE) if am else cfg_at[B])
             t0 = time.perf_counter()
             res = list(generate_batch(model, [Request(p, None if mode == "none" else pool) for p in prompts],
-                                      batch_size=B, max_new_tokens=args.new, mode="strict" if mode == "none" else mode,
-                                      draft=no_drafts if mode == "none" else cfg_at[B], update_pool=False))
+                                      batch_size=B, max_new_tokens=args.new,
+                                      mode="strict" if mode == "none" else mode.removesuffix("_am"), draft=draft,
+                                      update_pool=False, acceptance=laser.AcceptanceModel() if am else None))
             line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
             line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
             # every row's stats hold each batch step's phase times: per step, averaged over rows
@@ -90,6 +99,9 @@ def main(argv=None):
         print(f"B={B:2d}: HF {hf:6.1f} tok/s, LASER no drafts {line['none']:6.1f} ({line['none'] / hf:.2f}x), strict {line['strict']:6.1f} ({line['strict'] / hf:.2f}x), "
               f"relaxed {line['relaxed']:6.1f} ({line['relaxed'] / hf:.2f}x); ms per step: strict "
               f"{line['strict_phases']}; relaxed {line['relaxed_phases']}", flush=True)
+        for mode in modes[3:]:
+            print(f"      {mode}: {line[mode]:6.1f} tok/s ({line[mode] / hf:.2f}x HF, {line[mode] / line['none']:.2f}x no "
+                  f"drafts), {line[mode + '_step']:.2f} tokens/row-step", flush=True)
 
     print(f"\n{len(prompts)} ML-100K user prompts x {args.new} new tokens, SmolLM2-135M on {args.device}")
     print(f"{'B':>3s} {'HF greedy tok/s':>16s} {'no drafts':>10s} {'x HF':>6s} {'strict tok/s':>13s} {'x HF':>6s} "
