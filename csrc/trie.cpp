@@ -424,7 +424,7 @@ void DraftTree::allocate(int32_t n_nodes, int32_t leaves, int32_t width) {
 AcceptanceModel::AcceptanceModel(double prior)
     : prior_(prior), hits_(kBins, 0.0), tries_(kBins, 0.0), q_(kBins, 0.0) {
   if (!(prior > 0.0)) throw std::invalid_argument("acceptance model prior must be positive");
-  refresh();
+  for (int32_t src = 0; src < kSources; ++src) refresh(src);
 }
 
 int32_t AcceptanceModel::bin(int32_t source, int32_t context, double parent_count, double share) {
@@ -435,53 +435,53 @@ int32_t AcceptanceModel::bin(int32_t source, int32_t context, double parent_coun
   return ((source * kContexts + c) * kCounts + k) * kShares + v;
 }
 
-void AcceptanceModel::refresh() {
+void AcceptanceModel::refresh(int32_t src) {
   // two levels of shrinkage: a bin toward its source's rate at that share (all contexts and
   // counts pooled), that toward the share itself; then nondecreasing in the share per row
   constexpr int32_t kRow = kContexts * kCounts;
-  for (int32_t src = 0; src < kSources; ++src) {
+  for (int32_t v = 0; v < kShares; ++v) {
+    double h = 0.0, n = 0.0;
+    for (int32_t r = 0; r < kRow; ++r) h += hits_[(src * kRow + r) * kShares + v], n += tries_[(src * kRow + r) * kShares + v];
+    const double mid = (v + 0.5) / kShares;
+    const double m = (h + prior_ * mid) / (n + prior_);
+    for (int32_t r = 0; r < kRow; ++r) {
+      const int32_t i = (src * kRow + r) * kShares + v;
+      q_[i] = (hits_[i] + prior_ * m) / (tries_[i] + prior_);
+    }
+  }
+  for (int32_t r = 0; r < kRow; ++r) {  // isotonic in the share: pool adjacent violators, weights tries + prior
+    double value[kShares], weight[kShares];
+    int32_t size[kShares], blocks = 0;
     for (int32_t v = 0; v < kShares; ++v) {
-      double h = 0.0, n = 0.0;
-      for (int32_t r = 0; r < kRow; ++r) h += hits_[(src * kRow + r) * kShares + v], n += tries_[(src * kRow + r) * kShares + v];
-      const double mid = (v + 0.5) / kShares;
-      const double m = (h + prior_ * mid) / (n + prior_);
-      for (int32_t r = 0; r < kRow; ++r) {
-        const int32_t i = (src * kRow + r) * kShares + v;
-        q_[i] = (hits_[i] + prior_ * m) / (tries_[i] + prior_);
+      const int32_t i = (src * kRow + r) * kShares + v;
+      value[blocks] = q_[i], weight[blocks] = tries_[i] + prior_, size[blocks] = 1;
+      for (++blocks; blocks > 1 && value[blocks - 2] > value[blocks - 1]; --blocks) {
+        const double w = weight[blocks - 2] + weight[blocks - 1];
+        value[blocks - 2] = (value[blocks - 2] * weight[blocks - 2] + value[blocks - 1] * weight[blocks - 1]) / w;
+        weight[blocks - 2] = w, size[blocks - 2] += size[blocks - 1];
       }
     }
-    for (int32_t r = 0; r < kRow; ++r) {  // isotonic in the share: pool adjacent violators, weights tries + prior
-      double value[kShares], weight[kShares];
-      int32_t size[kShares], blocks = 0;
-      for (int32_t v = 0; v < kShares; ++v) {
-        const int32_t i = (src * kRow + r) * kShares + v;
-        value[blocks] = q_[i], weight[blocks] = tries_[i] + prior_, size[blocks] = 1;
-        for (++blocks; blocks > 1 && value[blocks - 2] > value[blocks - 1]; --blocks) {
-          const double w = weight[blocks - 2] + weight[blocks - 1];
-          value[blocks - 2] = (value[blocks - 2] * weight[blocks - 2] + value[blocks - 1] * weight[blocks - 1]) / w;
-          weight[blocks - 2] = w, size[blocks - 2] += size[blocks - 1];
-        }
-      }
-      for (int32_t k = 0, v = 0; k < blocks; ++k)
-        for (int32_t j = 0; j < size[k]; ++j, ++v) q_[(src * kRow + r) * kShares + v] = std::min(1.0, value[k]);
-    }
+    for (int32_t k = 0, v = 0; k < blocks; ++k)
+      for (int32_t j = 0; j < size[k]; ++j, ++v) q_[(src * kRow + r) * kShares + v] = std::min(1.0, value[k]);
   }
 }
 
 void AcceptanceModel::observe(const DraftTree& t, const int32_t* path, int32_t n_path) {
-  std::vector<uint8_t> acc(size_t(t.n), 0);
-  for (int32_t j = 0; j < n_path; ++j) {
+  for (int32_t j = 0; j < n_path; ++j)
     if (path[j] < 0 || path[j] >= t.n) throw std::invalid_argument("accepted path index out of range");
-    acc[path[j]] = 1;
-  }
   std::unique_lock<std::shared_mutex> lock(mu_);
+  acc_.assign(size_t(t.n), 0);
+  for (int32_t j = 0; j < n_path; ++j) acc_[path[j]] = 1;
+  uint32_t touched = 0;  // bit per source
   for (int32_t i = 0; i < t.n; ++i) {
     const int32_t b = t.bins[i], p = t.parents[i];
-    if (b < 0 || (p >= 0 && !acc[p])) continue;  // only nodes whose parent was accepted were tried
+    if (b < 0 || (p >= 0 && !acc_[p])) continue;  // only nodes whose parent was accepted were tried
     tries_[b] += 1.0;
-    hits_[b] += acc[i];
+    hits_[b] += acc_[i];
+    touched |= 1u << (b / (kBins / kSources));
   }
-  refresh();
+  for (int32_t src = 0; src < kSources; ++src)
+    if (touched >> src & 1u) refresh(src);
 }
 
 void AcceptanceModel::set_state(const double* hits, const double* tries) {
@@ -490,7 +490,7 @@ void AcceptanceModel::set_state(const double* hits, const double* tries) {
   std::unique_lock<std::shared_mutex> lock(mu_);
   hits_.assign(hits, hits + kBins);
   tries_.assign(tries, tries + kBins);
-  refresh();
+  for (int32_t src = 0; src < kSources; ++src) refresh(src);
 }
 
 namespace {
@@ -538,6 +538,10 @@ struct Scratch {
   std::vector<int32_t> head, tail, next, dfs_of, order, stack;
   std::vector<uint8_t> is_leaf;
   std::vector<double> chance;     // the cost cut's chances, best-first
+  // the draft's entries (pool, weight, source slot, matched node), one per matched suffix
+  std::vector<const Pool*> entry_pools;
+  std::vector<double> entry_weights;
+  std::vector<int32_t> entry_sources, ids;
 };
 // A Scratch from a free list for the duration of one draft. Not thread_local: in this
 // dlopen'ed module every TLS access goes through __tls_get_addr (~5% of a 64-node draft).
@@ -675,11 +679,14 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   // match_levels m > 1 a pool enters once per matched suffix length, its m longest (an entry
   // = pool, weight, source slot and matched node); from here on `pools`, `weights`, `sources`
   // and P are the entries.
+  ScratchLease lease;
+  Scratch& S = *lease.s;
   DraftTree t;
   double root_count = 0.0;
-  std::vector<const Pool*> entry_pools;
-  std::vector<double> entry_weights;
-  std::vector<int32_t> entry_sources, ids;
+  auto& entry_pools = S.entry_pools;
+  auto& entry_weights = S.entry_weights;
+  auto &entry_sources = S.entry_sources, &ids = S.ids;
+  entry_pools.clear(), entry_weights.clear(), entry_sources.clear(), ids.clear();
   for (int p = 0; p < P; ++p) {
     int32_t len = 0;
     const int32_t node = pools[p]->match(ctx, n_ctx, prm.min_match, prm.max_match, &len);
@@ -705,8 +712,6 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   // it is (the pool's cache for one pool, a merged list for several) and only its best
   // child goes on the heap; popping a child pushes its next sibling. Same selection as
   // pushing every child, in O(budget log budget), and no child list is copied for P == 1.
-  ScratchLease lease;
-  Scratch& S = *lease.s;
   auto &sel = S.sel, &cands = S.cands;
   auto& heap = S.heap;
   auto& sel_ids = S.sel_ids;

@@ -180,9 +180,10 @@ class AcceptanceModel {
   std::shared_mutex& mutex() const { return mu_; }
 
  private:
-  void refresh();  // recompute q from the counts
+  void refresh(int32_t source);  // recompute q of one source slot from its counts
   double prior_;
   std::vector<double> hits_, tries_, q_;
+  std::vector<uint8_t> acc_;  // observe(): [n] 1 on the accepted path (under the write lock)
   mutable std::shared_mutex mu_;
 };
 

@@ -32,6 +32,7 @@ same intercepted every torch call of the forward (~2,200 per SmolLM2 forward) an
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -80,10 +81,7 @@ class LinearRoutes:
         choice = self.table.get((N, K))
         if choice is None or not 1 <= rows <= MAX_ROWS:
             return "linear"
-        i = 0
-        while ROW_BUCKETS[i] < rows:
-            i += 1
-        return choice[i]
+        return choice[bisect.bisect_left(ROW_BUCKETS, rows)]
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
@@ -142,27 +140,25 @@ def routes_for(shapes, ways: int, cache_dir: str | Path | None = None) -> Linear
     """Routes for these (N, K) shapes: from $LASER_CACHE/cpu-routes.json, measuring (and
     adding) the shapes this machine has not seen. Two processes measuring at once keep the
     file's first answer for a shape."""
-    folder = Path(cache_dir or os.environ.get("LASER_CACHE", Path.home() / ".cache" / "laser"))
+    from laser.model import cache_dir as default_cache
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache()
     path = folder / "cpu-routes.json"
     key = _machine_key(ways)
 
-    def read() -> dict:
+    def read() -> dict:  # the whole file ({} if absent or unreadable)
         try:
-            return json.loads(path.read_text()).get(key, {})
-        except (OSError, ValueError, AttributeError):
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) and isinstance(data.get(key, {}), dict) else {}
+        except (OSError, ValueError):
             return {}
 
     with _lock:
-        known = read()
+        known = read().get(key, {})
         todo = sorted({(int(n), int(k)) for n, k in shapes} - {tuple(map(int, s.split("x"))) for s in known})
         if todo:
             measured = {f"{n}x{k}": measure(n, k, ways) for n, k in todo}
-            try:
-                data = json.loads(path.read_text()) if path.exists() else {}
-                if not isinstance(data, dict):
-                    data = {}
-            except (OSError, ValueError):
-                data = {}
+            data = read()  # again: another process may have written meanwhile
             entry = data.setdefault(key, {})
             for s, choice in measured.items():
                 entry.setdefault(s, choice)  # another process's answer wins

@@ -74,9 +74,9 @@ def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_e
         seq = np.concatenate([prompt, text])
         local = laser.RetrievalPool(max_depth=depth)
         local.insert(prompt)
-        srcs = [(p, w, k) for p, w, k in ((pools.get(rec["group"]), 1.0, SHARED), (local, cfg.prompt_weight, OWN),
+        srcs = [(p, w, s) for p, w, s in ((pools.get(rec["group"]), 1.0, SHARED), (local, cfg.prompt_weight, OWN),
                                           (everything, 1.0, GLOBAL)) if p is not None and w > 0]
-        kw = {"sources": [k for *_, k in srcs]}
+        kw = {"sources": [s for *_, s in srcs]}
         if acceptance is not None:  # as the engine drafts with one
             kw.update(acceptance=acceptance, min_chance=cfg.min_chance, match_levels=cfg.match_levels)
         n, end = prompt.size, seq.size
@@ -105,21 +105,26 @@ def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_e
             for r in pending:
                 add(r)
             pending = []
+    return {**_totals(steps, tokens, nodes, t_draft),
+            **({} if acceptance is None else {"expected_accepted_per_step": expected / steps})}
+
+
+def _totals(steps: int, tokens: int, nodes: int, t_draft: float) -> dict:
     return {"tokens_per_step": tokens / steps, "nodes_per_step": nodes / steps,
             "accepted_per_node": (tokens - steps) / nodes if nodes else 0.0, "steps": steps, "tokens": tokens,
-            "draft_us_per_step": 1e6 * t_draft / steps, **({} if acceptance is None else
-                                                          {"expected_accepted_per_step": expected / steps})}
+            "draft_us_per_step": 1e6 * t_draft / steps}
 
 
 def suffix_cache_class():
     """SuffixDecodingCache (ArcticInference), built by benchmarks/suffix_baseline.sh into $LASER_CACHE/arctic."""
-    import os
     import sys
+
+    from laser.model import cache_dir
 
     try:
         from arctic_inference.suffix_decoding import SuffixDecodingCache
     except ImportError:
-        home = Path(os.environ.get("LASER_CACHE", Path.home() / ".cache" / "laser")) / "arctic"
+        home = cache_dir() / "arctic"
         if not (home / "arctic_inference").is_dir():
             raise RuntimeError(f"SuffixDecoding is not built in {home}: run bash benchmarks/suffix_baseline.sh") from None
         sys.path.insert(0, str(home))
@@ -160,9 +165,7 @@ def replay_suffix(records: list[dict], prompts: dict, budget: int, warm: int, n_
             n += out.size
             steps, tokens, nodes = steps + 1, tokens + out.size, nodes + len(d.token_ids)
         cache.stop_request(("eval", k))
-    return {"tokens_per_step": tokens / steps, "nodes_per_step": nodes / steps,
-            "accepted_per_node": (tokens - steps) / nodes if nodes else 0.0, "steps": steps, "tokens": tokens,
-            "draft_us_per_step": 1e6 * t_draft / steps}
+    return _totals(steps, tokens, nodes, t_draft)
 
 
 def load_corpus(corpus: str | Path, dataset: str = "ml-100k", target: str = "users"):
