@@ -15,7 +15,9 @@ K is a strict `laser generate` output (records in file order; its manifest, if b
 gives the prompts' settings, e.g. --history-until). The first `--warm` records warm their
 groups' shared pools; the last `--eval` are replayed; each replayed record then enters its
 group's pool (every `--block` records, in order, as the job's blocks do). Without drafting
-flags LASER drafts exactly as `laser generate` does.
+flags LASER drafts exactly as `laser generate` does (with --acceptance: as `laser generate
+--acceptance`; --global, --pool-depth, --max-depth, --max-match: as the job's --global-pool,
+--pool-depth, --max-depth, --max-match).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import time
 
 import laser
-from laser.job import JOB_DRAFT
+from laser.job import JobConfig, job_draft
 from laser.replay import load_corpus, replay, replay_suffix
 
 
@@ -53,7 +55,7 @@ def main(argv=None):
     g.add_argument("--max-depth", type=int, help="draft depth (the job's: 10)")
     g.add_argument("--min-match", type=int)
     g.add_argument("--max-match", type=int)
-    g.add_argument("--match-levels", type=int, default=1)
+    g.add_argument("--match-levels", type=int)
     g.add_argument("--min-chance", type=float, default=0.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -78,13 +80,14 @@ def main(argv=None):
 
 
 def run_laser(args, records, prompts, plan, budget: int, warm: int) -> dict:
-    job = dict(JOB_DRAFT, max_depth=plan.cfg.max_depth)
-    given = {"max_depth": args.max_depth, "min_match": args.min_match, "max_match": args.max_match}
-    draft = laser.DraftConfig(budget=budget, match_levels=args.match_levels, min_chance=args.min_chance,
+    job = dict(job_draft(JobConfig(acceptance=args.acceptance)), max_depth=plan.cfg.max_depth)
+    given = {"max_depth": args.max_depth, "min_match": args.min_match, "max_match": args.max_match,
+             "match_levels": args.match_levels}
+    draft = laser.DraftConfig(budget=budget, min_chance=args.min_chance,
                               **{**job, **{k: v for k, v in given.items() if v is not None}})
     model = laser.AcceptanceModel(args.prior) if args.acceptance else None
     return replay(records, prompts, plan, budget, warm, args.eval, args.block, draft=draft, acceptance=model,
-                  with_global=args.with_global, pool_depth=args.pool_depth, learn_warm=args.learn_warm)
+                  with_global=args.with_global or None, pool_depth=args.pool_depth, learn_warm=args.learn_warm)
 
 
 def table(args, records, prompts, plan) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from laser.config import AcceptConfig, DraftConfig
-from laser.engine import Engine, Request, Result
+from laser.engine import Engine, Request, Result, shared_pools
 
 __all__ = ["Request", "Result", "generate_batch"]
 
@@ -31,12 +31,13 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
     accept = AcceptConfig(mode, top_k, min_prob)
     engine = Engine.of(model)
     prompts = [engine.check(r.input_ids, max_new_tokens, cfg) for r in requests]
+    pools = [shared_pools(r.pool) for r in requests]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     eos = engine.eos_ids(eos_token_id)
     kernels = model.device.type == "cuda" if use_kernels is None else use_kernels
     if not requests:
         return iter(())
-    return engine.run(prompts, [r.pool for r in requests], min(batch_size, len(requests)), max_new_tokens, accept,
+    return engine.run(prompts, pools, min(batch_size, len(requests)), max_new_tokens, accept,
                       eos, update_pool, cfg, kernels, tags=[r.tag for r in requests], processor=logits_processor,
                       stopping=stopping_criteria, acceptance=acceptance, learn_into=learn_into)

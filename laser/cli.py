@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1, help="rows decoded together (continuous batching)")
     g.add_argument("--block", type=int, default=32, help="ids per block: shared pools are frozen within one")
     g.add_argument("--budget", type=int, default=32, help="most draft-tree nodes per step")
+    g.add_argument("--max-depth", type=int, default=10, help="deepest draft node below the context")
+    g.add_argument("--pool-depth", type=int, default=12, help="longest window the pools store (drafts reach "
+                   "pool depth - match length deep)")
+    g.add_argument("--max-match", type=int, help="longest context suffix matched (default 4, with --acceptance 8)")
+    g.add_argument("--global-pool", action="store_true", help="every request also drafts from a pool of every "
+                   "finished text, beside its group's pool")
     g.add_argument("--cost", help="cost curve JSON (laser calibrate); default: measured once, kept in the manifest")
     g.add_argument("--rebuild-pools", action="store_true", help="rebuild OUT.pools from the records (records untouched)")
     g.add_argument("--acceptance", action="store_true", help="draft with an acceptance model learned from the job's "
@@ -94,6 +100,8 @@ def main(argv=None) -> int:
                             data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, warm=args.warm,
                             clusters=args.clusters, threshold=args.threshold, seed=args.seed,
                             batch_size=args.batch_size, block=args.block, budget=args.budget, cost=args.cost,
+                            max_depth=args.max_depth, pool_depth=args.pool_depth, max_match=args.max_match,
+                            global_pool=args.global_pool,
                             rebuild_pools=args.rebuild_pools, prompt_template=args.prompt_template,
                             history_until=args.history_until, acceptance=args.acceptance,
                             files={"users": args.users, "items": args.items, "interactions": args.interactions})

@@ -15,7 +15,7 @@ import torch
 from laser._C import AcceptanceModel, RetrievalPool
 from laser.cache import TreeCache
 from laser.config import AcceptConfig, DraftConfig
-from laser.engine import DecodeStats, Engine
+from laser.engine import DecodeStats, Engine, shared_pools
 from laser.hf import fill_only
 from laser.kernels.common import kernels_forced
 
@@ -32,7 +32,7 @@ class DecodeOutput:
 def generate(
     model,
     input_ids,
-    pool: RetrievalPool | None = None,
+    pool: RetrievalPool | list[RetrievalPool] | None = None,
     max_new_tokens: int = 128,
     mode: str = "strict",
     top_k: int = 2,
@@ -56,7 +56,9 @@ def generate(
     left-padding attention_mask, or a list of id lists; a batch comes back [B, L + new] like
     HF's (early-stopped rows right-padded with pad_token_id, default: the generation
     config's, else its EOS). Every row drafts from `pool` and, with update_pool, adds its
-    output to it.
+    output to it. pool may be a list: the request's group pool first, then pools of wider
+    scope (for example one of every text; AcceptanceModel source GLOBAL), each drafted from
+    at weight 1 and each updated.
     eos_token_id: "auto" takes the model's generation config; None never stops early.
     use_kernels: Triton tree attention in the verification pass (default: on CUDA).
     logits_processor: HF LogitsProcessorList, applied at every verified position.
@@ -83,7 +85,7 @@ def generate(
     kernels = (model.device.type == "cuda" or kernels_forced()) if use_kernels is None else use_kernels
     if streamer is not None:
         streamer.put(torch.from_numpy(prompts[0].astype(np.int64))[None])
-    res = sorted(engine.run(prompts, [pool] * len(prompts), len(prompts), max_new_tokens, accept, eos, update_pool,
+    res = sorted(engine.run(prompts, [shared_pools(pool)] * len(prompts), len(prompts), max_new_tokens, accept, eos, update_pool,
                             cfg, kernels, processor=logits_processor or None, stopping=stopping_criteria or None,
                             streamer=streamer, acceptance=acceptance, learn_into=learn_into),
                  key=lambda r: r.index)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from laser._C import AcceptanceModel, RetrievalPool, cut_trees, draft_union
 from laser.accept import accept_trees
 from laser.cache import TreeCache
-from laser.config import OWN, SHARED, AcceptConfig, DraftConfig
+from laser.config import GLOBAL, OWN, SHARED, AcceptConfig, DraftConfig
 from laser.cpu import LinearRoutes, routes_for, sdpa_gqa_forward
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
@@ -83,7 +83,9 @@ class DecodeStats:
 @dataclass
 class Request:
     input_ids: list[int] | np.ndarray
-    pool: RetrievalPool | None = None  # shared pool: drafts from it, receives the output (update_pool)
+    # shared pool(s): drafts from each, each receives the output (update_pool). A list: the
+    # request's group pool first, then pools of wider scope (acceptance source GLOBAL)
+    pool: RetrievalPool | list[RetrievalPool] | None = None
     tag: object = None  # returned with the result (e.g. the record id)
 
 
@@ -93,6 +95,17 @@ class Result:
     tokens: np.ndarray  # generated tokens (prompt excluded)
     stats: DecodeStats = field(default_factory=DecodeStats)
     index: int = -1  # position of the request in the input list
+
+
+def shared_pools(pool) -> list:
+    """A request's `pool` argument as a list: None -> [], a RetrievalPool -> [it], a list or
+    tuple of distinct RetrievalPools -> itself; anything else is a TypeError."""
+    pools = [] if pool is None else [pool] if isinstance(pool, RetrievalPool) else pool
+    if not isinstance(pools, (list, tuple)) or not all(isinstance(p, RetrievalPool) for p in pools):
+        raise TypeError(f"pool must be a RetrievalPool, a list of them or None, got {type(pool).__name__}")
+    if len({id(p) for p in pools}) != len(pools):
+        raise ValueError("pool lists a RetrievalPool twice")
+    return list(pools)
 
 
 # ---------------------------------------------------------------- model preparation
@@ -253,6 +266,7 @@ class Engine:
             stopping=None, streamer=None, acceptance: AcceptanceModel | None = None,
             learn_into: AcceptanceModel | None = None) -> Iterator[Result]:
         """Decode checked prompts B rows at a time; yields each Result as its row finishes.
+        pools[i]: prompt i's shared pools, a list (shared_pools() of a request's `pool`).
         processor / stopping: HF LogitsProcessorList / StoppingCriteriaList (plain lists too), or None.
         acceptance: draft by this model's chances; every verified tree teaches learn_into
         (default: acceptance itself, learning online)."""
@@ -279,11 +293,11 @@ class _Row:
     L: int
     n: int
     local: RetrievalPool  # this request's prompt and output (prompt lookup)
-    pools: list  # what it drafts from: the shared pool (weight 1) and local (prompt_weight)
+    pools: list  # what it drafts from: the shared pools (weight 1) and local (prompt_weight)
     weights: list
-    sources: list  # AcceptanceModel source slot of each: SHARED or OWN
+    sources: list  # AcceptanceModel source slot of each: SHARED, GLOBAL or OWN
     budget: int
-    shared: RetrievalPool | None
+    shared: list  # the request's shared pools (updated with its output under update_pool)
     stats: DecodeStats
 
     @property
@@ -359,8 +373,9 @@ class _Loop:
                 if self.learner is not None:  # the path's committed nodes (out = them + a bonus, or cut)
                     self.learner.observe(t, path[: out.size])
                 row.local.extend(row.seq[: row.n], out)
-                if self.update_pool and row.shared is not None:
-                    row.shared.extend(row.seq[row.L : row.n], out)  # windows inside the output only
+                if self.update_pool:
+                    for pool in row.shared:
+                        pool.extend(row.seq[row.L : row.n], out)  # windows inside the output only
                 row.seq[row.n : row.n + out.size] = out
                 row.n += out.size
                 if cache.lens[r] != row.n - 1:
@@ -401,10 +416,10 @@ class _Loop:
                 seq = np.zeros(L + self.max_new + 1, dtype=np.int32)
                 seq[:L] = ids
                 shared = self.pools[i]
-                local = RetrievalPool(max_depth=shared.max_depth if shared is not None else 12)
+                local = RetrievalPool(max_depth=max((p.max_depth for p in shared), default=12))
                 local.insert(ids)
-                pairs = [(p, w, k) for p, w, k in ((shared, 1.0, SHARED), (local, cfg.prompt_weight, OWN))
-                         if p is not None and w > 0]
+                pairs = [(p, 1.0, SHARED if k == 0 else GLOBAL) for k, p in enumerate(shared)]
+                pairs += [(local, cfg.prompt_weight, OWN)] if cfg.prompt_weight > 0 else []
                 # with neither pool: budget 0, one token per step (draft_union needs a pool: local)
                 self.rows[r] = _Row(i, seq, L, L, local, [p for p, *_ in pairs] or [local],
                                     [w for _, w, _ in pairs] or [1.0], [k for *_, k in pairs] or [OWN],

@@ -92,14 +92,18 @@ class Router:
 
 class PoolSet:
     """One RetrievalPool per group, created on first use; saved as files in one folder. With
-    acceptance, also the job's AcceptanceModel (one for all groups), saved in the index."""
+    with_global, also one pool of every text (4x max_nodes), drafted from beside each group's;
+    with acceptance, the job's AcceptanceModel (one for all groups), saved in the index."""
 
     def __init__(self, mode: str, max_depth: int = 12, vocab_size: int = 0, max_nodes: int = 1 << 20,
-                 acceptance: bool = False):
+                 acceptance: bool = False, with_global: bool = False):
         if mode not in MODES:
             raise ValueError(f"pool mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if with_global and mode in ("none", "global"):
+            raise ValueError(f"a global pool beside the groups' needs group pools, not pool mode {mode!r}")
         self.mode, self.max_depth, self.vocab_size, self.max_nodes = mode, max_depth, vocab_size, max_nodes
         self.acceptance = AcceptanceModel() if acceptance else None
+        self.everything = RetrievalPool(max_depth, vocab_size, 4 * max_nodes) if with_global else None
         self.pools: dict[str, RetrievalPool] = {}
         self.records = 0  # output records whose texts are in the pools
         self.blocks = 0  # job blocks whose texts are in the pools (laser.job)
@@ -112,6 +116,16 @@ class PoolSet:
         if group not in self.pools:
             self.pools[group] = RetrievalPool(self.max_depth, self.vocab_size, self.max_nodes)
         return self.pools[group]
+
+    def draft_pools(self, group: str) -> list[RetrievalPool]:
+        """What a request of `group` drafts from: its group's pool, then the global pool (if any)."""
+        return [p for p in (self.get(group), self.everything) if p is not None]
+
+    def insert(self, group: str, tokens) -> None:
+        """One text enters its group's pool and the global pool."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        for pool in self.draft_pools(group):
+            pool.insert(tokens)
 
     def learn(self, observed: AcceptanceModel) -> None:
         """Add a block's observations (counts: the order of a block's rows does not matter)."""
@@ -126,15 +140,20 @@ class PoolSet:
             name = f"{name}-{len(files)}.pool"
             pool.save(str(folder / (name + f".r{self.records}")))
             files[group] = name + f".r{self.records}"
+        if self.everything is not None:
+            name = f"everything.pool.r{self.records}"
+            self.everything.save(str(folder / name))
         index = {"mode": self.mode, "max_depth": self.max_depth, "vocab_size": self.vocab_size,
                  "max_nodes": self.max_nodes, "records": self.records, "blocks": self.blocks, "files": files}
+        if self.everything is not None:
+            index["global"] = name
         if self.acceptance is not None:  # counts are whole numbers: exact in JSON
             index["acceptance"] = {"prior": self.acceptance.prior, "hits": self.acceptance.hits.tolist(),
                                    "tries": self.acceptance.tries.tolist()}
         tmp = folder / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, folder / "index.json")
-        keep = set(files.values()) | {"index.json"}
+        keep = set(files.values()) | {"index.json", index.get("global")}
         for f in folder.iterdir():  # older snapshots
             if f.name not in keep and f.suffix != ".tmp":
                 f.unlink(missing_ok=True)
@@ -152,6 +171,8 @@ class PoolSet:
             ps.acceptance.set_state(np.asarray(a["hits"], dtype=np.float64), np.asarray(a["tries"], dtype=np.float64))
         for group, name in index["files"].items():
             ps.pools[group] = RetrievalPool.load(str(folder / name))
+        if "global" in index:
+            ps.everything = RetrievalPool.load(str(folder / index["global"]))
         return ps
 
 

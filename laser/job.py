@@ -53,7 +53,7 @@ JOB_DRAFT = {"min_match": 2, "max_match": 4, "prompt_weight": 8.0, "confidence":
 # several match lengths per pool pay (benchmarks/RESULTS.md, drafting replay)
 JOB_DRAFT_ACCEPTANCE = {"min_match": 1, "max_match": 8, "prompt_weight": 8.0, "confidence": 1.0, "match_levels": 3}
 # settings added after the first manifests, with the value every older manifest's job had
-LEGACY_SETTINGS = {"acceptance": False}
+LEGACY_SETTINGS = {"acceptance": False, "global_pool": False, "pool_depth": 12, "max_match": None}
 TIMING_FIELDS = ("time",)  # the only record fields that vary between identical runs
 
 
@@ -86,7 +86,10 @@ class JobConfig:
     threshold: int | None = None  # router h; default: median interaction count
     seed: int = 0
     budget: int = 32
-    max_depth: int = 10
+    max_depth: int = 10  # draft depth below the context
+    pool_depth: int = 12  # longest window the pools store (a draft reaches pool_depth - match length deep)
+    global_pool: bool = False  # every request also drafts from a pool of every finished text
+    max_match: int | None = None  # longest context suffix matched (None: JOB_DRAFT's, or JOB_DRAFT_ACCEPTANCE's)
     batch_size: int = 1  # > 1: continuous batching (laser.batch)
     block: int = 32  # ids per frozen-pool block
     cost: str | None = None  # JSON file with the cost curve; None: measured once, stored in the manifest
@@ -174,7 +177,8 @@ def _settings(cfg: JobConfig, ds_files: dict, model_id: str, model_hash: str, th
         "max_depth": cfg.max_depth, "batch_size": cfg.batch_size, "block": cfg.block,
         "prompt_template": file_sha256(cfg.prompt_template) if cfg.prompt_template else "built-in",
         "warm": file_sha256(cfg.warm) if cfg.warm else None, "history_until": cfg.history_until,
-        "acceptance": cfg.acceptance,
+        "acceptance": cfg.acceptance, "global_pool": cfg.global_pool, "pool_depth": cfg.pool_depth,
+        "max_match": cfg.max_match,
     }
 
 
@@ -213,9 +217,7 @@ def _blocks(keys: list[str], size: int) -> list[list[str]]:
 def _insert_block(pools: PoolSet, block: list[str], by_id: dict, group_fn) -> None:
     """A finished block's texts enter its groups' pools, in id order."""
     for key in block:
-        pool = pools.get(by_id[key]["group"])
-        if pool is not None:
-            pool.insert(np.asarray(by_id[key]["tokens"], dtype=np.int64))
+        pools.insert(by_id[key]["group"], by_id[key]["tokens"])
     pools.blocks += 1
     pools.records += len(block)
 
@@ -231,9 +233,7 @@ def _warm(pools: PoolSet, path: str, tok, group_fn, groups: set | None = None) -
             toks = rec.get("tokens") or tok(rec["text"], add_special_tokens=False)["input_ids"]
         except (KeyError, TypeError, AttributeError):
             raise JobError(f"{path}:{lineno}: a warm-up record needs 'text' or 'tokens'") from None
-        pool = pools.get(group)
-        if pool is not None:
-            pool.insert(np.asarray(toks, dtype=np.int64))
+        pools.insert(group, toks)
         n += 1
     return n
 
@@ -248,7 +248,8 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict,
     index = pool_dir / "index.json"
     fresh = cfg.rebuild_pools or not by_id
     if fresh:
-        pools = PoolSet(cfg.pool, vocab_size=len(tok), acceptance=cfg.acceptance)
+        pools = PoolSet(cfg.pool, max_depth=cfg.pool_depth, vocab_size=len(tok), acceptance=cfg.acceptance,
+                        with_global=cfg.global_pool)
         if cfg.warm:
             _warm(pools, cfg.warm, tok, group_fn, groups)
     elif not index.exists():
@@ -262,6 +263,9 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict,
         if (pools.acceptance is not None) != cfg.acceptance:
             raise JobError(f"{pool_dir}: the snapshot {'has' if pools.acceptance is not None else 'has no'} "
                            "acceptance model, this job " + ("uses one" if cfg.acceptance else "does not"))
+        if (pools.everything is not None) != cfg.global_pool or pools.max_depth != cfg.pool_depth:
+            raise JobError(f"{pool_dir}: the snapshot's pools (depth {pools.max_depth}, global pool: "
+                           f"{pools.everything is not None}) are not this job's; rerun with --rebuild-pools")
         if pools.blocks > complete:
             raise JobError(f"{pool_dir}: the snapshot holds {pools.blocks} finished blocks but the records only "
                            f"{complete}; rerun with --rebuild-pools")
@@ -275,6 +279,12 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: dict,
     return pools
 
 
+def job_draft(cfg: JobConfig) -> dict:
+    """The job's DraftConfig fields beyond budget, depth and cost."""
+    pinned = JOB_DRAFT_ACCEPTANCE if cfg.acceptance else JOB_DRAFT
+    return pinned if cfg.max_match is None else {**pinned, "max_match": cfg.max_match}
+
+
 def _validate(cfg: JobConfig) -> None:
     if cfg.target not in ("users", "items"):
         raise JobError(f"--target must be users or items, got {cfg.target!r}")
@@ -285,6 +295,14 @@ def _validate(cfg: JobConfig) -> None:
         raise JobError("--limit must be >= 1")
     if cfg.mode not in ("strict", "relaxed"):
         raise JobError(f"--mode must be strict or relaxed, got {cfg.mode!r}")
+    low = job_draft(JobConfig(acceptance=cfg.acceptance))["min_match"]
+    if cfg.max_match is not None and cfg.max_match < low:
+        raise JobError(f"--max-match must be >= {low} (the job's shortest match), got {cfg.max_match}")
+    if cfg.max_depth < 1 or not 2 <= cfg.pool_depth <= 1024:
+        raise JobError(f"need --max-depth >= 1 and 2 <= --pool-depth <= 1024, got {cfg.max_depth} and {cfg.pool_depth}")
+    if cfg.global_pool and cfg.pool in ("none", "global"):
+        raise JobError(f"--global-pool drafts from a pool of every text beside each group's pool: it needs group "
+                       f"pools, not --pool {cfg.pool} (--pool global alone drafts from every text)")
     if cfg.acceptance and cfg.rebuild_pools:
         raise JobError("--rebuild-pools with --acceptance: the acceptance model is learned from verified trees, "
                        "not from the records, so it cannot be rebuilt; restore OUT.pools or write to another --out")
@@ -306,6 +324,9 @@ def run_job(cfg: JobConfig, progress: bool = True, workers: int | None = None, r
     if workers is not None and cfg.acceptance:
         raise JobError("--acceptance with --workers is not supported yet: each shard would learn its own model, "
                        "so the records would depend on the sharding")
+    if workers is not None and cfg.global_pool:
+        raise JobError("--global-pool with --workers is not supported yet: each shard would hold only its groups' "
+                       "texts, so the records would depend on the sharding")
     out = Path(cfg.out)
     folder = out.parent if str(out.parent) else Path(".")
     if folder.is_dir() and not (folder.stat().st_mode & 0o222 and os.access(folder, os.W_OK)):  # (root ignores the bits)
@@ -460,8 +481,7 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
     blocks = [[k for k in b if k in subset] for b in plan.blocks]  # global block numbers, this subset's ids
     groups = {plan.group(k) for k in keys} if len(subset) < len(plan.all_keys) else None
     pools = _pools(cfg, pool_dir, blocks, by_id, tok, plan.group, groups)
-    draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost,
-                              **(JOB_DRAFT_ACCEPTANCE if cfg.acceptance else JOB_DRAFT))
+    draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost, **job_draft(cfg))
     in_run = subset & set(plan.keys)
     last_block = -(-len(plan.keys) // cfg.block)  # blocks that hold ids of this run
     stats = {"written": 0, "tokens": 0, "steps": 0, "mismatched": 0,
@@ -516,14 +536,14 @@ def _decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str]
     if cfg.batch_size == 1:
         for key, ids in zip(keys, prompts):
             t0 = time.perf_counter()
-            res = laser.generate(model, ids, pool=pools.get(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
+            res = laser.generate(model, ids, pool=pools.draft_pools(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
                                  mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False,
                                  **am)
             write(key, res.sequences[0, len(ids):].tolist(), res.stats.steps, time.perf_counter() - t0)
         return
     from laser.batch import Request, generate_batch
 
-    reqs = [Request(ids, pools.get(group_fn(k)), k) for k, ids in zip(keys, prompts)]
+    reqs = [Request(ids, pools.draft_pools(group_fn(k)), k) for k, ids in zip(keys, prompts)]
     for r in generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
                             top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False, **am):
         write(r.tag, r.tokens.tolist(), r.stats.steps, r.stats.total_time)

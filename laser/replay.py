@@ -21,7 +21,7 @@ import laser
 from laser.config import GLOBAL, OWN, SHARED
 from laser.data import chat_ids
 from laser.groups import PoolSet
-from laser.job import JOB_DRAFT, JobConfig, make_plan, read_records
+from laser.job import JobConfig, job_draft, make_plan, read_records
 
 
 def corpus_plan(corpus: Path, dataset: str, target: str):
@@ -30,7 +30,9 @@ def corpus_plan(corpus: Path, dataset: str, target: str):
     m = json.loads(man.read_text()) if man.exists() else {}
     cfg = JobConfig(dataset=dataset, target=target, pool=m.get("pool", "routed"), clusters=m.get("clusters", 8),
                     seed=m.get("seed", 0), threshold=m.get("threshold"), history_until=m.get("history_until"),
-                    max_depth=m.get("max_depth", 10))
+                    max_depth=m.get("max_depth", 10), pool_depth=m.get("pool_depth", 12),
+                    global_pool=m.get("global_pool", False), max_match=m.get("max_match"),
+                    acceptance=m.get("acceptance", False))
     if m.get("mode", "strict") != "strict":
         raise ValueError(f"{corpus}: a replay needs a strict corpus (greedy texts), this one is {m['mode']}")
     return make_plan(cfg)
@@ -38,26 +40,22 @@ def corpus_plan(corpus: Path, dataset: str, target: str):
 
 def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_eval: int, block: int = 1,
            draft: laser.DraftConfig | None = None, acceptance: laser.AcceptanceModel | None = None,
-           with_global: bool = False, pool_depth: int | None = None, learn_warm: bool = False) -> dict:
+           with_global: bool | None = None, pool_depth: int | None = None, learn_warm: bool = False) -> dict:
     """Replay records[-n_eval:] after warming with records[:warm]; returns the totals.
 
     acceptance: draft with this model (source slots SHARED, OWN, GLOBAL) and teach it every
     verified tree, as the engine does; learn_warm: the warm
     records are replayed too (uncounted), as the job would have decoded them, so the model
-    has learned from them. with_global: one more pool holding every text (weight 1).
-    pool_depth: the pools' max_depth (default: the job's)."""
-    cfg = draft or laser.DraftConfig(budget=budget, max_depth=plan.cfg.max_depth, **JOB_DRAFT)
-    pools = PoolSet(plan.cfg.pool, vocab_size=0, **({} if pool_depth is None else {"max_depth": pool_depth}))
+    has learned from them. with_global: one more pool holding every text (weight 1), as the
+    job's --global-pool; pool_depth: the pools' max_depth (both default to the plan's job)."""
+    job = plan.cfg
+    cfg = draft or laser.DraftConfig(budget=budget, max_depth=job.max_depth, **job_draft(job))
+    pools = PoolSet(job.pool, max_depth=job.pool_depth if pool_depth is None else pool_depth, vocab_size=0,
+                    with_global=job.global_pool if with_global is None else with_global)
     depth = pools.max_depth
-    everything = laser.RetrievalPool(max_depth=depth) if with_global else None
 
     def add(rec):
-        tokens = np.asarray(rec["tokens"], dtype=np.int64)
-        pool = pools.get(rec["group"])
-        if pool is not None:
-            pool.insert(tokens)
-        if everything is not None:
-            everything.insert(tokens)
+        pools.insert(rec["group"], rec["tokens"])
 
     taught = records[:warm] if learn_warm and acceptance is not None else []
     if not taught:
@@ -74,8 +72,9 @@ def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_e
         seq = np.concatenate([prompt, text])
         local = laser.RetrievalPool(max_depth=depth)
         local.insert(prompt)
-        srcs = [(p, w, s) for p, w, s in ((pools.get(rec["group"]), 1.0, SHARED), (local, cfg.prompt_weight, OWN),
-                                          (everything, 1.0, GLOBAL)) if p is not None and w > 0]
+        shared = pools.draft_pools(rec["group"])  # as the engine's rows draft
+        srcs = [(p, 1.0, SHARED if k == 0 else GLOBAL) for k, p in enumerate(shared)]
+        srcs += [(local, cfg.prompt_weight, OWN)] if cfg.prompt_weight > 0 else []
         kw = {"sources": [s for *_, s in srcs]}
         if acceptance is not None:  # as the engine drafts with one
             kw.update(acceptance=acceptance, min_chance=cfg.min_chance, match_levels=cfg.match_levels)

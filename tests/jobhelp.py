@@ -6,6 +6,8 @@ from pathlib import Path
 from laser.job import read_records, strip_timing
 
 LIMIT, BLOCK, NEW = 20, 4, 24
+# the drafting a demanding user turns on: the acceptance model, a global pool, deep pools
+DEEP = ("--acceptance", "--global-pool", "--pool-depth", "16", "--max-depth", "14", "--max-match", "10")
 
 
 def job_args(model, out, *, mode="relaxed", batch=1, limit=LIMIT, extra=()):
@@ -21,4 +23,5 @@ def records_of(out):
 def pool_bytes(out):
     folder = Path(str(out) + ".pools")
     index = json.loads((folder / "index.json").read_text())
-    return index["blocks"], {g: (folder / f).read_bytes() for g, f in index["files"].items()}
+    files = {**index["files"], **({"*global*": index["global"]} if "global" in index else {})}
+    return index["blocks"], {g: (folder / f).read_bytes() for g, f in files.items()}

@@ -8,7 +8,8 @@ import pytest
 
 import laser
 from laser import AcceptanceModel, RetrievalPool, cut_trees, draft_union
-from laser.config import OWN, SHARED
+from laser.batch import Request, generate_batch
+from laser.config import GLOBAL, OWN, SHARED
 
 TEXT = [1, 2, 3, 4, 5, 1, 2, 3, 6, 1, 2, 3, 4, 7, 8, 1, 2, 9]
 
@@ -161,7 +162,8 @@ def test_observe_and_draft_from_two_threads():
 
 
 def test_strict_with_an_acceptance_model_is_greedy_and_the_replay_takes_the_same_steps(peaked_model):
-    """The engine learns online (one model over many requests); strict output stays greedy, and
+    """The engine learns online (one model over many requests) drafting from each request's
+    group pool and a global pool (pool=[group, global]); strict output stays greedy, and
     laser.replay with its own fresh model takes exactly the engine's steps."""
     from test_decode import greedy
 
@@ -171,24 +173,43 @@ def test_strict_with_an_acceptance_model_is_greedy_and_the_replay_takes_the_same
     from laser.replay import replay
 
     model, tok = laser.load_model(peaked_model)
-    plan = make_plan(JobConfig(dataset="ml-100k", target="users", pool="global", max_depth=10))
+    plan = make_plan(JobConfig(dataset="ml-100k", target="users", pool="attribute", max_depth=14, pool_depth=16,
+                               global_pool=True))
     keys = plan.all_keys[:8]
     prompts = {k: chat_ids(tok, plan.template.render(plan.ds, "users", k)) for k in keys}
-    pools = PoolSet("global", vocab_size=len(tok))
-    draft = laser.DraftConfig(budget=12, max_depth=10, min_match=1, match_levels=2, min_chance=0.02)
+    pools = PoolSet("attribute", max_depth=16, vocab_size=len(tok), with_global=True)
+    draft = laser.DraftConfig(budget=12, max_depth=14, min_match=1, max_match=10, match_levels=2, min_chance=0.02)
     learned = AcceptanceModel()
     records, steps = [], 0
     for i, k in enumerate(keys):
-        res = laser.generate(model, prompts[k], pool=pools.get("global"), max_new_tokens=32, draft=draft,
+        group = plan.group(k)
+        res = laser.generate(model, prompts[k], pool=pools.draft_pools(group), max_new_tokens=32, draft=draft,
                              update_pool=False, acceptance=learned)
         assert res.sequences[0].tolist() == greedy(model, prompts[k], 32)
         new = res.sequences[0, len(prompts[k]):].numpy()
-        records.append({"id": k, "group": "global", "tokens": new.tolist()})
-        pools.get("global").insert(new.astype(np.int64))
+        records.append({"id": k, "group": group, "tokens": new.tolist()})
+        pools.insert(group, new)
         if i >= 3:
             steps += res.stats.steps
-    assert learned.tries.sum() > 0 and learned.hits.sum() > 0
+    assert len(pools.pools) > 1 and pools.everything.count([]) == sum(p.count([]) for p in pools.pools.values())
+    assert learned.tries.sum() > 0 and learned.hits.reshape(4, -1)[GLOBAL].sum() > 0  # the global pool's drafts
     fresh = AcceptanceModel()
     out = replay(records, prompts, plan, budget=12, warm=3, n_eval=5, draft=draft, acceptance=fresh, learn_warm=True)
     assert out["steps"] == steps
     assert np.array_equal(fresh.hits, learned.hits) and np.array_equal(fresh.tries, learned.tries)
+
+
+def test_pool_lists_are_checked_and_each_pool_receives_the_output(peaked_model):
+    model, tok = laser.load_model(peaked_model)
+    a, b = laser.RetrievalPool(max_depth=8), laser.RetrievalPool(max_depth=8)
+    a.insert([5, 6, 7])
+    ids = tok("Tell me about films.")["input_ids"]
+    out = laser.generate(model, ids, pool=[a, b], max_new_tokens=12, eos_token_id=None)
+    assert a.count([]) == 3 + 12 and b.count([]) == 12  # the output's windows entered both
+    with pytest.raises(TypeError, match="pool must be a RetrievalPool"):
+        laser.generate(model, ids, pool=[a, "b"], max_new_tokens=4)
+    with pytest.raises(ValueError, match="twice"):
+        laser.generate(model, ids, pool=[a, a], max_new_tokens=4)
+    with pytest.raises(TypeError, match="pool must be"):
+        list(generate_batch(model, [Request(ids, pool=3)], max_new_tokens=4))
+    assert out.sequences.shape[1] == len(ids) + 12

@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import laser
 from laser.cli import main as cli
 from laser.job import read_records
 
-from jobhelp import BLOCK, LIMIT, NEW, job_args, pool_bytes, records_of
+from jobhelp import BLOCK, DEEP, LIMIT, NEW, job_args, pool_bytes, records_of
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch, extra", [(1, ()), (4, ()), (1, ("--acceptance",))])
+@pytest.mark.parametrize("batch, extra", [(1, ()), (4, ()), (1, DEEP)])
 def test_kills_at_random_moments_resume_to_the_uninterrupted_records(peaked_model, reference, tmp_path, batch, extra):
-    """Also with the acceptance model, which learns from the job's own verified trees."""
+    """Also with the acceptance model (which learns from the job's own verified trees), a
+    global pool and deep pools."""
     out = tmp_path / "k.jsonl"
     cmd = [sys.executable, "-m", "laser.cli", *job_args(peaked_model, out, batch=batch, extra=extra)]
     rng = np.random.default_rng(batch)
@@ -287,25 +289,43 @@ def test_calibrate_writes_a_cost_file_the_job_takes(peaked_model, tmp_path, caps
 def test_acceptance_model_job_is_greedy_in_strict_mode_and_kept_with_the_pools(peaked_model, reference, tmp_path,
                                                                                capsys):
     out = tmp_path / "am.jsonl"
-    assert cli(job_args(peaked_model, out, mode="strict", extra=("--acceptance",))) == 0
+    assert cli(job_args(peaked_model, out, mode="strict", extra=DEEP)) == 0
     strict = records_of(reference("strict", 1))
     assert [r["tokens"] for r in records_of(out)] == [r["tokens"] for r in strict]  # greedy, whatever it drafts
     index = json.loads((Path(str(out) + ".pools") / "index.json").read_text())
     tries, hits = np.asarray(index["acceptance"]["tries"]), np.asarray(index["acceptance"]["hits"])
     assert tries.sum() > 0 and 0 < hits.sum() <= tries.sum()  # learned from the finished blocks' trees
-    assert json.loads(Path(str(out) + ".manifest.json").read_text())["acceptance"] is True
-    _fails(job_args(peaked_model, out, mode="strict"), capsys, "--acceptance", "True", "False")  # not switched off
+    assert hits.reshape(4, -1)[2].sum() > 0  # ... including nodes drafted from the global pool
+    assert index["max_depth"] == 16 and "global" in index
+    every = laser.RetrievalPool.load(str(Path(str(out) + ".pools") / index["global"]))
+    groups = [laser.RetrievalPool.load(str(Path(str(out) + ".pools") / f)) for f in index["files"].values()]
+    assert len(groups) > 1 and every.count([]) == sum(g.count([]) for g in groups)  # every text, once
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    assert (manifest["acceptance"], manifest["global_pool"], manifest["pool_depth"], manifest["max_match"]) == (
+        True, True, 16, 10)
+    _fails(job_args(peaked_model, out, mode="strict", extra=DEEP[1:]), capsys, "--acceptance", "True", "False")
     _fails(job_args(peaked_model, out, mode="strict", extra=("--acceptance", "--rebuild-pools")), capsys,
            "cannot be rebuilt")
+    _fails(job_args(peaked_model, out, mode="strict", extra=DEEP[:-2]), capsys, "--max-match", "10", "None")
     _fails(job_args(peaked_model, tmp_path / "ray.jsonl", extra=("--acceptance", "--workers", "2")), capsys,
            "--acceptance with --workers")
+    _fails(job_args(peaked_model, tmp_path / "ray.jsonl", extra=("--global-pool", "--workers", "2")), capsys,
+           "--global-pool with --workers")
+    _fails(job_args(peaked_model, tmp_path / "g.jsonl", extra=("--global-pool", "--pool", "global")), capsys,
+           "--global-pool", "--pool global")
+    _fails(job_args(peaked_model, tmp_path / "g.jsonl", extra=("--pool-depth", "1")), capsys, "--pool-depth")
+    _fails(job_args(peaked_model, tmp_path / "g.jsonl", extra=("--acceptance", "--max-match", "0")), capsys,
+           "--max-match must be >= 1")
 
 
 def test_manifests_older_than_a_setting_resume_with_its_old_value(peaked_model, done_job, capsys):
     manifest = done_job.with_name(done_job.name + ".manifest.json")
     m = json.loads(manifest.read_text())
-    del m["acceptance"]  # as the manifests written before --acceptance existed
+    for key in ("acceptance", "global_pool", "pool_depth", "max_match"):
+        del m[key]  # as the manifests written before these settings existed
     manifest.write_text(json.dumps(m))
     assert cli(job_args(peaked_model, done_job, limit=LIMIT)) == 0
     assert f"wrote 0 records ({LIMIT} already done)" in capsys.readouterr().out
     _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--acceptance",)), capsys, "--acceptance")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--global-pool",)), capsys, "--global-pool")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--pool-depth", "16")), capsys, "--pool-depth")
