@@ -1,6 +1,6 @@
 """Batched throughput: LASER continuous batching vs HF batched greedy, same prompts, one run.
 
-    python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16] [--acceptance]
+    python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16] [--acceptance [--deep]]
 
 Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; the shared
 pool is warmed with the texts written for other users. Each batch size gets its own
@@ -9,7 +9,10 @@ batch size, and LASER's ratio to HF batched greedy at the same batch size. The "
 row is LASER's own loop and forward (same linears, attention, cache) with no tree, one
 token per row and step: strict or relaxed over it is what speculation alone buys.
 --acceptance adds strict and relaxed with an AcceptanceModel, drafting as `laser generate
---acceptance` does (matches of 1-8 tokens, 3 levels), each mode's model learned online.
+--acceptance` does (matches of 1-8 tokens, 3 levels, the depth-12 pool), each mode's model
+learned online; --deep adds both modes drafting as `laser generate --acceptance --global-pool
+--pool-depth 32 --max-depth 30 --max-match 16` does (a depth-32 pool of the same warm texts,
+which plays the global pool here: every prompt drafts from the one pool).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
+    ap.add_argument("--deep", action="store_true", help="also the acceptance model with a depth-32 pool, depth-30 drafts")
     args = ap.parse_args(argv)
     from laser.job import JOB_DRAFT_ACCEPTANCE
 
@@ -66,8 +70,14 @@ def main(argv=None):
     cfg_at = {B: laser.DraftConfig(budget=32, max_depth=10, cost=c) for B, c in cost_at.items()}
     pool = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
     warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
-    list(generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg_at[8]))
+    texts = [r.tokens for r in generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg_at[8])]
     print(f"pool warmed with {len(warm)} users' texts: {len(pool)} nodes")
+    deep_pool = laser.RetrievalPool(max_depth=32, vocab_size=len(tok))
+    for t in texts:
+        deep_pool.insert(t.astype(np.int64))
+    # acceptance-model rows: (pool, drafting beyond budget and cost)
+    am_rows = {"_am": (pool, dict(JOB_DRAFT_ACCEPTANCE, max_depth=10)),
+               "_deep": (deep_pool, dict(JOB_DRAFT_ACCEPTANCE, max_depth=30, max_match=16))}
 
     for B in args.batch:  # untimed: first calls at a batch size compile kernels and pick GEMM algorithms
         hf_batched(model, tok, prompts[:B], B, 8)
@@ -75,19 +85,22 @@ def main(argv=None):
             list(generate_batch(model, [Request(p, pool) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
                                 mode=mode, draft=cfg_at[B], update_pool=False))
     no_drafts = laser.DraftConfig(budget=0, prompt_weight=0)
-    modes = ("none", "strict", "relaxed") + (("strict_am", "relaxed_am") if args.acceptance else ())
+    modes = ("none", "strict", "relaxed") + (("strict_am", "relaxed_am") if args.acceptance or args.deep else ()) + (
+        ("strict_deep", "relaxed_deep") if args.deep else ())
     rows = []
     for B in args.batch:
         hf = hf_batched(model, tok, prompts, B, args.new)
         line = {"B": B, "hf": hf}
         for mode in modes:
-            am = mode.endswith("_am")
-            draft = (no_drafts if mode == "none" else laser.DraftConfig(budget=32, max_depth=10, cost=cost_at[B],
-                                                                         **JOB_DRAFT_ACCEPTANCE) if am else cfg_at[B])
+            kind, _, suffix = mode.partition("_")
+            am = "_" + suffix in am_rows
+            use_pool, extra = am_rows["_" + suffix] if am else (None if mode == "none" else pool, None)
+            draft = no_drafts if mode == "none" else laser.DraftConfig(budget=32, cost=cost_at[B], **extra) if am else \
+                cfg_at[B]
             t0 = time.perf_counter()
-            res = list(generate_batch(model, [Request(p, None if mode == "none" else pool) for p in prompts],
+            res = list(generate_batch(model, [Request(p, use_pool) for p in prompts],
                                       batch_size=B, max_new_tokens=args.new,
-                                      mode="strict" if mode == "none" else mode.removesuffix("_am"), draft=draft,
+                                      mode="strict" if mode == "none" else kind, draft=draft,
                                       update_pool=False, acceptance=laser.AcceptanceModel() if am else None))
             line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
             line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
