@@ -108,6 +108,13 @@ def shared_pools(pool) -> list:
     return list(pools)
 
 
+def draft_sources(shared: list, local: RetrievalPool, prompt_weight: float) -> list:
+    """(pool, weight, AcceptanceModel source slot) a request drafts from: its shared pools at
+    weight 1 (the first SHARED, the others GLOBAL), then its own text (OWN) unless weight 0."""
+    pairs = [(p, 1.0, SHARED if k == 0 else GLOBAL) for k, p in enumerate(shared)]
+    return pairs + ([(local, prompt_weight, OWN)] if prompt_weight > 0 else [])
+
+
 # ---------------------------------------------------------------- model preparation
 
 @dataclass(frozen=True)
@@ -418,8 +425,7 @@ class _Loop:
                 shared = self.pools[i]
                 local = RetrievalPool(max_depth=max((p.max_depth for p in shared), default=12))
                 local.insert(ids)
-                pairs = [(p, 1.0, SHARED if k == 0 else GLOBAL) for k, p in enumerate(shared)]
-                pairs += [(local, cfg.prompt_weight, OWN)] if cfg.prompt_weight > 0 else []
+                pairs = draft_sources(shared, local, cfg.prompt_weight)
                 # with neither pool: budget 0, one token per step (draft_union needs a pool: local)
                 self.rows[r] = _Row(i, seq, L, L, local, [p for p, *_ in pairs] or [local],
                                     [w for _, w, _ in pairs] or [1.0], [k for *_, k in pairs] or [OWN],

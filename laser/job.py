@@ -295,7 +295,7 @@ def _validate(cfg: JobConfig) -> None:
         raise JobError("--limit must be >= 1")
     if cfg.mode not in ("strict", "relaxed"):
         raise JobError(f"--mode must be strict or relaxed, got {cfg.mode!r}")
-    low = job_draft(JobConfig(acceptance=cfg.acceptance))["min_match"]
+    low = job_draft(cfg)["min_match"]
     if cfg.max_match is not None and cfg.max_match < low:
         raise JobError(f"--max-match must be >= {low} (the job's shortest match), got {cfg.max_match}")
     if cfg.max_depth < 1 or not 2 <= cfg.pool_depth <= 1024:

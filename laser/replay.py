@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import laser
-from laser.config import GLOBAL, OWN, SHARED
+from laser.engine import draft_sources
 from laser.data import chat_ids
 from laser.groups import PoolSet
 from laser.job import JobConfig, job_draft, make_plan, read_records
@@ -28,11 +28,9 @@ def corpus_plan(corpus: Path, dataset: str, target: str):
     name = corpus.name[: -len(".gz")] if corpus.name.endswith(".gz") else corpus.name
     man = corpus.with_name(name + ".manifest.json")
     m = json.loads(man.read_text()) if man.exists() else {}
-    cfg = JobConfig(dataset=dataset, target=target, pool=m.get("pool", "routed"), clusters=m.get("clusters", 8),
-                    seed=m.get("seed", 0), threshold=m.get("threshold"), history_until=m.get("history_until"),
-                    max_depth=m.get("max_depth", 10), pool_depth=m.get("pool_depth", 12),
-                    global_pool=m.get("global_pool", False), max_match=m.get("max_match"),
-                    acceptance=m.get("acceptance", False))
+    kept = ("pool", "clusters", "seed", "threshold", "history_until", "max_depth", "pool_depth", "global_pool",
+            "max_match", "acceptance")  # the manifest's settings that decide prompts and drafting
+    cfg = JobConfig(dataset=dataset, target=target, **{k: m[k] for k in kept if k in m})
     if m.get("mode", "strict") != "strict":
         raise ValueError(f"{corpus}: a replay needs a strict corpus (greedy texts), this one is {m['mode']}")
     return make_plan(cfg)
@@ -72,9 +70,7 @@ def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_e
         seq = np.concatenate([prompt, text])
         local = laser.RetrievalPool(max_depth=depth)
         local.insert(prompt)
-        shared = pools.draft_pools(rec["group"])  # as the engine's rows draft
-        srcs = [(p, 1.0, SHARED if k == 0 else GLOBAL) for k, p in enumerate(shared)]
-        srcs += [(local, cfg.prompt_weight, OWN)] if cfg.prompt_weight > 0 else []
+        srcs = draft_sources(pools.draft_pools(rec["group"]), local, cfg.prompt_weight)  # as the engine's rows
         kw = {"sources": [s for *_, s in srcs]}
         if acceptance is not None:  # as the engine drafts with one
             kw.update(acceptance=acceptance, min_chance=cfg.min_chance, match_levels=cfg.match_levels)
