@@ -56,7 +56,11 @@ def main(argv=None):
     g.add_argument("--min-match", type=int)
     g.add_argument("--max-match", type=int)
     g.add_argument("--match-levels", type=int)
-    g.add_argument("--min-chance", type=float, default=0.0)
+    g.add_argument("--min-chance", type=float, default=0.0,
+                   help="with --acceptance: past --min-nodes, draft only nodes of at least this chance")
+    g.add_argument("--min-nodes", type=int, default=0, help="the floor of nodes per step that --min-chance spares")
+    g.add_argument("--floors", action="store_true",
+                   help="--table: LASER's curve over --min-nodes (0 ... 64) at budget 64 instead of over budgets")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     records, prompts, plan = load_corpus(args.corpus, args.dataset, args.target)
@@ -79,11 +83,12 @@ def main(argv=None):
               f"({res['seconds']:.1f} s)")
 
 
-def run_laser(args, records, prompts, plan, budget: int, warm: int) -> dict:
+def run_laser(args, records, prompts, plan, budget: int, warm: int, min_nodes: int | None = None) -> dict:
     job = dict(job_draft(JobConfig(acceptance=args.acceptance)), max_depth=plan.cfg.max_depth)
     given = {"max_depth": args.max_depth, "min_match": args.min_match, "max_match": args.max_match,
              "match_levels": args.match_levels}
     draft = laser.DraftConfig(budget=budget, min_chance=args.min_chance,
+                              min_nodes=args.min_nodes if min_nodes is None else min_nodes,
                               **{**job, **{k: v for k, v in given.items() if v is not None}})
     model = laser.AcceptanceModel(args.prior) if args.acceptance else None
     return replay(records, prompts, plan, budget, warm, args.eval, args.block, draft=draft, acceptance=model,
@@ -93,26 +98,35 @@ def run_laser(args, records, prompts, plan, budget: int, warm: int) -> dict:
 def table(args, records, prompts, plan) -> None:
     """SuffixDecoding (tree, max_spec_factor 4, min_token_prob 0; and its speculate() defaults)
     at budgets 8/16/32/64 against LASER's tokens/step at the same nodes/step, read off LASER's
-    own budget curve (linear between the two nearest budgets)."""
+    own curve (linear between the two nearest points, LASER's largest tree beyond its end, none
+    below its start): over budgets, or with --floors over min_nodes at budget 64 (every step drafts
+    its best min_nodes nodes, and more up to 64 while their chance is >= --min-chance)."""
     import numpy as np
 
     budgets = (8, 16, 32, 64)
     curve_budgets = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64)
+    if args.floors:
+        if not (args.acceptance and args.min_chance > 0):
+            raise SystemExit("--floors needs --acceptance and --min-chance > 0")
+        curve_budgets = (0,) + curve_budgets  # min_nodes (64: budget 64 without min_chance)
     print("| warm | budget | SuffixDecoding tokens/step @ nodes/step | LASER @ equal nodes | ratio | "
           "LASER at this budget | SuffixDecoding defaults |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for warm in (int(w) for w in args.warms.split(",")):
-        curve = [run_laser(args, records, prompts, plan, b, warm) for b in curve_budgets]
+        curve = [run_laser(args, records, prompts, plan, 64, warm, b) if args.floors else
+                 run_laser(args, records, prompts, plan, b, warm) for b in curve_budgets]
         nodes = np.array([c["nodes_per_step"] for c in curve])
         toks = np.array([c["tokens_per_step"] for c in curve])
         order = np.argsort(nodes)
         for b in budgets:
             sd = replay_suffix(records, prompts, b, warm, args.eval, 4.0, 0.0)
             plain = replay_suffix(records, prompts, b, warm, args.eval, 1.0, 0.1, tree=False)
+            inside = sd["nodes_per_step"] >= nodes.min()  # above the curve's end: LASER's largest tree
             at = float(np.interp(sd["nodes_per_step"], nodes[order], toks[order]))
             own = curve[curve_budgets.index(b)]
-            print(f"| {warm} | {b} | {sd['tokens_per_step']:.2f} @ {sd['nodes_per_step']:.1f} | {at:.2f} | "
-                  f"{at / sd['tokens_per_step']:.3f} | {own['tokens_per_step']:.2f} @ {own['nodes_per_step']:.1f} | "
+            print(f"| {warm} | {b} | {sd['tokens_per_step']:.2f} @ {sd['nodes_per_step']:.1f} | "
+                  + (f"{at:.2f} | {at / sd['tokens_per_step']:.3f}" if inside else "below the curve | -")
+                  + f" | {own['tokens_per_step']:.2f} @ {own['nodes_per_step']:.1f} | "
                   f"{plain['tokens_per_step']:.2f} @ {plain['nodes_per_step']:.1f} |", flush=True)
         best_sd = max(replay_suffix(records, prompts, b, warm, args.eval, 4.0, 0.0)["tokens_per_step"] for b in budgets)
         print(f"| {warm} | best tree | {best_sd:.2f} | best LASER (budget <= 64): {toks.max():.2f} | "

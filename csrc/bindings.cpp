@@ -101,7 +101,7 @@ double float_arg(PyObject* o, const char* name, double dflt) {
 }
 
 // a = [context, budget, max_depth (already resolved into `max_depth`), min_match, max_match,
-// cost, confidence, acceptance, sources, min_chance, match_levels]: the arguments after the pools, as
+// cost, confidence, acceptance, sources, min_chance, match_levels, min_nodes]: the arguments after the pools, as
 // bind_args() left them.
 DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_pools, PyObject* const* a,
                     int32_t max_depth) {
@@ -124,6 +124,7 @@ DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_po
   }
   p.min_chance = float_arg(a[9], "min_chance", 0.0);
   p.match_levels = int_arg(a[10], "match_levels", 1);
+  p.min_nodes = int_arg(a[11], "min_nodes", 0);
   py::gil_scoped_release release;
   return laser::draft(pools, weights, int(n_pools), ctx.data(), ctx.size(), p);
 }
@@ -182,10 +183,10 @@ PyObject* guarded(F&& body) {
 PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static Signature sig{"draft",
                        {"context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence", "acceptance",
-                        "sources", "min_chance", "match_levels"},
+                        "sources", "min_chance", "match_levels", "min_nodes"},
                        1};
   return guarded([&] {
-    PyObject* a[11];
+    PyObject* a[12];
     bind_args(sig, args, nargs, kwnames, a);
     const Pool* one = &py::handle(self).cast<const Pool&>();
     const double unit = 1.0;
@@ -197,10 +198,10 @@ PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
 PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static Signature sig{"draft_union",
                        {"pools", "weights", "context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence",
-                        "acceptance", "sources", "min_chance", "match_levels"},
+                        "acceptance", "sources", "min_chance", "match_levels", "min_nodes"},
                        3};
   return guarded([&] {
-    PyObject* a[13];
+    PyObject* a[14];
     bind_args(sig, args, nargs, kwnames, a);
     const auto pools = py::handle(a[0]).cast<std::vector<const Pool*>>();
     const auto weights = py::handle(a[1]).cast<std::vector<double>>();
@@ -217,13 +218,13 @@ PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t narg
 PyMethodDef draft_def{
     "draft", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_method)), METH_FASTCALL | METH_KEYWORDS,
     "draft($self, /, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, confidence=1.0, "
-    "acceptance=None, sources=None, min_chance=0.0, match_levels=1)\n--\n\n"
+    "acceptance=None, sources=None, min_chance=0.0, match_levels=1, min_nodes=0)\n--\n\n"
     "Draft tree for the longest matching suffix of `context` (max_depth 0: the pool's own)."};
 PyMethodDef draft_union_def{
     "draft_union", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_union_function)),
     METH_FASTCALL | METH_KEYWORDS,
     "draft_union(pools, weights, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, "
-    "confidence=1.0, acceptance=None, sources=None, min_chance=0.0, match_levels=1)\n--\n\n"
+    "confidence=1.0, acceptance=None, sources=None, min_chance=0.0, match_levels=1, min_nodes=0)\n--\n\n"
     "Draft from several pools at once; a node's count is the weighted sum of the pools' counts\n"
     "(with an AcceptanceModel: nodes are scored by their calibrated chance, the best pool's for a token)."};
 
@@ -296,7 +297,7 @@ PYBIND11_MODULE(_C, m) {
     };
   };
   py::class_<AcceptanceModel>(m, "AcceptanceModel",
-                          "Acceptance model of drafted nodes by (source, context length, parent count, share),\n"
+                          "Acceptance model of drafted nodes by (source, context length, parent count, longest, share),\n"
                           "learned from verified trees with observe(tree, accepted_path).")
       .def(py::init<double>(), py::arg("prior") = 4.0)
       .def("observe",
@@ -320,9 +321,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("tries", state(&AcceptanceModel::tries))
       .def_property_readonly("q", state(&AcceptanceModel::q))
       .def_property_readonly("prior", &AcceptanceModel::prior)
-      .def_static("bin", &AcceptanceModel::bin, py::arg("source"), py::arg("context"), py::arg("parent_count"), py::arg("share"))
+      .def_static("bin", &AcceptanceModel::bin, py::arg("source"), py::arg("context"), py::arg("parent_count"), py::arg("share"),
+                  py::arg("longest") = true)
       .def_property_readonly_static("shape", [](py::object) {
-        return py::make_tuple(AcceptanceModel::kSources, AcceptanceModel::kContexts, AcceptanceModel::kCounts, AcceptanceModel::kShares);
+        return py::make_tuple(AcceptanceModel::kSources, AcceptanceModel::kContexts, AcceptanceModel::kCounts, AcceptanceModel::kLongest,
+                              AcceptanceModel::kShares);
       });
 
   py::class_<Pool> pool_cls(m, "RetrievalPool");

@@ -427,18 +427,19 @@ AcceptanceModel::AcceptanceModel(double prior)
   for (int32_t src = 0; src < kSources; ++src) refresh(src);
 }
 
-int32_t AcceptanceModel::bin(int32_t source, int32_t context, double parent_count, double share) {
-  const int32_t c = context <= 4 ? std::max(context, 1) - 1 : context <= 6 ? 4 : context <= 8 ? 5 : context <= 12 ? 6 : 7;
-  const int32_t k = parent_count < 1.5 ? 0 : parent_count < 2.5 ? 1 : parent_count < 4.5 ? 2
-                  : parent_count < 8.5 ? 3 : parent_count < 16.5 ? 4 : 5;
+int32_t AcceptanceModel::bin(int32_t source, int32_t context, double parent_count, double share, bool longest) {
+  const int32_t c = context <= 4 ? std::max(context, 1) - 1 : context <= 6 ? 4 : context <= 8 ? 5 : context <= 12 ? 6
+                  : context <= 16 ? 7 : context <= 24 ? 8 : 9;
+  const int32_t k = parent_count < 1.5 ? 0 : parent_count < 2.5 ? 1 : parent_count < 4.5 ? 2 : parent_count < 8.5 ? 3
+                  : parent_count < 16.5 ? 4 : parent_count < 32.5 ? 5 : parent_count < 64.5 ? 6 : 7;
   const int32_t v = std::min(kShares - 1, std::max(0, int32_t(share * kShares)));
-  return ((source * kContexts + c) * kCounts + k) * kShares + v;
+  return (((source * kContexts + c) * kCounts + k) * kLongest + int32_t(longest)) * kShares + v;
 }
 
 void AcceptanceModel::refresh(int32_t src) {
-  // two levels of shrinkage: a bin toward its source's rate at that share (all contexts and
-  // counts pooled), that toward the share itself; then nondecreasing in the share per row
-  constexpr int32_t kRow = kContexts * kCounts;
+  // two levels of shrinkage: a bin toward its source's rate at that share (the other features
+  // pooled), that toward the share itself; then nondecreasing in the share per row
+  constexpr int32_t kRow = kContexts * kCounts * kLongest;
   for (int32_t v = 0; v < kShares; ++v) {
     double h = 0.0, n = 0.0;
     for (int32_t r = 0; r < kRow; ++r) h += hits_[(src * kRow + r) * kShares + v], n += tries_[(src * kRow + r) * kShares + v];
@@ -522,7 +523,9 @@ struct Worse {  // a is a worse candidate than b: std heaps keep the best on top
 };
 struct Merged {
   double count;  // weighted count; calibrated: q
-  int32_t token, pool, node, bin;
+  int32_t token, pool, node, bin;  // calibrated: bin is set once the token's longest flag is known
+  int32_t context;                 // calibrated: the context the parent stands for in this pool
+  double share;                    // calibrated: the child's share of the parent's count
 };
 // Buffers of one draft call, reused so that a warm draft allocates nothing but its result.
 struct Scratch {
@@ -640,6 +643,7 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   if (prm.cost && prm.cost_len < 1) throw std::invalid_argument("cost curve must not be empty");
   if (!(prm.confidence > 0.0 && prm.confidence <= 1.0)) throw std::invalid_argument("confidence must be in (0, 1]");
   if (!(prm.min_chance >= 0.0 && prm.min_chance < 1.0)) throw std::invalid_argument("min_chance must be in [0, 1)");
+  if (prm.min_nodes < 0) throw std::invalid_argument("min_nodes must be >= 0");
   if (prm.match_levels < 1) throw std::invalid_argument("match_levels must be >= 1");
   int P = n_pools;
   const AcceptanceModel* cal = prm.acceptance;
@@ -723,7 +727,6 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   auto push = [&](const Kid* kid, const int32_t* kid_ids, int32_t left, int32_t depth, int32_t parent, double pscore,
                   const int32_t* bin) {
     const double count = cal ? pscore * kid->count : P == 1 ? weights[0] * kid->count : kid->count;
-    if (cal && count < prm.min_chance) return;  // its later siblings score lower still
     heap.push_back(HeapItem{count, HeapItem::pack(depth, kid->token, parent), int32_t(cands.size())});
     cands.push_back(Cand{count, pscore, bin, depth, kid->token, parent, left, kid, kid_ids});
     std::push_heap(heap.begin(), heap.end(), Worse{});
@@ -744,23 +747,30 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     // one list (calibrated: the best q of the pools, and that pool's bin).
     auto& merged = S.merged;
     merged.clear();
+    int32_t longest = 0;  // the longest context with continuations among the entries
     for (int p = 0; p < P; ++p) {
       if (pid[p] < 0) continue;
       int32_t len = 0;
       const Kid* kids = pools[p]->best_children(pid[p], room, &len, small);
       const Node& parent = pools[p]->nodes()[pid[p]];
-      for (int32_t j = 0; j < len; ++j) {
-        if (!cal) {
-          merged.push_back(Merged{weights[p] * kids[j].count, kids[j].token, p, kids[j].node, -1});
-          continue;
-        }
-        const int32_t b = AcceptanceModel::bin(sources[p], parent.depth, parent.count,
-                                           parent.count > 0.0 ? kids[j].count / parent.count : 0.0);
-        merged.push_back(Merged{cal->q()[b], kids[j].token, p, kids[j].node, b});
-      }
+      if (len > 0) longest = std::max(longest, int32_t(parent.depth));
+      for (int32_t j = 0; j < len; ++j)
+        merged.push_back(Merged{weights[p] * kids[j].count, kids[j].token, p, kids[j].node, -1, parent.depth,
+                                parent.count > 0.0 ? kids[j].count / parent.count : 0.0});
     }
     if (merged.empty()) return;
     std::sort(merged.begin(), merged.end(), [](const Merged& a, const Merged& b) { return a.token < b.token; });
+    for (size_t i = 0, j = 0; cal && i < merged.size(); i = j) {  // calibrated: each entry's q, per token run
+      bool on_longest = false;
+      for (j = i; j < merged.size() && merged[j].token == merged[i].token; ++j)
+        on_longest = on_longest || merged[j].context == longest;
+      for (size_t k = i; k < j; ++k) {
+        const Merged& m = merged[k];
+        merged[k].bin = AcceptanceModel::bin(sources[m.pool], m.context, pools[m.pool]->nodes()[pid[m.pool]].count,
+                                             m.share, on_longest);
+        merged[k].count = cal->q()[merged[k].bin];
+      }
+    }
     if (n_lists == S.lists.size()) S.lists.emplace_back(), S.list_ids.emplace_back(), S.list_bins.emplace_back();
     std::vector<Kid>& kids = S.lists[n_lists];
     std::vector<int32_t>& kid_ids = S.list_ids[n_lists];
@@ -790,6 +800,8 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
   sel_ids.reserve(size_t(budget) * P);
   if (t.match_len > 0) expand(ids.data(), 0, -1, budget, 1.0);
   while (int32_t(sel.size()) < budget && !heap.empty()) {
+    // past the floor, stop at the first candidate below min_chance: every other one scores lower
+    if (cal && int32_t(sel.size()) >= prm.min_nodes && heap.front().count < prm.min_chance) break;
     std::pop_heap(heap.begin(), heap.end(), Worse{});
     const Cand c = cands[heap.back().cand];
     heap.pop_back();

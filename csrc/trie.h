@@ -142,10 +142,12 @@ struct DraftParams {
   int32_t cost_len = 0;
   double confidence = 1.0;  // scales each node's empirical chance in the cut (uncalibrated drafts)
   // Optional acceptance model: nodes are scored by their calibrated chance (see AcceptanceModel),
-  // sources[p] names pool p's source slot, and candidates below min_chance never enter.
+  // sources[p] names pool p's source slot, and past the first min_nodes nodes (best-first) candidates
+  // below min_chance never enter: a fixed floor, and above it only the likely nodes.
   const class AcceptanceModel* acceptance = nullptr;
   const int32_t* sources = nullptr;  // [n_pools] in [0, AcceptanceModel::kSources); null: all 0
   double min_chance = 0.0;
+  int32_t min_nodes = 0;  // the best-first first min_nodes nodes enter whatever their chance
   // Each pool drafts from its match_levels longest matched suffixes (>= min_match), not only
   // the longest: shorter contexts add continuations the longest one never saw.
   int32_t match_levels = 1;
@@ -154,21 +156,26 @@ struct DraftParams {
 // Acceptance model of drafted nodes, learned from verified trees: q(bin) estimates the chance
 // that a node is accepted given that its parent was (or that it is a child of the context), by
 //   bin = (source slot of the pool it came from, the length of the context its parent stands
-//          for in that pool (match length + depth - 1), the parent's count there, the node's
+//          for in that pool (match length + depth - 1), the parent's count there, whether the
+//          token continues the longest context any drafting pool holds at that node, the node's
 //          share of that count).
+// The third feature separates a token that the longest context also saw from one only shorter
+// contexts propose (the longest context chose otherwise, or has not continued): for tokens of
+// equal share, the second kind is accepted less often.
 // A calibrated draft scores a node by the product of q along its path: the chance that the
 // text follows the whole path, which is what the best-first growth and the cost cut use.
 // q = (hits + prior * m) / (tries + prior), where m is the same estimate for the bin's source
-// and share with contexts and counts pooled (itself shrunk toward the bin's mid share), then
-// fitted nondecreasing in the share within each (source, context, count) row (isotonic
+// and share with the other features pooled (itself shrunk toward the bin's mid share), then
+// fitted nondecreasing in the share within each (source, context, count, longest) row (isotonic
 // regression, weights tries + prior), so that a node's children sorted by count are sorted by q. Thread-safe: observe() takes the write lock,
 // draft() a shared one.
 class AcceptanceModel {
  public:
-  static constexpr int kSources = 4, kContexts = 8, kCounts = 6, kShares = 10;
-  static constexpr int kBins = kSources * kContexts * kCounts * kShares;
+  static constexpr int kSources = 4, kContexts = 10, kCounts = 8, kLongest = 2, kShares = 10;
+  static constexpr int kBins = kSources * kContexts * kCounts * kLongest * kShares;
   explicit AcceptanceModel(double prior);
-  static int32_t bin(int32_t source, int32_t context, double parent_count, double share);
+  // longest: the token continues the longest context at its parent (always so with one pool).
+  static int32_t bin(int32_t source, int32_t context, double parent_count, double share, bool longest = true);
   // One verified tree: path[0:n_path] = DFS indices of its accepted nodes (a root path).
   void observe(const DraftTree& t, const int32_t* path, int32_t n_path);
   // Replace the counts (hits <= tries, both [kBins]); for resuming a saved model.

@@ -36,9 +36,10 @@ class DraftTree:
 
 class AcceptanceModel:
     """Chance that a drafted node is accepted given its parent was, by (source slot, context
-    length, parent count, share); learned from verified trees (observe)."""
+    length, parent count, whether the token continues the longest context drafted from, share);
+    learned from verified trees (observe)."""
 
-    shape: tuple[int, int, int, int]  # (sources, contexts, counts, shares)
+    shape: tuple[int, int, int, int, int]  # (sources, contexts, counts, longest, shares)
     def __init__(self, prior: float = 4.0) -> None: ...
     def observe(self, tree: DraftTree, path: npt.ArrayLike) -> None: ...  # path: DFS indices of the accepted nodes
     def set_state(self, hits: npt.ArrayLike, tries: npt.ArrayLike) -> None: ...
@@ -51,7 +52,7 @@ class AcceptanceModel:
     @property
     def prior(self) -> float: ...
     @staticmethod
-    def bin(source: int, context: int, parent_count: float, share: float) -> int: ...
+    def bin(source: int, context: int, parent_count: float, share: float, longest: bool = True) -> int: ...
 
 class RetrievalPool:
     def __init__(self, max_depth: int = 12, vocab_size: int = 0, max_nodes: int = 1 << 22, decay: float = 0.5) -> None: ...
@@ -68,8 +69,9 @@ class RetrievalPool:
         confidence: float = 1.0,
         acceptance: AcceptanceModel | None = None,
         sources: Sequence[int] | None = None,  # one source slot per pool, in [0, 4)
-        min_chance: float = 0.0,
+        min_chance: float = 0.0,  # past the first min_nodes nodes (best-first)
         match_levels: int = 1,
+        min_nodes: int = 0,
     ) -> DraftTree: ...
     def count(self, tokens: npt.ArrayLike) -> float: ...
     def check_tokens(self, tokens: npt.ArrayLike) -> None: ...
@@ -101,6 +103,7 @@ def draft_union(
     sources: Sequence[int] | None = None,
     min_chance: float = 0.0,
     match_levels: int = 1,
+    min_nodes: int = 0,
 ) -> DraftTree: ...
 
 def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, confidence: float = 1.0) -> list[DraftTree | None]:

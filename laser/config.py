@@ -28,13 +28,16 @@ class DraftConfig:
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each step's trees (see calibrate)
     confidence: float = 1.0  # scales the pool's chances in the cost cut, in (0, 1] (drafts without an AcceptanceModel)
-    # With an AcceptanceModel (generate(..., acceptance=)): nodes whose calibrated chance is
-    # below min_chance are not drafted, and each pool drafts from its match_levels longest matches.
+    # With an AcceptanceModel (generate(..., acceptance=)): past the first min_nodes nodes
+    # (best-first), nodes whose calibrated chance is below min_chance are not drafted, and each
+    # pool drafts from its match_levels longest matches. min_nodes < budget with min_chance > 0:
+    # every step drafts at least min_nodes nodes, and up to budget where the chances stay high.
     min_chance: float = 0.0
     match_levels: int = 1
+    min_nodes: int = 0
 
     def __post_init__(self):
-        for name in ("budget", "max_depth", "min_match", "max_match", "match_levels"):
+        for name in ("budget", "max_depth", "min_match", "max_match", "match_levels", "min_nodes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"DraftConfig.{name} must be an int, got {v!r}")
@@ -52,6 +55,8 @@ class DraftConfig:
             raise ValueError(f"DraftConfig.min_chance must be in [0, 1), got {self.min_chance!r}")
         if self.match_levels < 1:
             raise ValueError(f"DraftConfig.match_levels must be >= 1, got {self.match_levels}")
+        if self.min_nodes < 0:
+            raise ValueError(f"DraftConfig.min_nodes must be >= 0, got {self.min_nodes}")
         if self.cost is not None:
             cost = np.asarray(self.cost, dtype=np.float64)
             if cost.ndim != 1 or cost.size < 1 or not np.all(np.isfinite(cost)) or not np.all(cost > 0):
@@ -64,7 +69,7 @@ class DraftConfig:
         same_cost = (self.cost is None and other.cost is None) or (
             self.cost is not None and other.cost is not None and np.array_equal(self.cost, other.cost))
         fields = ("budget", "max_depth", "min_match", "max_match", "prompt_weight", "confidence", "min_chance",
-                  "match_levels")
+                  "match_levels", "min_nodes")
         return same_cost and all(getattr(self, f) == getattr(other, f) for f in fields)
 
     __hash__ = None

@@ -336,7 +336,7 @@ class _Loop:
             # 1. draft: each row's tree from its own pools; one cost-aware budget for all
             model = self.acceptance
             extra = {} if model is None else {"acceptance": model, "min_chance": cfg.min_chance,
-                                              "match_levels": cfg.match_levels}
+                                              "match_levels": cfg.match_levels, "min_nodes": cfg.min_nodes}
             trees = [None if row is None else
                      draft_union(row.pools, row.weights, row.seq[: row.n], budget=row.budget, max_depth=cfg.max_depth,
                                  min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost,

@@ -90,6 +90,23 @@ class Router:
         return "attr:" + attribute_group(self.ds, self.target, key)
 
 
+# AcceptanceModel.shape of snapshots written before the `longest` feature and the finer top
+# buckets: (sources, contexts 1, 2, 3, 4, 5-6, 7-8, 9-12, 13+, counts 1, 2, 3-4, 5-8, 9-16, 17+,
+# shares). Its buckets are the first 8 contexts and 6 counts of today's, at longest = True.
+LEGACY_ACCEPTANCE_SHAPE = (4, 8, 6, 10)
+
+
+def acceptance_state(counts: np.ndarray) -> np.ndarray:
+    """A saved model's hits or tries in today's layout (a legacy snapshot's mapped into it)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.size != int(np.prod(LEGACY_ACCEPTANCE_SHAPE)):
+        return counts  # today's layout (set_state checks the length)
+    s, c, k, v = LEGACY_ACCEPTANCE_SHAPE
+    out = np.zeros(AcceptanceModel.shape)
+    out[:s, :c, :k, 1, :v] = counts.reshape(LEGACY_ACCEPTANCE_SHAPE)
+    return out.ravel()
+
+
 class PoolSet:
     """One RetrievalPool per group, created on first use; saved as files in one folder. With
     with_global, also one pool of every text (4x max_nodes), drafted from beside each group's;
@@ -168,7 +185,7 @@ class PoolSet:
         if "acceptance" in index:
             a = index["acceptance"]
             ps.acceptance = AcceptanceModel(float(a["prior"]))
-            ps.acceptance.set_state(np.asarray(a["hits"], dtype=np.float64), np.asarray(a["tries"], dtype=np.float64))
+            ps.acceptance.set_state(acceptance_state(a["hits"]), acceptance_state(a["tries"]))
         for group, name in index["files"].items():
             ps.pools[group] = RetrievalPool.load(str(folder / name))
         if "global" in index:

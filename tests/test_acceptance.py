@@ -25,12 +25,15 @@ def test_bins_cover_the_table_and_separate_sources():
     m = AcceptanceModel()
     size = int(np.prod(AcceptanceModel.shape))
     assert m.q.shape == m.hits.shape == m.tries.shape == (size,)
-    corners = [AcceptanceModel.bin(s, c, n, v) for s in (0, 3) for c in (1, 500) for n in (1, 1e6) for v in (0.0, 1.0)]
+    corners = [AcceptanceModel.bin(s, c, n, v, longest) for s in (0, 3) for c in (1, 500) for n in (1, 1e6)
+               for longest in (False, True) for v in (0.0, 1.0)]
     assert min(corners) == 0 and max(corners) == size - 1 and len(set(corners)) == len(corners)
     assert AcceptanceModel.bin(SHARED, 3, 5, 0.5) != AcceptanceModel.bin(OWN, 3, 5, 0.5)
+    assert AcceptanceModel.bin(SHARED, 3, 5, 0.5) == AcceptanceModel.bin(SHARED, 3, 5, 0.5, True)
+    assert AcceptanceModel.bin(SHARED, 3, 5, 0.5, False) != AcceptanceModel.bin(SHARED, 3, 5, 0.5, True)
     # with no observations q is the bin's share (mid-point), nondecreasing in the share
     q = m.q.reshape(AcceptanceModel.shape)
-    assert np.allclose(q[0, 0, 0], (np.arange(10) + 0.5) / 10)
+    assert np.allclose(q[0, 0, 0, 0], (np.arange(10) + 0.5) / 10)
     assert np.all(np.diff(q, axis=-1) >= 0)
 
 
@@ -105,6 +108,24 @@ def test_min_chance_keeps_only_likely_nodes():
         pool.draft([1], acceptance=m, min_chance=1.0)
 
 
+def test_min_nodes_is_a_floor_below_which_min_chance_does_not_cut():
+    pool, m = pool_of(TEXT), AcceptanceModel()
+    full = pool.draft([9, 1, 2], budget=16, min_match=1, acceptance=m)
+    likely = int((full.counts >= 0.3).sum())
+    assert 0 < likely < 8 < len(full)
+    best_first = sorted(zip(full.rank.tolist(), full.tokens.tolist(), full.depth.tolist()))
+    for floor in (0, likely, 8, 16, 40):
+        t = pool.draft([9, 1, 2], budget=16, min_match=1, acceptance=m, min_chance=0.3, min_nodes=floor)
+        n = min(len(full), max(floor, likely))  # the first `floor` nodes, then those of chance >= 0.3
+        assert sorted(zip(t.rank.tolist(), t.tokens.tolist(), t.depth.tolist())) == best_first[:n]
+    assert len(pool.draft([9, 1, 2], budget=16, min_match=1, min_chance=0.3, min_nodes=2)) == len(
+        pool.draft([9, 1, 2], budget=16, min_match=1))  # both only apply to calibrated drafts
+    with pytest.raises(ValueError, match="min_nodes"):
+        pool.draft([1], acceptance=m, min_nodes=-1)
+    with pytest.raises(ValueError, match="min_nodes"):
+        laser.DraftConfig(min_nodes=-1)
+
+
 def test_match_levels_add_the_continuations_of_shorter_contexts():
     pool = pool_of([5, 1, 2, 3], [7, 2, 4], [7, 2, 4])  # after [5, 1, 2]: 3; after [2] alone: 3 or 4
     m = AcceptanceModel()
@@ -118,6 +139,11 @@ def test_match_levels_add_the_continuations_of_shorter_contexts():
         assert a.tokens.tolist() == b.tokens.tolist() and a.counts.tolist() == b.counts.tolist()
     with pytest.raises(ValueError, match="match_levels"):
         pool.draft([1], match_levels=0)
+    # 3 continues the longest matched context [5, 1, 2]; 4 only the shortest, [2] (count 3, share 2/3)
+    four = int(np.flatnonzero((two.tokens == 4) & (two.depth == 1))[0])
+    three = int(np.flatnonzero((two.tokens == 3) & (two.depth == 1))[0])
+    assert two.bins[four] == AcceptanceModel.bin(SHARED, 1, 3, 2 / 3, False)
+    assert two.bins[three] % (2 * 10) >= 10  # longest = True: the upper half of its (longest, share) row
 
 
 def test_sources_name_a_slot_per_pool():

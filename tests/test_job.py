@@ -106,6 +106,32 @@ def test_pool_set_save_load(tmp_path):
         PoolSet("fancy")
 
 
+def test_a_legacy_acceptance_model_loads_into_todays_layout(tmp_path):
+    import numpy as np
+
+    from laser import AcceptanceModel
+    from laser.groups import LEGACY_ACCEPTANCE_SHAPE
+
+    ps = PoolSet("routed", acceptance=True)
+    ps.save(tmp_path / "p")
+    rng = np.random.default_rng(0)
+    tries = rng.integers(0, 9, size=LEGACY_ACCEPTANCE_SHAPE).astype(float)
+    hits = np.minimum(tries, rng.integers(0, 9, size=LEGACY_ACCEPTANCE_SHAPE))
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    index["acceptance"].update(hits=hits.ravel().tolist(), tries=tries.ravel().tolist())  # an older snapshot
+    (tmp_path / "p" / "index.json").write_text(json.dumps(index))
+    m = PoolSet.load(tmp_path / "p", "routed").acceptance
+    new = m.tries.reshape(AcceptanceModel.shape)
+    assert m.tries.sum() == tries.sum() and m.hits.sum() == hits.sum()
+    # a bucket keeps its meaning: contexts 1 ... 13+ and counts 1 ... 17+ are today's first ones, longest = True
+    assert np.array_equal(new[:, :8, :6, 1], tries)
+    assert m.tries[AcceptanceModel.bin(2, 13, 17, 0.95)] == tries[2, 7, 5, 9]
+    index["acceptance"].update(hits=[0.0] * 7, tries=[0.0] * 7)
+    (tmp_path / "p" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="length"):
+        PoolSet.load(tmp_path / "p", "routed")
+
+
 def test_read_records_cuts_a_torn_line(tmp_path):
     f = tmp_path / "out.jsonl"
     f.write_text('{"id": "1", "tokens": [1]}\n{"id": "2", "tok')

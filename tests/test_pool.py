@@ -243,8 +243,8 @@ def test_draft_arguments_are_parsed_like_python():
         pool.draft([1], 4, budget=4)
     with pytest.raises(TypeError, match="missing required argument 'context'"):
         pool.draft(budget=4)
-    with pytest.raises(TypeError, match="at most 11 arguments"):
-        pool.draft([1], 1, 1, 1, 1, None, 1.0, None, None, 0.0, 1, 5)
+    with pytest.raises(TypeError, match="at most 12 arguments"):
+        pool.draft([1], 1, 1, 1, 1, None, 1.0, None, None, 0.0, 1, 0, 5)
     with pytest.raises(TypeError, match="acceptance must be an AcceptanceModel"):
         pool.draft([1], acceptance=5)
     with pytest.raises(TypeError, match="budget must be an int"):
@@ -345,7 +345,8 @@ def test_draft_defaults_agree_between_the_pool_and_draft_config():
     cfg = DraftConfig()
     for fn in (RetrievalPool.draft, draft_union):
         params = inspect.signature(fn).parameters
-        for name in ("budget", "max_depth", "min_match", "max_match", "confidence", "min_chance", "match_levels"):
+        for name in ("budget", "max_depth", "min_match", "max_match", "confidence", "min_chance", "match_levels",
+                     "min_nodes"):
             assert params[name].default == getattr(cfg, name), (fn.__name__, name)
     import ast
     from pathlib import Path
@@ -357,5 +358,6 @@ def test_draft_defaults_agree_between_the_pool_and_draft_config():
         if isinstance(node, ast.FunctionDef) and node.name in ("draft", "draft_union"):
             names = [a.arg for a in node.args.args][-len(node.args.defaults):]
             stub = dict(zip(names, (ast.literal_eval(d) for d in node.args.defaults)))
-            for name in ("budget", "max_depth", "min_match", "max_match", "confidence", "min_chance", "match_levels"):
+            for name in ("budget", "max_depth", "min_match", "max_match", "confidence", "min_chance", "match_levels",
+                         "min_nodes"):
                 assert stub[name] == getattr(cfg, name), (node.name, name)
