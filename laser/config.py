@@ -74,6 +74,11 @@ class DraftConfig:
 
     __hash__ = None
 
+    def acceptance_args(self, model) -> dict:
+        """draft / draft_union keyword arguments for drafting with AcceptanceModel `model` (None: none)."""
+        return {} if model is None else {"acceptance": model, "min_chance": self.min_chance,
+                                         "match_levels": self.match_levels, "min_nodes": self.min_nodes}
+
 
 @dataclass(frozen=True)
 class AcceptConfig:

@@ -330,17 +330,16 @@ class _Loop:
 
     def run(self) -> Iterator[Result]:
         cache, cfg = self.cache, self.cfg
+        model = self.acceptance
+        drafting = cfg.acceptance_args(model)  # the same for every step
         self.start(list(range(len(self.rows))))
         while any(row is not None for row in self.rows):
             t0 = time.perf_counter()
             # 1. draft: each row's tree from its own pools; one cost-aware budget for all
-            model = self.acceptance
-            extra = {} if model is None else {"acceptance": model, "min_chance": cfg.min_chance,
-                                              "match_levels": cfg.match_levels, "min_nodes": cfg.min_nodes}
             trees = [None if row is None else
                      draft_union(row.pools, row.weights, row.seq[: row.n], budget=row.budget, max_depth=cfg.max_depth,
                                  min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost,
-                                 confidence=cfg.confidence, sources=row.sources, **extra) for row in self.rows]
+                                 confidence=cfg.confidence, sources=row.sources, **drafting) for row in self.rows]
             if cfg.cost is not None and len(trees) > 1:  # calibrated trees hold chances: no confidence scaling
                 trees = cut_trees(trees, cfg.cost, cfg.confidence if model is None else 1.0)
             W = cache.begin_block()

@@ -71,10 +71,7 @@ def replay(records: list[dict], prompts: dict, plan, budget: int, warm: int, n_e
         local = laser.RetrievalPool(max_depth=depth)
         local.insert(prompt)
         srcs = draft_sources(pools.draft_pools(rec["group"]), local, cfg.prompt_weight)  # as the engine's rows
-        kw = {"sources": [s for *_, s in srcs]}
-        if acceptance is not None:  # as the engine drafts with one
-            kw.update(acceptance=acceptance, min_chance=cfg.min_chance, match_levels=cfg.match_levels,
-                      min_nodes=cfg.min_nodes)
+        kw = {"sources": [s for *_, s in srcs], **cfg.acceptance_args(acceptance)}  # as the engine drafts
         n, end = prompt.size, seq.size
         while n < end:
             t0 = time.perf_counter()
