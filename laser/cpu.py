@@ -15,7 +15,7 @@ F.linear was slow and an output-split bmm won:
                oneDNN       5.8    10.6   11.6   13.4   16.2   26.7   36.9
 
 while on a 2-core Intel Xeon VM F.linear won at 1-2 rows by 2-3x (LM head, 1 row: 2.9 ms
-against the split's 8.8). So no table is hard-coded: routes_for() times the three products
+against the split's 8.8). So no table is hard-coded: routes_for() times the products (PRODUCTS)
 for each (N, K) of a model at row buckets 1, 2, 4, ..., 512, once per machine (CPU model,
 torch version, threads), and keeps the winners in $LASER_CACHE/cpu-routes.json, so every
 later process on the machine takes the same routes (and rounds the same way).
@@ -23,6 +23,20 @@ later process on the machine takes the same routes (and rounds the same way).
 split: the weight cut along the output features into `ways` blocks, one torch.bmm of
 `ways` batches, which keeps every core busy; up to FEW_ROWS rows the weight is the bmm's
 left operand ([T, N/T, K] @ [K, rows]), above that the right one.
+packed: oneDNN on its own blocked copy of the weight (PackedWeights: one copy per weight,
+made on first use, so the routed linears hold their weights twice). On a 2-core AMD EPYC
+(AVX-512) VM, cold weights, median ms:
+
+  rows                      1      3      9      17     65
+  576 -> 1536  split        0.17   0.20   0.31   0.30   0.86
+               onednn       0.13   0.17   0.20   0.22   0.39
+               packed       0.12   0.12   0.15   0.16   0.34
+  576 -> 49152 split        2.89   3.51   9.64   11.45  30.60
+  (LM head)    onednn       3.32   4.01   4.59   5.43   11.34
+               packed       2.76   3.24   2.79   3.63   9.51
+
+and a SmolLM2-135M forward over 1 + 8 tree tokens took 35 ms against 29 ms for one token
+(55 ms through the routes without "packed").
 
 laser.engine.Engine gives each `nn.Linear` of a model a forward that takes this route
 inside LASER calls. Only the linears pass through Python: a TorchFunctionMode doing the
@@ -37,6 +51,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -45,19 +60,51 @@ import torch.nn.functional as F
 FEW_ROWS = 4  # up to here the split's weight-major layout is the faster one
 MAX_ROWS = 512  # above: F.linear (MKL's own threading does as well)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured at each, used up to it
-PRODUCTS = ("linear", "split", "onednn")
+PRODUCTS = ("linear", "split", "onednn", "packed")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+PACK_ROWS = 32  # the row count oneDNN lays a packed copy out for; any count runs on it (16-512 measured alike)
+
+
+class PackedWeights:
+    """oneDNN's blocked copy of each weight that the "packed" product runs on: made on first
+    use and made again when the weight changes (in place: its version counter; replaced: a
+    new tensor or storage). Thread-safe; clear() frees every copy."""
+
+    def __init__(self):
+        self._copies: dict[int, tuple] = {}  # id(w) -> (weakref to w, w._version, w.data_ptr(), packed)
+        self._lock = threading.Lock()
+
+    def get(self, w: torch.Tensor) -> torch.Tensor:
+        hit = self._copies.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
+            return hit[3]
+        with self._lock:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+            key = id(w)  # a weight that dies takes its copy with it
+            gone = weakref.ref(w, lambda _, key=key: self._copies.pop(key, None))
+            self._copies[key] = (gone, w._version, w.data_ptr(), packed)
+            return packed
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._copies.clear()
 
 
 def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ways: int,
-                 product: str = "split") -> torch.Tensor:
-    """F.linear(x [..., K], w [N, K], bias [N]) on a CPU through `product` (one of PRODUCTS)."""
+                 product: str = "split", packs: PackedWeights | None = None) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K], bias [N]) on a CPU through `product` (one of PRODUCTS;
+    "packed" takes w's copy from `packs`, and without them is "onednn")."""
     rows, (N, K) = x.numel() // max(x.shape[-1], 1), w.shape
     if (product == "linear" or not 1 <= rows <= MAX_ROWS or not x.dtype == w.dtype == torch.float32
             or x.device.type != "cpu" or not w.is_contiguous()):
         return F.linear(x, w, bias)
-    if product == "onednn" and _ONEDNN:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), w, bias, "none", [], "")
+    if product in ("onednn", "packed") and _ONEDNN:
+        weight = packs.get(w) if product == "packed" and packs is not None and _PACKED else w
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K).contiguous(), weight, bias, "none", [], "")
         return y.reshape(*x.shape[:-1], N)
     if N % ways:
         return F.linear(x, w, bias)
@@ -72,10 +119,12 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
 
 
 class LinearRoutes:
-    """The product to use per (N, K) and row count: table[(N, K)][i] serves rows up to ROW_BUCKETS[i]."""
+    """The product to use per (N, K) and row count: table[(N, K)][i] serves rows up to ROW_BUCKETS[i].
+    packs: the packed weights' copies (the "packed" product; one PackedWeights per model)."""
 
-    def __init__(self, ways: int, table: dict[tuple[int, int], list[str]]):
+    def __init__(self, ways: int, table: dict[tuple[int, int], list[str]], packs: PackedWeights | None = None):
         self.ways, self.table = ways, table
+        self.packs = PackedWeights() if packs is None else packs
 
     def product(self, N: int, K: int, rows: int) -> str:
         choice = self.table.get((N, K))
@@ -85,7 +134,7 @@ class LinearRoutes:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        return split_linear(x, w, bias, self.ways, self.product(w.shape[0], w.shape[1], rows))
+        return split_linear(x, w, bias, self.ways, self.product(w.shape[0], w.shape[1], rows), self.packs)
 
 
 def _median_ms(f, reps: int) -> float:
@@ -103,18 +152,23 @@ def measure(N: int, K: int, ways: int, reps: int = 7) -> list[str]:
     memory as in a forward (copies of 32 MiB and more in turn)."""
     copies = max(1, min(16, (32 << 20) // (4 * N * K)))
     ws = [torch.randn(N, K) for _ in range(copies)]
+    packs = PackedWeights()
+    if _PACKED:
+        for w in ws:
+            packs.get(w)  # packing is once per weight, not part of a product's time
     turn = [0]
     out = []
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, K)
         times = {}
         for product in PRODUCTS:
-            if (product == "split" and N % ways) or (product == "onednn" and not _ONEDNN):
+            if ((product == "split" and N % ways) or (product == "onednn" and not _ONEDNN)
+                    or (product == "packed" and not _PACKED)):
                 continue
 
             def run():
                 turn[0] = (turn[0] + 1) % copies
-                split_linear(x, ws[turn[0]], None, ways, product)
+                split_linear(x, ws[turn[0]], None, ways, product, packs)
 
             times[product] = _median_ms(run, reps)
         out.append(min(times, key=lambda p: (times[p], PRODUCTS.index(p))))
@@ -130,16 +184,17 @@ def _machine_key(ways: int) -> str:
                 break
     except OSError:
         pass
-    return f"{model} | torch {torch.__version__} | threads {torch.get_num_threads()} | ways {ways}"
+    products = ",".join(PRODUCTS)  # a machine measured with fewer products is measured again
+    return f"{model} | torch {torch.__version__} | threads {torch.get_num_threads()} | ways {ways} | {products}"
 
 
 _lock = threading.Lock()
 
 
-def routes_for(shapes, ways: int, cache_dir: str | Path | None = None) -> LinearRoutes:
+def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: PackedWeights | None = None) -> LinearRoutes:
     """Routes for these (N, K) shapes: from $LASER_CACHE/cpu-routes.json, measuring (and
     adding) the shapes this machine has not seen. Two processes measuring at once keep the
-    file's first answer for a shape."""
+    file's first answer for a shape. packs: where the "packed" product keeps its copies."""
     from laser.model import cache_dir as default_cache
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache()
@@ -172,7 +227,7 @@ def routes_for(shapes, ways: int, cache_dir: str | Path | None = None) -> Linear
             known = {**measured, **entry}
     table = {tuple(map(int, s.split("x"))): list(c) for s, c in known.items()
              if isinstance(c, list) and len(c) == len(ROW_BUCKETS) and all(p in PRODUCTS for p in c)}
-    return LinearRoutes(ways, table)
+    return LinearRoutes(ways, table, packs)
 
 
 # ---------------------------------------------------------------- attention

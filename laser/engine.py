@@ -10,7 +10,9 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              outside one runs transformers' own SDPA, as before.
   linears    every nn.Linear gets a forward that, inside a LASER call on a multi-core CPU,
              runs the product laser.cpu.routes_for() measured fastest for its shape on this
-             machine (once per machine, cached), and otherwise F.linear, as before.
+             machine (once per machine, cached), and otherwise F.linear, as before. The
+             "packed" product keeps a blocked copy of each weight it runs (self.packs),
+             freed by close().
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
@@ -47,7 +49,7 @@ from laser._C import AcceptanceModel, RetrievalPool, cut_trees, draft_union
 from laser.accept import accept_trees
 from laser.cache import TreeCache
 from laser.config import GLOBAL, OWN, SHARED, AcceptConfig, DraftConfig
-from laser.cpu import LinearRoutes, routes_for, sdpa_gqa_forward
+from laser.cpu import LinearRoutes, PackedWeights, routes_for, sdpa_gqa_forward
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
 from laser.kernels.common import kernels_forced
@@ -199,6 +201,7 @@ class Engine:
         for m in self._linears:
             m.forward = _linear_forward.__get__(m)
         self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
+        self.packs = PackedWeights()  # the "packed" product's weight copies, shared by every thread count
 
     def routes(self) -> LinearRoutes | None:
         """The CPU linear routes at the current thread count (None on a GPU or one thread)."""
@@ -207,7 +210,7 @@ class Engine:
             return None
         if threads not in self._routes:
             shapes = {tuple(m.weight.shape) for m in self._linears if m.weight.dim() == 2}
-            self._routes[threads] = routes_for(shapes, 2 * threads)
+            self._routes[threads] = routes_for(shapes, 2 * threads, packs=self.packs)
         return self._routes[threads]
 
     def close(self) -> None:
@@ -216,6 +219,7 @@ class Engine:
             for m in self._linears:
                 m.__dict__.pop("forward", None)
             self._linears = []
+            self.packs.clear()
             if self.attention:
                 self.model.set_attn_implementation(self._before)
                 self.attention = False

@@ -254,19 +254,48 @@ def test_calibrated_cost_curve_drives_budget():
 
 # ---------------------------------------------------------------- CPU split linears
 
-# split: 1-4 rows weight-major bmm, 5 and up row-major; onednn; linear (laser/cpu.py)
-@pytest.mark.parametrize("product", ["split", "onednn", "linear"])
+# split: 1-4 rows weight-major bmm, 5 and up row-major; onednn; packed; linear (laser/cpu.py)
+@pytest.mark.parametrize("product", ["split", "onednn", "packed", "linear"])
 @pytest.mark.parametrize("rows,bias", [(1, False), (3, True), (4, False), (5, True), (33, False)])
 def test_every_cpu_product_equals_linear(rows, bias, product):
-    from laser.cpu import split_linear
+    from laser.cpu import PackedWeights, split_linear
 
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(1, rows, 24, generator=g)
     w = torch.randn(40, 24, generator=g)
     b = torch.randn(40, generator=g) if bias else None
-    got = split_linear(x, w, b, 4, product)
+    got = split_linear(x, w, b, 4, product, PackedWeights())
     assert got.shape == (1, rows, 40) and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not laser.cpu._PACKED, reason="this torch has no oneDNN weight packing")
+def test_packed_weights_follow_their_weight():
+    """A packed copy is made once per weight, made again after the weight changes in place or
+    its data is replaced, and freed with the weight (or by clear())."""
+    import gc
+
+    from laser.cpu import PackedWeights, split_linear
+
+    packs = PackedWeights()
+    lin = torch.nn.Linear(24, 40, bias=False)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        first = packs.get(lin.weight)
+        assert packs.get(lin.weight) is first and len(packs) == 1
+        lin.weight.mul_(2)  # in place: the version counter moves
+        torch.testing.assert_close(split_linear(x, lin.weight, None, 4, "packed", packs), x @ lin.weight.t())
+        assert packs.get(lin.weight) is not first
+        lin.weight.data = torch.randn(40, 24)  # new storage, same Parameter
+        torch.testing.assert_close(split_linear(x, lin.weight, None, 4, "packed", packs), x @ lin.weight.t())
+    w = torch.randn(8, 24)
+    packs.get(w)
+    assert len(packs) == 2
+    del w
+    gc.collect()
+    assert len(packs) == 1, "a dead weight's copy goes with it"
+    packs.clear()
+    assert len(packs) == 0
 
 
 def test_split_linear_leaves_other_shapes_to_torch():
@@ -318,6 +347,8 @@ def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypa
     calls = []
     real = LinearRoutes.linear
     monkeypatch.setattr(LinearRoutes, "linear", lambda self, *a: calls.append(1) or real(self, *a))
+    if laser.cpu._PACKED:  # every linear on its packed copy
+        monkeypatch.setattr(LinearRoutes, "product", lambda self, N, K, rows: "packed")
     try:
         ids = [torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 3, 9)]
         plain = [model(input_ids=x).logits for x in ids]
@@ -334,7 +365,10 @@ def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypa
         with pytest.raises(RuntimeError, match="boom"), engine.active():
             raise RuntimeError("boom")
         assert torch.equal(model(input_ids=ids[0]).logits, plain[0]) and not calls, "the error left the call"
+        packs = engine.packs
+        assert len(packs) == (len({id(m.weight) for m in linears}) if laser.cpu._PACKED else 0)
         engine.close()
+        assert len(packs) == 0, "close() frees the packed copies"
         assert not any("forward" in m.__dict__ for m in linears)
         assert model.config._attn_implementation == "sdpa"
     finally:
