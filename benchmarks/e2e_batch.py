@@ -2,8 +2,9 @@
 
     python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16] [--acceptance [--deep]]
 
-Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; the shared
-pool is warmed with the texts written for other users. Each batch size gets its own
+Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; each mode's
+shared pools are warmed with the texts written in that mode for other users (as that mode's
+job pools hold: strict rows draft from strict texts, relaxed rows from relaxed texts). Each batch size gets its own
 verification cost curve (laser.calibrate(batch=B)): a tree node costs B tokens there. Prints tokens/s per method and
 batch size, and LASER's ratio to HF batched greedy at the same batch size. The "no drafts"
 row is LASER's own loop and forward (same linears, attention, cache) with no tree, one
@@ -68,21 +69,23 @@ def main(argv=None):
     ctx_len = int(np.mean([len(p) for p in prompts]))
     cost_at = {B: laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), batch=B) for B in set(args.batch) | {8}}
     cfg_at = {B: laser.DraftConfig(budget=32, max_depth=10, cost=c) for B, c in cost_at.items()}
-    pool = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
-    warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
-    texts = [r.tokens for r in generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, draft=cfg_at[8])]
-    print(f"pool warmed with {len(warm)} users' texts: {len(pool)} nodes")
-    deep_pool = laser.RetrievalPool(max_depth=32, vocab_size=len(tok))
-    for t in texts:
-        deep_pool.insert(t.astype(np.int64))
-    # acceptance-model rows: (pool, drafting beyond budget and cost)
-    am_rows = {"_am": (pool, dict(JOB_DRAFT_ACCEPTANCE, max_depth=10)),
-               "_deep": (deep_pool, dict(JOB_DRAFT_ACCEPTANCE, max_depth=30, max_match=16))}
+    pools, am_rows = {}, {}  # by mode: the depth-12 pool; the acceptance rows' (pool, drafting)
+    for mode in ("strict", "relaxed"):
+        pool = pools[mode] = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
+        warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
+        texts = [r.tokens for r in generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, mode=mode,
+                                                  draft=cfg_at[8])]
+        print(f"{mode} pool warmed with {len(warm)} users' {mode} texts: {len(pool)} nodes")
+        deep_pool = laser.RetrievalPool(max_depth=32, vocab_size=len(tok))
+        for t in texts:
+            deep_pool.insert(t.astype(np.int64))
+        am_rows[mode] = {"am": (pool, dict(JOB_DRAFT_ACCEPTANCE, max_depth=10)),
+                         "deep": (deep_pool, dict(JOB_DRAFT_ACCEPTANCE, max_depth=30, max_match=16))}
 
     for B in args.batch:  # untimed: first calls at a batch size compile kernels and pick GEMM algorithms
         hf_batched(model, tok, prompts[:B], B, 8)
         for mode in ("strict", "relaxed"):
-            list(generate_batch(model, [Request(p, pool) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
+            list(generate_batch(model, [Request(p, pools[mode]) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
                                 mode=mode, draft=cfg_at[B], update_pool=False))
     no_drafts = laser.DraftConfig(budget=0, prompt_weight=0)
     modes = ("none", "strict", "relaxed") + (("strict_am", "relaxed_am") if args.acceptance or args.deep else ()) + (
@@ -93,8 +96,8 @@ def main(argv=None):
         line = {"B": B, "hf": hf}
         for mode in modes:
             kind, _, suffix = mode.partition("_")
-            am = "_" + suffix in am_rows
-            use_pool, extra = am_rows["_" + suffix] if am else (None if mode == "none" else pool, None)
+            am = bool(suffix)
+            use_pool, extra = am_rows[kind][suffix] if am else (None if mode == "none" else pools[kind], None)
             draft = no_drafts if mode == "none" else laser.DraftConfig(budget=32, cost=cost_at[B], **extra) if am else \
                 cfg_at[B]
             t0 = time.perf_counter()
