@@ -35,8 +35,9 @@ made on first use, so the routed linears hold their weights twice). On a 2-core 
   (LM head)    onednn       3.32   4.01   4.59   5.43   11.34
                packed       2.76   3.24   2.79   3.63   9.51
 
-and a SmolLM2-135M forward over 1 + 8 tree tokens took 35 ms against 29 ms for one token
-(55 ms through the routes without "packed").
+and a SmolLM2-135M forward over 1 + 8 tree tokens took 50 ms against 32 ms for one token
+(65 ms through the routes without "packed"; context 300, 2026-12-05). The copies double the
+routed weights' memory: an engine makes them only where may_pack() allows.
 
 laser.engine.Engine gives each `nn.Linear` of a model a forward that takes this route
 inside LASER calls. Only the linears pass through Python: a TorchFunctionMode doing the
@@ -120,11 +121,11 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
 
 class LinearRoutes:
     """The product to use per (N, K) and row count: table[(N, K)][i] serves rows up to ROW_BUCKETS[i].
-    packs: the packed weights' copies (the "packed" product; one PackedWeights per model)."""
+    packs: the packed weights' copies (the "packed" product; one PackedWeights per model); None:
+    no copies are made, and "packed" runs as "onednn" on the weight in place."""
 
     def __init__(self, ways: int, table: dict[tuple[int, int], list[str]], packs: PackedWeights | None = None):
-        self.ways, self.table = ways, table
-        self.packs = PackedWeights() if packs is None else packs
+        self.ways, self.table, self.packs = ways, table, packs
 
     def product(self, N: int, K: int, rows: int) -> str:
         choice = self.table.get((N, K))
@@ -191,10 +192,35 @@ def _machine_key(ways: int) -> str:
 _lock = threading.Lock()
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def may_pack(weight_bytes: int) -> bool:
+    """Whether a model may keep packed copies of `weight_bytes` of weights: LASER_CPU_PACK=1
+    always, =0 never; unset, while they take at most half of the memory still available
+    (unknown: yes). The copies double the routed weights' memory."""
+    forced = os.environ.get("LASER_CPU_PACK", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"LASER_CPU_PACK must be 0 or 1, got {forced!r}")
+    free = available_memory()
+    return free is None or 2 * weight_bytes <= free
+
+
 def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: PackedWeights | None = None) -> LinearRoutes:
     """Routes for these (N, K) shapes: from $LASER_CACHE/cpu-routes.json, measuring (and
     adding) the shapes this machine has not seen. Two processes measuring at once keep the
-    file's first answer for a shape. packs: where the "packed" product keeps its copies."""
+    file's first answer for a shape. packs: where the "packed" product keeps its copies
+    (None: "packed" runs as "onednn", see LinearRoutes)."""
     from laser.model import cache_dir as default_cache
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache()

@@ -12,7 +12,9 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              runs the product laser.cpu.routes_for() measured fastest for its shape on this
              machine (once per machine, cached), and otherwise F.linear, as before. The
              "packed" product keeps a blocked copy of each weight it runs (self.packs),
-             freed by close().
+             freed by close(), where laser.cpu.may_pack() allows the copies (at most half
+             of the memory still available, or LASER_CPU_PACK=1); otherwise it runs oneDNN
+             on the weights in place, with a warning.
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
@@ -36,6 +38,7 @@ import contextlib
 import contextvars
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ from laser._C import AcceptanceModel, RetrievalPool, cut_trees, draft_union
 from laser.accept import accept_trees
 from laser.cache import TreeCache
 from laser.config import GLOBAL, OWN, SHARED, AcceptConfig, DraftConfig
-from laser.cpu import LinearRoutes, PackedWeights, routes_for, sdpa_gqa_forward
+from laser.cpu import LinearRoutes, PackedWeights, may_pack, routes_for, sdpa_gqa_forward
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
 from laser.kernels.common import kernels_forced
@@ -209,8 +212,15 @@ class Engine:
         if self.model.device.type != "cpu" or threads < 2:
             return None
         if threads not in self._routes:
-            shapes = {tuple(m.weight.shape) for m in self._linears if m.weight.dim() == 2}
-            self._routes[threads] = routes_for(shapes, 2 * threads, packs=self.packs)
+            weights = {id(m.weight): m.weight for m in self._linears if m.weight.dim() == 2}
+            shapes = {tuple(w.shape) for w in weights.values()}
+            size = sum(w.numel() * w.element_size() for w in weights.values())
+            packs = self.packs if may_pack(size) else None
+            if packs is None:
+                warnings.warn(f"LASER: no packed CPU copies of this model's {size / 2**30:.1f} GiB of linear weights "
+                              "(they would take more than half of the free memory, or LASER_CPU_PACK=0): "
+                              "those linears run oneDNN on the weights in place", RuntimeWarning, stacklevel=3)
+            self._routes[threads] = routes_for(shapes, 2 * threads, packs=packs)
         return self._routes[threads]
 
     def close(self) -> None:

@@ -375,6 +375,42 @@ def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypa
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("how", ["memory", "env"])
+def test_engine_keeps_no_packed_copies_without_the_memory(monkeypatch, how):
+    """Where the packed copies would take more than half of the free memory (or LASER_CPU_PACK=0),
+    the engine warns once and its "packed" routes run oneDNN on the weights in place: no copy,
+    the same logits up to fp32 order. LASER_CPU_PACK=1 packs whatever the memory; other values
+    are refused, naming the variable."""
+    import laser.cpu as cpu
+    from laser.cpu import LinearRoutes
+
+    if how == "memory":
+        monkeypatch.setattr(cpu, "available_memory", lambda: 1000)  # bytes: far below any model
+        monkeypatch.delenv("LASER_CPU_PACK", raising=False)
+    else:
+        monkeypatch.setenv("LASER_CPU_PACK", "0")
+    monkeypatch.setattr(LinearRoutes, "product", lambda self, N, K, rows: "packed")
+    model = tiny("llama", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        x = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(9))
+        want = model(input_ids=x).logits
+        engine = laser.Engine(model)
+        with pytest.warns(RuntimeWarning, match="no packed CPU copies"), engine.active():
+            got = model(input_ids=x).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert engine.routes().packs is None and len(engine.packs) == 0
+        engine.close()
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("LASER_CPU_PACK", "1")
+    assert cpu.may_pack(1 << 50)
+    monkeypatch.setenv("LASER_CPU_PACK", "yes")
+    with pytest.raises(ValueError, match="LASER_CPU_PACK"):
+        cpu.may_pack(1)
+
+
 def test_two_threads_decode_on_one_model_while_hf_generates():
     """Two threads run laser.generate on one model at once (strict, relaxed), a third runs HF
     greedy on it: each gets what it gets alone. The preparation is shared, the calls are not."""
