@@ -228,8 +228,9 @@ PyMethodDef draft_union_def{
     "Draft from several pools at once; a node's count is the weighted sum of the pools' counts\n"
     "(with an AcceptanceModel: nodes are scored by their calibrated chance, the best pool's for a token)."};
 
-// cut_trees: one cost-aware budget for trees verified together (None entries: idle rows).
-py::list cut_trees(const py::list& trees, const py::object& cost, double confidence) {
+// cut_trees: a cost-aware cut of trees verified together (None entries: idle rows): one budget
+// for all (padded) or one per row (ragged).
+py::list cut_trees(const py::list& trees, const py::object& cost, double confidence, bool ragged) {
   if (!(confidence > 0.0 && confidence <= 1.0)) throw py::value_error("confidence must be in (0, 1]");
   py::object keep;
   const DraftParams p = params(0, 1, 1, 1, cost, confidence, keep);
@@ -245,10 +246,19 @@ py::list cut_trees(const py::list& trees, const py::object& cost, double confide
     laser::chance_by_rank(*live[r], chance[r].data());
     rows[r] = chance[r].data(), sizes[r] = live[r]->n;
   }
-  const int32_t b = laser::best_budget(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len, p.confidence);
+  std::vector<int32_t> sizes_kept;
+  if (ragged) {
+    sizes_kept = laser::ragged_budgets(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len, p.confidence);
+  } else {
+    const int32_t b = laser::best_budget(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len, p.confidence);
+    sizes_kept.assign(live.size(), b);
+  }
   py::list out;
+  size_t r = 0;
   for (const py::handle& t : trees) {
-    if (t.is_none() || t.cast<const DraftTree&>().n <= b) out.append(t);
+    if (t.is_none()) { out.append(t); continue; }
+    const int32_t b = sizes_kept[r++];
+    if (t.cast<const DraftTree&>().n <= b) out.append(t);
     else out.append(py::cast(laser::prefix(t.cast<const DraftTree&>(), b)));
   }
   return out;
@@ -285,9 +295,12 @@ PYBIND11_MODULE(_C, m) {
       });
 
   m.def("cut_trees", &cut_trees, py::arg("trees"), py::arg("cost"), py::arg("confidence") = 1.0,
-        "Cut trees verified in one forward to their first b best-first nodes, one b for all: the b that\n"
-        "maximises sum over trees of (1 + expected accepted) / cost[b] (the cut draft() makes for one tree).\n"
-        "None entries (idle rows) pass through.");
+        py::arg("ragged") = false,
+        "Cut trees verified in one forward to their first best-first nodes. Padded (the forward is\n"
+        "[rows, 1 + widest tree]): one b for all, the b that maximises sum over trees of (1 + expected\n"
+        "accepted) / cost[b] (the cut draft() makes for one tree). ragged (the trees back to back): a b\n"
+        "per tree, nodes taken across trees by chance, the total m maximising (rows + expected accepted)\n"
+        "/ cost at m / rows nodes per row. None entries (idle rows) pass through.");
 
   auto state = [](const std::vector<double>& (AcceptanceModel::*get)() const) {
     return [get](const AcceptanceModel& c) {

@@ -589,6 +589,31 @@ int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows,
   return best_b;
 }
 
+std::vector<int32_t> ragged_budgets(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
+                                    int32_t cost_len, double confidence) {
+  // cost of m nodes over the batch: the curve at m / rows nodes per row (linear between points)
+  auto cost_at = [&](int64_t m) {
+    const double x = std::min(double(m) / rows, double(cost_len - 1));
+    const int32_t lo = int32_t(x);
+    return lo + 1 < cost_len ? cost[lo] + (x - lo) * (cost[lo + 1] - cost[lo]) : cost[lo];
+  };
+  // k-way merge of the rows' best-first lists by chance: a row's next node is its next rank, so
+  // every prefix of the merge takes a best-first prefix (a subtree) of each row
+  std::vector<int32_t> next(size_t(rows), 0), best(size_t(rows), 0);
+  double gain = rows, best_score = gain / cost_at(0);
+  for (int64_t m = 1;; ++m) {
+    int pick = -1;
+    for (int r = 0; r < rows; ++r)
+      if (next[r] < std::min(sizes[r], cost_len - 1) && (pick < 0 || chance[r][next[r]] > chance[pick][next[pick]]))
+        pick = r;
+    if (pick < 0) break;
+    gain += confidence * chance[pick][next[pick]++];
+    const double score = gain / cost_at(m);
+    if (score > best_score) best_score = score, best = next;
+  }
+  return best;
+}
+
 void chance_by_rank(const DraftTree& t, double* out) {
   for (int32_t i = 0; i < t.n; ++i)
     out[t.rank[i]] = t.root_count > 0.0 ? std::min(1.0, double(t.counts[i]) / t.root_count) : 0.0;

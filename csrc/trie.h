@@ -289,6 +289,12 @@ class Pool {
 // the first such b on ties.
 int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
                     int32_t cost_len, double confidence);
+// The ragged cut, for a batch whose rows' trees are verified back to back (no padding): per row,
+// how many best-first nodes to keep, taking nodes across rows by chance (best first, each row in
+// rank order) and keeping the m that maximises (rows + confidence * sum of the kept chances) /
+// cost(m / rows), the cost curve read at the mean nodes per row (linear between its points).
+std::vector<int32_t> ragged_budgets(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
+                                    int32_t cost_len, double confidence);
 // chance[i] of tree t's node of rank i: min(1, counts / root_count), written to out[n].
 void chance_by_rank(const DraftTree& t, double* out);
 // The subtree of t's nodes with rank < b, in the same DFS order (b >= t.n: a copy).

@@ -106,6 +106,8 @@ def draft_union(
     min_nodes: int = 0,
 ) -> DraftTree: ...
 
-def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, confidence: float = 1.0) -> list[DraftTree | None]:
-    """Cut trees verified in one forward to their first b best-first nodes, one b for all (None: idle rows)."""
+def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, confidence: float = 1.0,
+              ragged: bool = False) -> list[DraftTree | None]:
+    """Cut trees verified in one forward to their first best-first nodes: one b for all (padded), or
+    one per tree with nodes taken across trees by chance (ragged). None: idle rows."""
     ...

@@ -74,23 +74,29 @@ def chance(tree) -> np.ndarray:
 
 
 def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_prob: float, eos: np.ndarray,
-                 rooms: list[int]) -> list:
+                 rooms: list[int], starts: list[int] | None = None) -> list:
     """Judge B verified trees at once and pick what each row commits.
 
-    logits [B, q, V]: row r's position 0 is its pending token, position i + 1 its node i
-    (positions past len(trees[r]) + 1 are padding). trees[r] is None for an idle row.
-    One pass over all B * q rows (strict: argmax; relaxed: row_stats) and one device-to-host
+    logits [B, q, V] (padded): row r's position 0 is its pending token, position i + 1 its
+    node i (positions past len(trees[r]) + 1 are padding); or, with starts, the rows back to
+    back (ragged): logits [1, N, V], row r's pending token at position starts[r], its node i
+    at starts[r] + i + 1. trees[r] is None for an idle row.
+    One pass over all positions (strict: argmax; relaxed: row_stats) and one device-to-host
     copy for the whole batch.
     Returns per row None (idle) or (path: DFS indices root..best of the accepted nodes,
     out: tokens to commit = accepted path + bonus, cut at the first EOS and at rooms[r],
     stopped: EOS reached).
     """
-    B, q, V = logits.shape
+    V = logits.shape[-1]
+    if starts is None:
+        starts = [r * logits.shape[1] for r in range(logits.shape[0])]
     live = [r for r, t in enumerate(trees) if t is not None]
-    parent_row = np.concatenate([r * q + trees[r].parents.astype(np.int64) + 1 for r in live] or [np.zeros(0, np.int64)])
+    parent_row = np.concatenate([starts[r] + trees[r].parents.astype(np.int64) + 1 for r in live]
+                                or [np.zeros(0, np.int64)])
     tokens = np.concatenate([trees[r].tokens.astype(np.int64) for r in live] or [np.zeros(0, np.int64)])
     both = torch.from_numpy(np.stack([parent_row, tokens])).to(logits.device)  # [2, N]
-    flat = logits.reshape(B * q, V)
+    flat = logits.reshape(-1, V)
+    R = flat.shape[0]
     if mode == "strict":  # strict reads each row's argmax only: no probabilities, no ranks
         rs = RowStats(flat.argmax(dim=-1), None, None)
     else:
@@ -98,14 +104,14 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
         rs = row_stats(flat, both[0], both[1], top_k, widest)
     flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
     host = torch.cat([rs.argmax, flags.long()]).cpu().numpy()  # the step's one sync
-    argmax, flags = host[: B * q].reshape(B, q), host[B * q :].astype(bool)
-    out_rows, at = [None] * B, 0
+    argmax, flags = host[:R], host[R:].astype(bool)
+    out_rows, at = [None] * len(trees), 0
     for r in live:
         t = trees[r]
         f, at = flags[at : at + len(t)], at + len(t)
         best = longest_path(f, t.mask, t.depth)
         path = np.flatnonzero(t.mask[best]) if best >= 0 else np.empty(0, np.int64)
-        out = np.append(t.tokens[path], argmax[r, best + 1])[: rooms[r]]
+        out = np.append(t.tokens[path], argmax[starts[r] + best + 1])[: rooms[r]]
         stop = np.flatnonzero(np.isin(out, eos))
         if stop.size:
             out = out[: stop[0] + 1]

@@ -11,8 +11,10 @@ the row lengths:
   rows      active rows: buffers [:rows]; keep_rows() drops finished ones.
 
 A forward is either a verification (begin_block() sets width = max(lens) and the model
-appends the [pending + tree] block there) or a prefill of some rows from column 0
-(`filling(rows)`: the model's keys go to those rows and come back as they are). After a
+appends the [pending + tree] block there: padded, [rows, q] tokens into columns
+[width, width + q) of every row; or ragged, after place(): the rows' blocks back to back as
+one sequence [1, N], token j into row rows[j], column cols[j]) or a prefill of some rows from
+column 0 (`filling(rows)`: the model's keys go to those rows and come back as they are). After a
 verification, commit(rows, src, dst) is the one place that moves accepted columns.
 
 Models talk to it through HF's public Cache interface (update, get_seq_length,
@@ -56,6 +58,11 @@ class _Layer(CacheLayerMixin):
             self.values[c.fill_rows, :, :q] = value_states
             return key_states, value_states
         w = c.width
+        if c.placed is not None:  # ragged: [1, H, N, D], token j to (rows[j], cols[j])
+            rows, cols, end = c.placed
+            self.keys[rows, :, cols] = key_states[0].transpose(0, 1)
+            self.values[rows, :, cols] = value_states[0].transpose(0, 1)
+            return self.keys[: c.rows, :, :end], self.values[: c.rows, :, :end]
         if w + q > c.capacity:
             raise RuntimeError(f"TreeCache capacity {c.capacity} exceeded: {w} + {q} columns")
         self.keys[: c.rows, :, w : w + q] = key_states
@@ -82,6 +89,7 @@ class TreeCache(Cache):
         self.lens = np.zeros(rows, dtype=np.int64)
         self.width = 0
         self.fill_rows: torch.Tensor | None = None
+        self.placed: tuple[torch.Tensor, torch.Tensor, int] | None = None  # ragged block: rows [N], cols [N], end
 
     @classmethod
     def for_model(cls, model, rows: int, capacity: int) -> "TreeCache":
@@ -101,7 +109,20 @@ class TreeCache(Cache):
     def begin_block(self) -> int:
         """Before a verification forward: its block goes at column W = max(lens); returns W."""
         self.width = int(self.lens[: self.rows].max())
+        self.placed = None
         return self.width
+
+    def place(self, counts: np.ndarray) -> None:
+        """After begin_block(), for a ragged forward: row r's counts[r] tokens go to its columns
+        [W, W + counts[r]), the rows' blocks back to back in row order; the layers see every
+        row's columns [0, W + max(counts))."""
+        end = self.width + int(counts.max())
+        if end > self.capacity:
+            raise RuntimeError(f"TreeCache capacity {self.capacity} exceeded: {end} columns")
+        rows = np.repeat(np.arange(counts.size), counts)
+        cols = self.width + np.concatenate([np.arange(m) for m in counts])
+        both = torch.from_numpy(np.stack([rows, cols])).to(self.device)
+        self.placed = (both[0], both[1], end)
 
     def commit(self, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
         """In every layer, copy column src[i] of row rows[i] to column dst[i] (all heads), then

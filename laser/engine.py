@@ -24,10 +24,14 @@ State of one call (nothing survives it):
   rows    B slots of _Row (None = idle): the request's sequence, pools and stats.
   cache   a TreeCache [B, H, capacity, D] per layer; cache.lens[r] == rows[r].n - 1 (the
           last committed token, "pending", is fed at the start of the next verification).
-Each step: every row drafts its tree from its own pools; with a cost curve all trees are
-cut to one best-first budget (laser._C.cut_trees); one forward over [B, q] (pending + tree,
-padded) at cache column W = max(lens), per-row positions and 4-D masks; per-row acceptance
-in one pass; cache.commit moves each row's pending + accepted path onto its past. Finished
+Each step: every row drafts its tree from its own pools; with a cost curve the trees are cut
+together (laser._C.cut_trees); one forward over every row's pending + tree at cache column
+W = max(lens), per-row positions and 4-D masks; per-row acceptance in one pass; cache.commit
+moves each row's pending + accepted path onto its past. The forward is padded, [B, q], on a
+GPU, with the Triton kernels or with sliding-window layers (the cut: one budget for all
+rows); for several rows on a CPU it is ragged, [1, N] with the rows back to back, so no
+padding is computed and the cut sizes each row's tree by its own chances against the cost of
+the whole batch. Finished
 rows are refilled from the queue (one prefill forward for all rows freed in a step); once
 the queue is empty they leave the batch.
 """
@@ -135,11 +139,24 @@ ATTENTION = "laser"
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers AttentionInterface entry of the "laser" implementation (see the module docstring).
     query [B, Hq, q, D], key/value [B, Hkv, T, D]; laser_tree_bits [B, q, ceil(q/64)] and
-    laser_tree_lens [B] come as forward kwargs from the engine's kernel path."""
+    laser_tree_lens [B] come as forward kwargs from the engine's kernel path; laser_ragged =
+    (W, counts) from its ragged path: query [1, Hq, N, D] holds row r's counts[r] tokens back to
+    back, key/value [B, Hkv, T, D] every row's cache, attention_mask the padded [B, 1, q, T]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     call = _CALL.get()
     bits, lens = kwargs.pop("laser_tree_bits", None), kwargs.pop("laser_tree_lens", None)
+    ragged = kwargs.pop("laser_ragged", None)
+    if call is not None and ragged is not None:  # rows back to back: each row's queries on its own keys
+        W, counts = ragged
+        outs, at = [], 0
+        for r, m in enumerate(counts):
+            if m:
+                outs.append(sdpa_gqa_forward(module, query[:, :, at : at + m], key[r : r + 1, :, : W + m],
+                                             value[r : r + 1, :, : W + m], attention_mask[r : r + 1, :, :m, : W + m],
+                                             dropout=dropout, scaling=scaling, **kwargs)[0])  # [1, m, Hq, D]
+                at += m
+        return torch.cat(outs, dim=1), None
     if call is not None and call.kernels and bits is not None and query.shape[2] == bits.shape[-2]:
         from laser.kernels.tree_attention import tree_attention
 
@@ -341,6 +358,10 @@ class _Loop:
         self.cache = TreeCache.for_model(engine.model, B, capacity)
         self.rows: list[_Row | None] = [None] * B
         self.kernels = kernels  # Triton tree attention in verification
+        # several rows on a CPU, through LASER's attention: their blocks back to back (ragged), no
+        # padding computed; the cut sizes each row's tree on its own (else padded [B, q])
+        self.ragged = (B > 1 and engine.model.device.type == "cpu" and engine.attention and not kernels
+                       and engine.window is None)
 
     def run(self) -> Iterator[Result]:
         cache, cfg = self.cache, self.cfg
@@ -355,21 +376,21 @@ class _Loop:
                                  min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost,
                                  confidence=cfg.confidence, sources=row.sources, **drafting) for row in self.rows]
             if cfg.cost is not None and len(trees) > 1:  # calibrated trees hold chances: no confidence scaling
-                trees = cut_trees(trees, cfg.cost, cfg.confidence if model is None else 1.0)
+                trees = cut_trees(trees, cfg.cost, cfg.confidence if model is None else 1.0, ragged=self.ragged)
             W = cache.begin_block()
             lens = cache.lens[: len(self.rows)]
             pending = np.array([row.seq[row.n - 1] if row else 0 for row in self.rows])
-            ids, pos, mask, extra = self.verify_inputs(pending, trees, lens, W)
+            ids, pos, mask, extra, starts = self.verify_inputs(pending, trees, lens, W)
             t1 = time.perf_counter()
-            # 2. verify: one forward over [B, q]; logits [B, q, V] in the model's dtype
+            # 2. verify: one forward over [B, q] (ragged: [1, N]); logits [B, q, V] ([1, N, V]) in the model's dtype
             logits = self.e.forward(self.kernels, input_ids=ids, position_ids=pos, attention_mask=mask,
                                     **{self.e.kv: cache}, use_cache=True, **extra).logits
             if self.processor is not None:
-                logits = self.process(logits, trees)
+                logits = self.process(logits, trees, starts)
             t2 = time.perf_counter()
             # 3. accept: longest agreeing root path + the bonus token per row, cut at EOS / max_new_tokens
             judged = accept_trees(logits, trees, self.accept.mode, self.accept.top_k, self.accept.min_prob, self.eos,
-                                  [self.max_new - row.new if row else 0 for row in self.rows])
+                                  [self.max_new - row.new if row else 0 for row in self.rows], starts)
             for r, (row, j) in enumerate(zip(self.rows, judged)):
                 if row is not None and self.stopping is not None:
                     if cut := _stop_at(self.stopping, row.seq, row.n, j[1]):
@@ -497,7 +518,10 @@ class _Loop:
         position_ids [B, q] (lens[r] + depth), masks over [B, q, W + q]: row r sees its own
         past (columns < lens[r]), the pending column W and its ancestors inside the block;
         padded nodes see only themselves and pending, so every row stays finite. Kernel path:
-        the block's tree masks as bits [B, q, ceil(q/64)] and lens.
+        the block's tree masks as bits [B, q, ceil(q/64)] and lens. Ragged path: input_ids and
+        position_ids [1, N], the live rows' 1 + len(tree) tokens back to back (idle rows none),
+        the same padded masks, and the cache placed to match. Also returns starts: row r's first
+        position in the ragged sequence (None when padded).
         """
         B = len(trees)
         q = 1 + max(len(t) for t in trees if t is not None)
@@ -517,19 +541,29 @@ class _Loop:
             visible[r, m + 1 :, W + 1 + m :] = np.eye(q - 1 - m, dtype=bool)
         kpos = None if self.e.window is None else np.concatenate([np.broadcast_to(np.arange(W), (B, W)), pos], axis=1)
         device = self.e.model.device
-        extra = {}
+        mask = self.masks(visible, pos, kpos)
+        extra, starts = {}, None
         if self.kernels and self.e.window is None:
             extra = {"laser_tree_bits": mask_to_bits(visible[:, :, W:]).to(device),
                      "laser_tree_lens": torch.from_numpy(lens.astype(np.int32)).to(device)}
-        return (torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), self.masks(visible, pos, kpos),
-                extra)
+        if self.ragged:  # the live rows' pending + tree back to back; idle rows take no tokens
+            counts = np.array([0 if t is None else len(t) + 1 for t in trees])
+            starts = list(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+            keep = np.arange(q)[None, :] < counts[:, None]  # [B, q]
+            ids, pos = ids[keep][None], pos[keep][None]
+            self.cache.place(counts)
+            extra = {"laser_ragged": (W, [int(m) for m in counts])}
+        return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), mask, extra, starts
 
-    def process(self, logits: torch.Tensor, trees: list) -> torch.Tensor:
-        """HF logits processors on every row, each verification position seeing its own prefix."""
+    def process(self, logits: torch.Tensor, trees: list, starts: list[int] | None) -> torch.Tensor:
+        """HF logits processors on every row, each verification position seeing its own prefix.
+        logits [B, q, V], or [1, N, V] with row r from starts[r] (ragged)."""
         out = logits.float()  # HF's processors see fp32 scores, as in its own generate
+        flat = out.view(-1, out.shape[-1])
         for r, (row, t) in enumerate(zip(self.rows, trees)):
             if row is not None:
-                out[r, : len(t) + 1] = _process(out[r, : len(t) + 1], row.seq, row.n, t, self.processor)
+                at = r * out.shape[1] if starts is None else starts[r]
+                flat[at : at + len(t) + 1] = _process(flat[at : at + len(t) + 1], row.seq, row.n, t, self.processor)
         return out
 
 

@@ -51,6 +51,8 @@ def test_rows_finish_independently_at_eos_and_are_refilled():
 
 
 def test_finished_rows_leave_the_batch_once_the_queue_is_empty():
+    from laser.hf import cache_kwarg
+
     model = tiny("llama", 22)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, V, 6).tolist() for _ in range(3)]
@@ -58,7 +60,9 @@ def test_finished_rows_leave_the_batch_once_the_queue_is_empty():
     eos = outs[0][6 + 4]  # the first row stops early
     want = [greedy(model, p, 30, eos_token_id=eos) for p in prompts]
     widths = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    # rows in the batch at each forward: the KV cache's (a ragged verification's input is one sequence)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw[cache_kwarg(model)].rows),
+                                           with_kwargs=True)
     try:
         res = run_batch(model, [Request(p) for p in prompts], batch_size=3, max_new_tokens=30, eos_token_id=eos)
     finally:

@@ -7,6 +7,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LogitsProcessorLis
 from transformers import RepetitionPenaltyLogitsProcessor, StoppingCriteria
 
 import laser
+from laser.batch import Request, generate_batch
 from laser.cache import TreeCache
 from test_decode import V, greedy, greedy_case, tiny
 
@@ -131,6 +132,111 @@ def test_cut_trees_is_the_drafts_own_cut_and_one_budget_for_a_batch():
         assert (c.parents < np.arange(len(c))).all()
         assert all(c.mask[i, i] and (c.parents[i] < 0 or (c.mask[i] >= c.mask[c.parents[i]]).all()) for i in range(len(c)))
         assert sorted(c.rank.tolist()) == list(range(len(c)))
+
+
+def test_ragged_cut_sizes_each_tree_by_chance_and_never_scores_below_one_budget():
+    """cut_trees(ragged=True): each row keeps a best-first prefix of its own size; the sizes are
+    those of a brute-force search over every merge of the rows' ranked chances (best first,
+    each row in rank order) at cost[m / rows], and score at least the padded cut's best."""
+    rng = np.random.default_rng(1)
+    pool = laser.RetrievalPool(max_depth=8)
+    for _ in range(60):
+        pool.insert(rng.integers(0, 5, 50))
+    pool.insert(np.array([7, 8, 9, 10, 11, 12, 13, 14] * 6))  # a loop: one row with a long sure chain
+    cost = 1.0 + 0.15 * np.arange(33)
+    full = [pool.draft(c, budget=32) for c in ([1, 2], [9, 10], [0, 4, 1], [42])]
+    chances = []
+    for t in full:
+        ch = np.zeros(len(t))
+        ch[t.rank] = np.minimum(1.0, t.counts / t.root_count) if len(t) else 0.0
+        chances.append(ch)
+    cut = laser.cut_trees(full + [None], cost, ragged=True)
+    assert cut[-1] is None
+    sizes = [len(c) for c in cut[:-1]]
+    rows = len(full)
+    at = lambda m: np.interp(m / rows, np.arange(33), cost)  # noqa: E731
+    # brute force: the merge by chance, then the best m
+    nxt, taken, gain, best, best_sizes = [0] * rows, [], rows, rows / at(0), [0] * rows
+    while True:
+        live = [r for r in range(rows) if nxt[r] < len(chances[r])]
+        if not live:
+            break
+        r = max(live, key=lambda r: (chances[r][nxt[r]], -r))
+        gain += chances[r][nxt[r]]
+        nxt[r] += 1
+        if gain / at(sum(nxt)) > best:
+            best, best_sizes = gain / at(sum(nxt)), list(nxt)
+    assert sizes == best_sizes and len(set(sizes)) > 1, sizes
+    padded = max((rows + sum(ch[:b].sum() for ch in chances)) / cost[b] for b in range(33))
+    assert best >= padded - 1e-12
+    for c, t in zip(cut, full):  # a best-first prefix, in DFS order
+        keep = np.flatnonzero(t.rank < len(c))
+        assert c.tokens.tolist() == t.tokens[keep].tolist() and c.depth.tolist() == t.depth[keep].tolist()
+
+
+def _layouts(model, prompts, pool, mode, cost, ragged):
+    """generate_batch at B = 4 with the ragged layout allowed or not; (outputs, (input shape, ragged?)
+    per forward, tree sizes per cut)."""
+    from laser.engine import _Loop
+
+    shapes, sizes = [], []
+    real_cut, orig = laser.engine.cut_trees, _Loop.__init__
+
+    def spy(trees, *a, **kw):
+        out = real_cut(trees, *a, **kw)
+        sizes.append([len(t) for t in out if t is not None])
+        return out
+
+    def init(self, *a, **kw):
+        orig(self, *a, **kw)
+        self.ragged = self.ragged and ragged
+
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append((tuple(kw["input_ids"].shape),
+                                                                            "laser_ragged" in kw)), with_kwargs=True)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_Loop, "__init__", init)
+            mp.setattr(laser.engine, "cut_trees", spy)
+            res = sorted(generate_batch(model, [Request(p, pool) for p in prompts], batch_size=4, max_new_tokens=24,
+                                        eos_token_id=None, update_pool=False, mode=mode,
+                                        draft=laser.DraftConfig(budget=16, max_depth=6, cost=cost)),
+                         key=lambda r: r.index)
+    finally:
+        hook.remove()
+    return [r.tokens.tolist() for r in res], shapes, sizes
+
+
+def _ragged_case(arch, dtype=torch.float32):
+    model = tiny(arch, 5).to(dtype)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, V, int(rng.integers(3, 20))).tolist() for _ in range(6)]
+    outs = [greedy(model, p, 24, eos_token_id=None) for p in prompts]
+    pool = laser.RetrievalPool(max_depth=8, vocab_size=V)
+    for p, o in zip(prompts[::2], outs[::2]):
+        pool.insert(o[len(p):])
+    return model, prompts, outs, pool
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ragged_verification_with_the_ragged_cut_equals_greedy(arch):
+    """Several rows on a CPU verify back to back ([1, N]), each row's tree sized by the ragged
+    cut: every row's strict output is its greedy output."""
+    model, prompts, outs, pool = _ragged_case(arch)
+    got, shapes, sizes = _layouts(model, prompts, pool, "strict", 1.0 + 0.05 * np.arange(17), ragged=True)
+    assert got == [o[len(p):] for p, o in zip(prompts, outs)]
+    assert any(r and shape[0] == 1 for shape, r in shapes), "a ragged verification ran"
+    assert any(len(set(s)) > 1 for s in sizes), "rows kept trees of different sizes"
+
+
+@pytest.mark.parametrize("mode", ["strict", "relaxed"])
+def test_ragged_and_padded_layouts_commit_the_same(mode):
+    """The same trees (no cost cut) verified padded [B, q] or ragged [1, N] commit the same tokens
+    (fp64, so the layouts' different summation orders cannot flip a decision)."""
+    model, prompts, outs, pool = _ragged_case("llama", torch.float64)
+    ragged, shapes, _ = _layouts(model, prompts, pool, mode, None, ragged=True)
+    padded, pshapes, _ = _layouts(model, prompts, pool, mode, None, ragged=False)
+    assert ragged == padded and all(len(t) == 24 for t in ragged)
+    assert any(r for _, r in shapes) and not any(r for _, r in pshapes)
 
 
 def test_configs_are_validated_where_they_are_built():
