@@ -140,23 +140,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     """transformers AttentionInterface entry of the "laser" implementation (see the module docstring).
     query [B, Hq, q, D], key/value [B, Hkv, T, D]; laser_tree_bits [B, q, ceil(q/64)] and
     laser_tree_lens [B] come as forward kwargs from the engine's kernel path; laser_ragged =
-    (W, counts) from its ragged path: query [1, Hq, N, D] holds row r's counts[r] tokens back to
-    back, key/value [B, Hkv, T, D] every row's cache, attention_mask the padded [B, 1, q, T]."""
+    (gather [B * q], scatter [N]) from its ragged path: query [1, Hq, N, D] holds the rows'
+    tokens back to back, key/value [B, Hkv, T, D] every row's cache, attention_mask the padded
+    [B, 1, q, T]; the queries are laid out padded for one attention call and taken back."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     call = _CALL.get()
     bits, lens = kwargs.pop("laser_tree_bits", None), kwargs.pop("laser_tree_lens", None)
     ragged = kwargs.pop("laser_ragged", None)
-    if call is not None and ragged is not None:  # rows back to back: each row's queries on its own keys
-        W, counts = ragged
-        outs, at = [], 0
-        for r, m in enumerate(counts):
-            if m:
-                outs.append(sdpa_gqa_forward(module, query[:, :, at : at + m], key[r : r + 1, :, : W + m],
-                                             value[r : r + 1, :, : W + m], attention_mask[r : r + 1, :, :m, : W + m],
-                                             dropout=dropout, scaling=scaling, **kwargs)[0])  # [1, m, Hq, D]
-                at += m
-        return torch.cat(outs, dim=1), None
+    if call is not None and ragged is not None:  # rows back to back: attention on the rows padded, one call
+        gather, scatter = ragged  # [B * q] token of each padded slot (padding: any); [N] slot of each token
+        B, _, q, _ = attention_mask.shape
+        Hq, D = query.shape[1], query.shape[3]
+        padded = query[0].index_select(1, gather).view(Hq, B, q, D).transpose(0, 1)  # [B, Hq, q, D]
+        out = sdpa_gqa_forward(module, padded, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                               **kwargs)[0]  # [B, q, Hq, D]
+        return out.reshape(B * q, Hq, D).index_select(0, scatter)[None], None  # [1, N, Hq, D]
     if call is not None and call.kernels and bits is not None and query.shape[2] == bits.shape[-2]:
         from laser.kernels.tree_attention import tree_attention
 
@@ -552,7 +551,11 @@ class _Loop:
             keep = np.arange(q)[None, :] < counts[:, None]  # [B, q]
             ids, pos = ids[keep][None], pos[keep][None]
             self.cache.place(counts)
-            extra = {"laser_ragged": (W, [int(m) for m in counts])}
+            scatter = np.flatnonzero(keep)  # [N] padded slot r * q + i of each token
+            gather = np.zeros(B * q, dtype=np.int64)  # [B * q] token of each slot (padding: token 0)
+            gather[scatter] = np.arange(scatter.size)
+            both = torch.from_numpy(np.concatenate([gather, scatter])).to(device)
+            extra = {"laser_ragged": (both[: B * q], both[B * q :])}
         return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), mask, extra, starts
 
     def process(self, logits: torch.Tensor, trees: list, starts: list[int] | None) -> torch.Tensor:
