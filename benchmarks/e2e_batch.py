@@ -1,12 +1,14 @@
 """Batched throughput: LASER continuous batching vs HF batched greedy, same prompts, one run.
 
-    python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16] [--acceptance [--deep]]
+    python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16] [--rounds 1] [--acceptance [--deep]]
 
 Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; each mode's
 shared pools are warmed with the texts written in that mode for other users (as that mode's
 job pools hold: strict rows draft from strict texts, relaxed rows from relaxed texts). Each batch size gets its own
 verification cost curve (laser.calibrate(batch=B)): a tree node costs B tokens there. Prints tokens/s per method and
-batch size, and LASER's ratio to HF batched greedy at the same batch size. The "no drafts"
+batch size, and LASER's ratio to HF batched greedy at the same batch size (with --rounds R, every
+method runs R times in turn, and each figure is the median over rounds: a ratio is the median of
+the rounds' side-by-side ratios, as this VM's speed drifts by 20% between minutes). The "no drafts"
 row is LASER's own loop and forward (same linears, attention, cache) with no tree, one
 token per row and step: strict or relaxed over it is what speculation alone buys.
 --acceptance adds strict and relaxed with an AcceptanceModel, drafting as `laser generate
@@ -52,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--warm", type=int, default=16)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--rounds", type=int, default=1, help="run every method this many times in turn; medians")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
     ap.add_argument("--deep", action="store_true", help="also the acceptance model with a depth-32 pool, depth-30 drafts")
@@ -90,42 +93,55 @@ def main(argv=None):
     no_drafts = laser.DraftConfig(budget=0, prompt_weight=0)
     modes = ("none", "strict", "relaxed") + (("strict_am", "relaxed_am") if args.acceptance or args.deep else ()) + (
         ("strict_deep", "relaxed_deep") if args.deep else ())
+
+    def timed(B, mode):  # tok/s, mean tokens per row-step, per-step phase times (ms) of one LASER run
+        kind, _, suffix = mode.partition("_")
+        am = bool(suffix)
+        use_pool, extra = am_rows[kind][suffix] if am else (None if mode == "none" else pools[kind], None)
+        draft = no_drafts if mode == "none" else laser.DraftConfig(budget=32, cost=cost_at[B], **extra) if am else \
+            cfg_at[B]
+        t0 = time.perf_counter()
+        res = list(generate_batch(model, [Request(p, use_pool) for p in prompts], batch_size=B, max_new_tokens=args.new,
+                                  mode="strict" if mode == "none" else kind, draft=draft, update_pool=False,
+                                  acceptance=laser.AcceptanceModel() if am else None))
+        speed = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
+        # every row's stats hold each batch step's phase times: per step, averaged over rows
+        per = {k: 1e3 * float(np.mean([getattr(r.stats, "time_" + k) / r.stats.steps for r in res]))
+               for k in ("draft", "verify", "accept", "cache")}
+        return speed, float(np.mean([r.stats.mean_accepted for r in res])), per
+
     rows = []
     for B in args.batch:
-        hf = hf_batched(model, tok, prompts, B, args.new)
-        line = {"B": B, "hf": hf}
+        rounds = []  # per round: {"hf": tok/s, mode: tok/s, mode + "_step": tokens/row-step, mode + "_phases": ...}
+        for k in range(args.rounds):  # each round runs every method once, HF first
+            line = {"hf": hf_batched(model, tok, prompts, B, args.new)}
+            for mode in modes:
+                line[mode], line[mode + "_step"], line[mode + "_phases"] = timed(B, mode)
+            rounds.append(line)
+            print(f"B={B:2d} round {k + 1}: HF {line['hf']:6.1f} tok/s; " + ", ".join(
+                f"{m} {line[m]:6.1f} ({line[m] / line['hf']:.2f}x)" for m in modes), flush=True)
+        # medians over rounds; a ratio is the median of the rounds' side-by-side ratios
+        med = {"B": B, "hf": float(np.median([r["hf"] for r in rounds]))}
         for mode in modes:
-            kind, _, suffix = mode.partition("_")
-            am = bool(suffix)
-            use_pool, extra = am_rows[kind][suffix] if am else (None if mode == "none" else pools[kind], None)
-            draft = no_drafts if mode == "none" else laser.DraftConfig(budget=32, cost=cost_at[B], **extra) if am else \
-                cfg_at[B]
-            t0 = time.perf_counter()
-            res = list(generate_batch(model, [Request(p, use_pool) for p in prompts],
-                                      batch_size=B, max_new_tokens=args.new,
-                                      mode="strict" if mode == "none" else kind, draft=draft,
-                                      update_pool=False, acceptance=laser.AcceptanceModel() if am else None))
-            line[mode] = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
-            line[mode + "_step"] = float(np.mean([r.stats.mean_accepted for r in res]))
-            # every row's stats hold each batch step's phase times: per step, averaged over rows
-            per = {k: 1e3 * float(np.mean([getattr(r.stats, "time_" + k) / r.stats.steps for r in res]))
-                   for k in ("draft", "verify", "accept", "cache")}
-            line[mode + "_phases"] = " ".join(f"{k} {v:.1f}" for k, v in per.items())
-        rows.append(line)
-        print(f"B={B:2d}: HF {hf:6.1f} tok/s, LASER no drafts {line['none']:6.1f} ({line['none'] / hf:.2f}x), strict {line['strict']:6.1f} ({line['strict'] / hf:.2f}x), "
-              f"relaxed {line['relaxed']:6.1f} ({line['relaxed'] / hf:.2f}x); ms per step: strict "
-              f"{line['strict_phases']}; relaxed {line['relaxed_phases']}", flush=True)
+            med[mode] = float(np.median([r[mode] for r in rounds]))
+            med[mode + "_x"] = float(np.median([r[mode] / r["hf"] for r in rounds]))
+            med[mode + "_alone"] = float(np.median([r[mode] / r["none"] for r in rounds]))
+            med[mode + "_step"] = float(np.median([r[mode + "_step"] for r in rounds]))
+        rows.append(med)
+        for mode in ("strict", "relaxed"):
+            phases = {k: float(np.median([r[mode + "_phases"][k] for r in rounds])) for k in rounds[0][mode + "_phases"]}
+            print(f"      {mode} ms per step: " + " ".join(f"{k} {v:.1f}" for k, v in phases.items()))
         for mode in modes[3:]:
-            print(f"      {mode}: {line[mode]:6.1f} tok/s ({line[mode] / hf:.2f}x HF, {line[mode] / line['none']:.2f}x no "
-                  f"drafts), {line[mode + '_step']:.2f} tokens/row-step", flush=True)
+            print(f"      {mode}: {med[mode]:6.1f} tok/s ({med[mode + '_x']:.2f}x HF, {med[mode + '_alone']:.2f}x no "
+                  f"drafts), {med[mode + '_step']:.2f} tokens/row-step", flush=True)
 
     print(f"\n{len(prompts)} ML-100K user prompts x {args.new} new tokens, SmolLM2-135M on {args.device}")
     print(f"{'B':>3s} {'HF greedy tok/s':>16s} {'no drafts':>10s} {'x HF':>6s} {'strict tok/s':>13s} {'x HF':>6s} "
           f"{'relaxed tok/s':>14s} {'x HF':>6s} {'tok/step s/r':>13s} {'spec. alone s/r':>16s}")
     for r in rows:
-        print(f"{r['B']:3d} {r['hf']:16.1f} {r['none']:10.1f} {r['none'] / r['hf']:6.2f} {r['strict']:13.1f} "
-              f"{r['strict'] / r['hf']:6.2f} {r['relaxed']:14.1f} {r['relaxed'] / r['hf']:6.2f} "
-              f"{r['strict_step']:6.2f}/{r['relaxed_step']:.2f} {r['strict'] / r['none']:9.2f}/{r['relaxed'] / r['none']:.2f}")
+        print(f"{r['B']:3d} {r['hf']:16.1f} {r['none']:10.1f} {r['none_x']:6.2f} {r['strict']:13.1f} "
+              f"{r['strict_x']:6.2f} {r['relaxed']:14.1f} {r['relaxed_x']:6.2f} "
+              f"{r['strict_step']:6.2f}/{r['relaxed_step']:.2f} {r['strict_alone']:9.2f}/{r['relaxed_alone']:.2f}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ F.linear was slow and an output-split bmm won:
 
 while on a 2-core Intel Xeon VM F.linear won at 1-2 rows by 2-3x (LM head, 1 row: 2.9 ms
 against the split's 8.8). So no table is hard-coded: routes_for() times the products (PRODUCTS)
-for each (N, K) of a model at row buckets 1, 2, 4, ..., 512, once per machine (CPU model,
-torch version, threads), and keeps the winners in $LASER_CACHE/cpu-routes.json, so every
+for each (N, K) of a model at row buckets 1, 2, 4, ..., 512 (the 512 winner also serves longer
+prefills), once per machine (CPU model, torch version, threads), and keeps the winners in $LASER_CACHE/cpu-routes.json, so every
 later process on the machine takes the same routes (and rounds the same way).
 
 split: the weight cut along the output features into `ways` blocks, one torch.bmm of
@@ -59,8 +59,9 @@ import torch
 import torch.nn.functional as F
 
 FEW_ROWS = 4  # up to here the split's weight-major layout is the faster one
-MAX_ROWS = 512  # above: F.linear (MKL's own threading does as well)
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured at each, used up to it
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured at each, used up to it;
+# the last bucket's winner also serves more rows (prefills of several prompts: at 1024 and 2496
+# rows on the AMD VM, packed 210-222 GFLOP/s against F.linear's 159-196, as at 512)
 PRODUCTS = ("linear", "split", "onednn", "packed")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -100,7 +101,7 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
     """F.linear(x [..., K], w [N, K], bias [N]) on a CPU through `product` (one of PRODUCTS;
     "packed" takes w's copy from `packs`, and without them is "onednn")."""
     rows, (N, K) = x.numel() // max(x.shape[-1], 1), w.shape
-    if (product == "linear" or not 1 <= rows <= MAX_ROWS or not x.dtype == w.dtype == torch.float32
+    if (product == "linear" or rows < 1 or not x.dtype == w.dtype == torch.float32
             or x.device.type != "cpu" or not w.is_contiguous()):
         return F.linear(x, w, bias)
     if product in ("onednn", "packed") and _ONEDNN:
@@ -120,7 +121,8 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
 
 
 class LinearRoutes:
-    """The product to use per (N, K) and row count: table[(N, K)][i] serves rows up to ROW_BUCKETS[i].
+    """The product to use per (N, K) and row count: table[(N, K)][i] serves rows up to ROW_BUCKETS[i]
+    (the last entry: any count above).
     packs: the packed weights' copies (the "packed" product; one PackedWeights per model); None:
     no copies are made, and "packed" runs as "onednn" on the weight in place."""
 
@@ -129,9 +131,9 @@ class LinearRoutes:
 
     def product(self, N: int, K: int, rows: int) -> str:
         choice = self.table.get((N, K))
-        if choice is None or not 1 <= rows <= MAX_ROWS:
+        if choice is None or rows < 1:
             return "linear"
-        return choice[bisect.bisect_left(ROW_BUCKETS, rows)]
+        return choice[min(bisect.bisect_left(ROW_BUCKETS, rows), len(ROW_BUCKETS) - 1)]
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
