@@ -1,13 +1,15 @@
 """The ML-100K user job on Ray: 1 worker x 2 threads against 2 workers x 1 thread, side by side.
 
-    python benchmarks/e2e_ray.py [--users 32] [--new 64] [--mode strict]
+    python benchmarks/e2e_ray.py [--users 32] [--new 64] [--mode strict] [--shared]
 
 Each configuration writes the same records (the first `--users` users, routed pools, one
 fixed cost curve, batch size 1) into a fresh folder; a single process (no Ray, 2 threads)
 is the baseline. Reports wall time from the command's start (Ray, actors and model loading
 included), the decode window (from every replica loaded to the last record; the single
 process: its decode loop), records/s and tokens/s over that window, the driver's CPU time per record (its progress and scheduling
-loop) and the merge time.
+loop) and the merge time. --shared: the job's best drafting (`--acceptance --global-pool
+--pool-depth 32 --max-depth 30 --max-match 16`), which on Ray runs block by block with each
+block's ids shared out to the workers (laser.ray_job.run_lockstep).
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ def main(argv=None):
     ap.add_argument("--users", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--mode", default="strict")
+    ap.add_argument("--shared", action="store_true", help="--acceptance --global-pool, deep pools (block-synchronised on Ray)")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="e2e-ray-"))
     cost = root / "cost.json"  # a fixed curve: every configuration draws the same trees
     cost.write_text(json.dumps([0.066, 0.075, 0.08, 0.085, 0.09, 0.095, 0.1, 0.105, 0.11, 0.115, 0.12]))
     rows, outputs = [], {}
+    deep = dict(acceptance=True, global_pool=True, pool_depth=32, max_depth=30, max_match=16) if args.shared else {}
     for name, workers, threads in (("1 process x 2 threads (no Ray)", None, 2), ("1 worker x 2 threads", 1, 2),
                                    ("2 workers x 1 thread", 2, 1)):
         out = root / f"{name.split()[0]}-{workers}-{threads}.jsonl"
         cfg = JobConfig(dataset="ml-100k", target="users", limit=args.users, out=str(out), pool="routed",
-                        mode=args.mode, max_new_tokens=args.new, cost=str(cost))
+                        mode=args.mode, max_new_tokens=args.new, cost=str(cost), **deep)
         import torch
 
         torch.set_num_threads(threads)
@@ -50,7 +54,8 @@ def main(argv=None):
                      "merge_s": s.get("merge_s", 0.0)})
         print(f"{name}: {s['written']} records in {wall:.1f} s ({window:.1f} s decoding)", flush=True)
     same = len({json.dumps(v) for v in outputs.values()}) == 1
-    print(f"\n{args.users} ML-100K users x <= {args.new} tokens, {args.mode}, SmolLM2-135M fp32, CPU; "
+    print(f"\n{args.users} ML-100K users x <= {args.new} tokens, {args.mode}{', shared drafting' if args.shared else ''}, "
+          "SmolLM2-135M fp32, CPU; "
           f"identical texts in all configurations: {same}")
     print(f"{'configuration':32s} {'wall s':>7s} {'decode s':>9s} {'rec/s':>6s} {'tok/s':>6s} {'x 1 worker':>10s} "
           f"{'driver ms/rec':>13s} {'merge s':>7s}")

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rebuild-pools", action="store_true", help="rebuild OUT.pools from the records (records untouched)")
     g.add_argument("--acceptance", action="store_true", help="draft with an acceptance model learned from the job's "
                    "own verified trees (kept with the pools; 1-token and several match lengths)")
-    g.add_argument("--workers", type=int, help="run on Ray with N actors (one model replica each), sharded by pool group")
+    g.add_argument("--workers", type=int, help="run on Ray with N actors (one model replica each), sharded by pool group "
+                   "(with --acceptance or --global-pool: each block's ids shared out in pieces)")
     g.add_argument("--ray-address", help="an existing Ray cluster (default: a local instance started for the job)")
     g.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
     g.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="merged output format (Ray job)")

@@ -33,7 +33,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,8 @@ JOB_DRAFT = {"min_match": 2, "max_match": 4, "prompt_weight": 8.0, "confidence":
 # several match lengths per pool pay (benchmarks/RESULTS.md, drafting replay)
 JOB_DRAFT_ACCEPTANCE = {"min_match": 1, "max_match": 8, "prompt_weight": 8.0, "confidence": 1.0, "match_levels": 3}
 # settings added after the first manifests, with the value every older manifest's job had
-LEGACY_SETTINGS = {"acceptance": False, "global_pool": False, "pool_depth": 12, "max_match": None}
+LEGACY_SETTINGS = {"acceptance": False, "global_pool": False, "pool_depth": 12, "max_match": None, "pieces": None}
+PIECE_BATCHES = 4  # Ray with a shared model/global pool: a block's ids go to the workers in pieces of 4 batches
 TIMING_FIELDS = ("time",)  # the only record fields that vary between identical runs
 
 
@@ -95,6 +96,9 @@ class JobConfig:
     cost: str | None = None  # JSON file with the cost curve; None: measured once, stored in the manifest
     rebuild_pools: bool = False  # rebuild OUT.pools from the records (and --warm), records untouched
     acceptance: bool = False  # draft with an AcceptanceModel learned from the job's own verified trees
+    # set by run_job, not a flag: on Ray with --acceptance or --global-pool and a batch size > 1, the
+    # ids per piece a block is decoded in (the batches, hence relaxed rounding, depend on it); None: whole blocks
+    pieces: int | None = None
 
 
 def read_records(path: Path) -> list[dict]:
@@ -178,12 +182,14 @@ def _settings(cfg: JobConfig, ds_files: dict, model_id: str, model_hash: str, th
         "prompt_template": file_sha256(cfg.prompt_template) if cfg.prompt_template else "built-in",
         "warm": file_sha256(cfg.warm) if cfg.warm else None, "history_until": cfg.history_until,
         "acceptance": cfg.acceptance, "global_pool": cfg.global_pool, "pool_depth": cfg.pool_depth,
-        "max_match": cfg.max_match,
+        "max_match": cfg.max_match, "pieces": cfg.pieces,
     }
 
 
 FLAGS = {"model_sha256": "--model (content)", "dataset_files": "--data-dir / --users / --items / --interactions",
-         "prompt_template": "--prompt-template (content)", "warm": "--warm (content)", "laser_version": "laser version"}
+         "prompt_template": "--prompt-template (content)", "warm": "--warm (content)", "laser_version": "laser version",
+         "pieces": "ids per piece of a block (a Ray run with --acceptance or --global-pool at --batch-size > 1; "
+                   "None: one process)"}
 
 
 def _check_manifest(path: Path, stored: dict, now: dict) -> None:
@@ -321,12 +327,11 @@ def run_job(cfg: JobConfig, progress: bool = True, workers: int | None = None, r
         raise JobError(f"--format must be jsonl or parquet, got {fmt!r}")
     if workers is None and (ray_address or fmt != "jsonl"):
         raise JobError("--ray-address and --format parquet need --workers (the Ray job)")
-    if workers is not None and cfg.acceptance:
-        raise JobError("--acceptance with --workers is not supported yet: each shard would learn its own model, "
-                       "so the records would depend on the sharding")
-    if workers is not None and cfg.global_pool:
-        raise JobError("--global-pool with --workers is not supported yet: each shard would hold only its groups' "
-                       "texts, so the records would depend on the sharding")
+    lockstep = workers is not None and (cfg.acceptance or cfg.global_pool)
+    if lockstep and fmt != "jsonl":
+        raise JobError("--format parquet with --acceptance or --global-pool on Ray: that job writes OUT block by "
+                       "block as JSONL (convert it afterwards)")
+    cfg = replace(cfg, pieces=PIECE_BATCHES * cfg.batch_size if lockstep and cfg.batch_size > 1 else None)
     out = Path(cfg.out)
     folder = out.parent if str(out.parent) else Path(".")
     if folder.is_dir() and not (folder.stat().st_mode & 0o222 and os.access(folder, os.W_OK)):  # (root ignores the bits)
@@ -337,8 +342,10 @@ def run_job(cfg: JobConfig, progress: bool = True, workers: int | None = None, r
     try:
         if workers is None:
             return _run(cfg, out, progress)
-        from laser.ray_job import run_ray
+        from laser.ray_job import run_lockstep, run_ray
 
+        if lockstep:
+            return run_lockstep(cfg, out, progress, workers, ray_address, threads)
         return run_ray(cfg, out, progress, workers, ray_address, threads, fmt)
     finally:
         lock.release()
@@ -470,11 +477,17 @@ def _run(cfg: JobConfig, out: Path, progress: bool) -> dict:
 
 
 def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Path, pool_dir: Path,
-              by_id: dict | None = None, on_record=None) -> dict:
+              by_id: dict | None = None, on_record=None, decode=None) -> dict:
     """Decode the ids `keys` (a subset of plan.all_keys in job order: all of them, or one pool
     group's) into `out`, their pools in `pool_dir`, block by block (see the module docstring).
-    `on_record(rec)` is called after each new record is durable."""
+    `on_record(rec)` is called after each new record is durable. decode(pools, draft, keys,
+    write, learned) decodes one block's ids against the frozen pools, whose snapshot in
+    pool_dir is current (default: decode_block with `model`; laser.ray_job's farms it out)."""
     cfg = plan.cfg
+    if decode is None:
+        def decode(pools, draft, block_keys, write, learned):
+            decode_block(model, tok, plan, pools, draft, block_keys, write, learned)
+
     subset = set(keys)
     if by_id is None:
         by_id = read_output(out, plan, subset)
@@ -513,7 +526,7 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
                 # a resumed block is decoded whole when the batch (float rounding) or the
                 # acceptance model (what the finished records taught it) depends on all of it
                 whole = cfg.batch_size > 1 or learned is not None
-                _decode_block(model, tok, plan, pools, draft, block if whole else missing, write, learned)
+                decode(pools, draft, block if whole else missing, write, learned)
             if all(k in by_id for k in blocks[b]):  # the whole block (not only --limit's part) is done
                 if learned is not None:
                     pools.learn(learned)
@@ -527,7 +540,7 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
             "mean_accepted": stats["tokens"] / stats["steps"] if stats["steps"] else 0.0, "pools": len(pools.pools)}
 
 
-def _decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str], write, learned=None) -> None:
+def decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str], write, learned=None) -> None:
     """Decode `keys` (in order) against the block's frozen pools (and acceptance model, whose
     observations go to `learned`); write each record as it finishes."""
     cfg, group_fn = plan.cfg, plan.group

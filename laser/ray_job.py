@@ -15,6 +15,20 @@ Files, for `--out OUT`:
 Faults: a worker killed at any moment is restarted by Ray (max_restarts) and its group's
 task retried (max_task_retries); the group resumes from its shard. A killed driver resumes
 on rerun: finished shards are skipped, others resume, the merge is redone.
+
+With --acceptance or --global-pool every group drafts from state that all groups' texts
+change (the job's AcceptanceModel, the pool of every text), so groups cannot run apart:
+run_lockstep() runs the single-process job (laser.job.run_shard: OUT, OUT.pools, the
+manifest, as without --workers) on the driver, and farms each block's ids out to the
+workers in pieces (one id at --batch-size 1, else PIECE_BATCHES batches), every worker
+drafting from the block's frozen pools, which it loads from the snapshot OUT.pools (a
+filesystem the workers share, as the shards above need). The driver writes the records in
+piece order, adds the pieces' observations to the model, and saves the next snapshot.
+Records depend on the pieces, never on --workers: at batch size 1 they equal a
+single-process run's, above it strict texts agree and relaxed ones may differ by float
+rounding (the manifest's `pieces` then keeps a run without --workers from continuing it).
+A killed worker's piece is retried on its restarted actor; a killed driver resumes on rerun
+as the single-process job does.
 """
 
 from __future__ import annotations
@@ -26,7 +40,8 @@ import re
 import time
 from pathlib import Path
 
-from laser.job import JobConfig, JobError, Plan, Progress, calibrate_for, job_cost, make_plan, read_output, run_shard
+from laser.job import (JobConfig, JobError, Plan, Progress, calibrate_for, decode_block, job_cost, job_draft, make_plan,
+                       read_output, run_shard)
 
 RETRIES = 8  # worker restarts (and retries of the task it held) before the job gives up
 
@@ -57,6 +72,31 @@ class Worker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def tokenizer(self):
+        return self.tok
+
+    def decode_piece(self, keys: list[str], blocks: int, pool_dir: str, cost: list[float]):
+        """run_lockstep: decode `keys` against the pools after `blocks` finished blocks (loaded from
+        the snapshot in pool_dir when this worker holds other ones). Returns the records as
+        (id, tokens, steps, seconds) in finish order and the observations (hits, tries) or None."""
+        import numpy as np
+
+        import laser
+        from laser.groups import PoolSet
+
+        cfg = self.plan.cfg
+        pools = getattr(self, "pools", None)
+        if pools is None or pools.blocks != blocks:
+            pools = self.pools = PoolSet.load(Path(pool_dir), cfg.pool)
+            if pools.blocks != blocks:
+                raise JobError(f"{pool_dir}: the snapshot holds {pools.blocks} blocks, the driver {blocks}")
+        draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=np.asarray(cost), **job_draft(cfg))
+        learned = laser.AcceptanceModel(pools.acceptance.prior) if pools.acceptance is not None else None
+        done = []
+        decode_block(self.model, self.tok, self.plan, pools, draft, keys,
+                      lambda key, new, steps, dt: done.append((key, new, steps, dt)), learned)
+        return done, None if learned is None else (learned.hits, learned.tries)
 
     def calibrate(self):
         return calibrate_for(self.plan, self.model, self.tok)
@@ -242,3 +282,72 @@ def _execute(plan, out, shards, todo, done, cost, progress, workers, address, th
         return results, time.perf_counter() - t0
     finally:
         ray.shutdown()
+
+
+def run_lockstep(cfg: JobConfig, out: Path, progress: bool, workers: int, address: str | None = None,
+                 threads: int = 1) -> dict:
+    """laser generate --workers N with --acceptance or --global-pool: see the module docstring.
+    Called under OUT's lock."""
+    if address:
+        _check_address(address)  # before anything is written
+    plan = make_plan(cfg)
+    if out.with_name(out.name + ".shards").exists():
+        raise JobError(f"{out}: a group-sharded Ray run's output ({out.name}.shards); use another --out")
+    by_id = read_output(out, plan)
+    cost = None
+    if out.with_name(out.name + ".manifest.json").exists() or by_id or cfg.cost:
+        cost = job_cost(plan, out, bool(by_id), None)  # every setting checked before Ray starts
+    ray = _start_ray(address, workers, threads)
+    bar = None
+    try:
+        actor = ray.remote(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
+        actors = [actor.remote(plan.cfg, threads) for _ in range(workers)]
+        ray.get([a.pid.remote() for a in actors])  # every replica loaded (errors surface here)
+        if cost is None:
+            cost = job_cost(plan, out, False, lambda: ray.get(actors[0].calibrate.remote()))
+        tok = ray.get(actors[0].tokenizer.remote())
+        bar = Progress(len(plan.keys), sum(k in by_id for k in plan.keys), progress)
+        pool_dir = out.with_name(out.name + ".pools")
+        farm = _Farm(ray, actors, str(pool_dir), [float(c) for c in cost], cfg.pieces or 1)
+        t0 = time.perf_counter()
+        summary = run_shard(plan, None, tok, cost, plan.all_keys, out, pool_dir, by_id, on_record=bar.add,
+                            decode=farm)
+        return {**summary, "driver_s": time.perf_counter() - t0}
+    finally:
+        if bar is not None:
+            bar.close()
+        ray.shutdown()
+
+
+class _Farm:
+    """run_shard's block decoder on Ray: a block's ids in pieces of `piece`, each piece to the
+    next free actor; records written and observations added in piece order."""
+
+    def __init__(self, ray, actors: list, pool_dir: str, cost: list[float], piece: int):
+        self.ray, self.actors, self.pool_dir, self.cost, self.piece = ray, actors, pool_dir, cost, piece
+
+    def __call__(self, pools, draft, keys: list[str], write, learned) -> None:
+        ray = self.ray
+        pieces = [keys[i : i + self.piece] for i in range(0, len(keys), self.piece)]
+        free, running, finished, nxt, flushed = list(self.actors), {}, {}, 0, 0
+        while flushed < len(pieces):
+            while nxt < len(pieces) and free:
+                a = free.pop(0)
+                running[a.decode_piece.remote(pieces[nxt], pools.blocks, self.pool_dir, self.cost)] = (nxt, a)
+                nxt += 1
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                n, a = running.pop(ref)
+                try:
+                    finished[n] = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise JobError(f"a piece of block {pools.blocks} failed after {RETRIES} worker restarts: "
+                                   f"{str(e).splitlines()[0][:200]}") from None
+                free.append(a)
+            while flushed in finished:  # in piece order: the file's order does not depend on timing
+                done, observed = finished.pop(flushed)
+                for key, new, steps, dt in done:
+                    write(key, new, steps, dt)
+                if observed is not None:  # whole counts: exact in any order
+                    learned.set_state(learned.hits + observed[0], learned.tries + observed[1])
+                flushed += 1

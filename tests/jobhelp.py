@@ -20,6 +20,10 @@ def records_of(out):
     return [strip_timing(r) for r in read_records(Path(out))]
 
 
+def index_of(out):
+    return json.loads((Path(str(out) + ".pools") / "index.json").read_text())
+
+
 def pool_bytes(out):
     folder = Path(str(out) + ".pools")
     index = json.loads((folder / "index.json").read_text())

@@ -307,10 +307,6 @@ def test_acceptance_model_job_is_greedy_in_strict_mode_and_kept_with_the_pools(p
     _fails(job_args(peaked_model, out, mode="strict", extra=("--acceptance", "--rebuild-pools")), capsys,
            "cannot be rebuilt")
     _fails(job_args(peaked_model, out, mode="strict", extra=DEEP[:-2]), capsys, "--max-match", "10", "None")
-    _fails(job_args(peaked_model, tmp_path / "ray.jsonl", extra=("--acceptance", "--workers", "2")), capsys,
-           "--acceptance with --workers")
-    _fails(job_args(peaked_model, tmp_path / "ray.jsonl", extra=("--global-pool", "--workers", "2")), capsys,
-           "--global-pool with --workers")
     _fails(job_args(peaked_model, tmp_path / "g.jsonl", extra=("--global-pool", "--pool", "global")), capsys,
            "--global-pool", "--pool global")
     _fails(job_args(peaked_model, tmp_path / "g.jsonl", extra=("--pool-depth", "1")), capsys, "--pool-depth")

@@ -1,4 +1,5 @@
-"""The knowledge job on Ray: 2 workers == 1 process, worker and driver kills, bad arguments."""
+"""The knowledge job on Ray: 2 workers == 1 process, worker and driver kills, bad arguments;
+with the acceptance model and a global pool, the block-synchronised job (run_lockstep)."""
 
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobhelp import LIMIT, job_args, records_of
+from jobhelp import DEEP, LIMIT, index_of, job_args, pool_bytes, records_of
 from laser.cli import main as cli
 from laser.job import JobConfig, read_records, run_job
 
@@ -39,22 +40,54 @@ def test_two_workers_give_the_records_of_one_process(peaked_model, reference, tm
     assert [{k: v for k, v in r.items() if k != "time"} for r in table] == records_of(reference("relaxed", 1))
 
 
-def test_a_killed_worker_is_restarted_and_its_group_resumes(peaked_model, reference, tmp_path):
-    """kill -9 of a worker (its pid from Ray's actor table) mid-job: every id ends up once."""
+def test_shared_drafting_on_two_workers_gives_the_records_model_and_pools_of_one_process(peaked_model, reference,
+                                                                                       tmp_path, capsys):
+    """--acceptance --global-pool on Ray: the single-process job's files, every record,
+    pool byte and model count as one process makes them (batch 1), for any worker count;
+    strict at batch 4 the same texts; a run without --workers continues it (batch 1)."""
+    for workers in ("2", "3"):
+        out = tmp_path / f"deep{workers}.jsonl"
+        assert cli(job_args(peaked_model, out, extra=(*DEEP, "--workers", workers))) == 0
+        want = reference("relaxed", 1, DEEP)
+        assert records_of(out) == records_of(want)
+        assert pool_bytes(out) == pool_bytes(want) and index_of(out)["acceptance"] == index_of(want)["acceptance"]
+        assert not Path(str(out) + ".shards").exists()
+    strict = tmp_path / "strict.jsonl"
+    assert cli(job_args(peaked_model, strict, mode="strict", batch=4, extra=(*DEEP, "--workers", "2"))) == 0
+    got, want = records_of(strict), records_of(reference("strict", 4, DEEP))
+    assert sorted((r["id"], r["text"]) for r in got) == sorted((r["id"], r["text"]) for r in want)
+    # batch 4: the pieces decide the batches, so one process must not continue it
+    capsys.readouterr()  # what Ray printed
+    _fails(job_args(peaked_model, strict, mode="strict", batch=4, limit=LIMIT + 4, extra=DEEP), capsys, "per piece", "16")
+    _fails(job_args(peaked_model, tmp_path / "p.parquet", extra=(*DEEP, "--workers", "2", "--format", "parquet")),
+           capsys, "--format parquet", "JSONL")
+    half = tmp_path / "half.jsonl"  # half on Ray, the rest in one process
+    assert cli(job_args(peaked_model, half, limit=LIMIT // 2, extra=(*DEEP, "--workers", "2"))) == 0
+    assert cli(job_args(peaked_model, half, extra=DEEP)) == 0
+    assert records_of(half) == records_of(reference("relaxed", 1, DEEP))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_killed_worker_is_restarted_and_its_work_resumes(peaked_model, reference, tmp_path, shared):
+    """kill -9 of a worker (its pid from Ray's actor table) mid-job: every id ends up once, as
+    one process writes it (shared: --acceptance --global-pool, the block-synchronised job,
+    whose restarted worker loads the pools again)."""
     import ray
     from ray._private import state
 
     out = tmp_path / "k.jsonl"
+    limit = LIMIT if shared else LIMIT * 2
+    written = (lambda: len(read_records(out))) if shared else (lambda: _shard_records(out))
     killed = {}
 
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if ray.is_initialized() and out.with_name(out.name + ".shards").exists() and _shard_records(out) >= 2:
+            if ray.is_initialized() and (out.exists() if shared else Path(str(out) + ".shards").exists()) and written() >= 2:
                 alive = [a for a in state.actors().values() if a["ActorClassName"] == "Worker" and a["State"] == "ALIVE"]
                 if alive:
                     os.kill(alive[0]["Pid"], signal.SIGKILL)
-                    killed.update(id=alive[0]["ActorID"], at=_shard_records(out))
+                    killed.update(id=alive[0]["ActorID"], at=written())
                     while time.time() < deadline:  # Ray restarts it
                         a = state.actors().get(killed["id"], {})
                         if a.get("NumRestarts", 0) >= 1 and a.get("State") == "ALIVE":
@@ -65,14 +98,20 @@ def test_a_killed_worker_is_restarted_and_its_group_resumes(peaked_model, refere
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    cfg = JobConfig(dataset="ml-100k", target="users", limit=LIMIT * 2, out=str(out), model=str(peaked_model),
-                    max_new_tokens=24, mode="relaxed", block=4, cost=str(Path(peaked_model).parent / "cost.json"))
+    deep = dict(acceptance=True, global_pool=True, pool_depth=16, max_depth=14, max_match=10) if shared else {}
+    cfg = JobConfig(dataset="ml-100k", target="users", limit=limit, out=str(out), model=str(peaked_model),
+                    max_new_tokens=24, mode="relaxed", block=4, cost=str(Path(peaked_model).parent / "cost.json"), **deep)
     summary = run_job(cfg, progress=False, workers=2)
     t.join(timeout=60)
-    assert killed.get("restarted") and killed["at"] < LIMIT * 2, killed
+    assert killed.get("restarted") and killed["at"] < limit, killed
     ids = [r["id"] for r in read_records(out)]
-    assert len(ids) == len(set(ids)) == LIMIT * 2 and summary["merged"] == LIMIT * 2
-    assert records_of(out)[:LIMIT] == records_of(reference("relaxed", 1))  # the same records as one process
+    assert len(ids) == len(set(ids)) == limit
+    want = reference("relaxed", 1, DEEP if shared else ())
+    assert records_of(out)[:LIMIT] == records_of(want)  # the same records as one process
+    if shared:
+        assert index_of(out)["acceptance"] == index_of(want)["acceptance"]
+    else:
+        assert summary["merged"] == limit
 
 
 def test_a_killed_driver_resumes_on_rerun(peaked_model, reference, tmp_path):
