@@ -205,6 +205,17 @@ def _start_ray(address: str | None, workers: int, threads: int):
     return ray
 
 
+def _start_actors(ray, plan: Plan, out: Path, cost, workers: int, threads: int):
+    """`workers` restartable Worker actors, each with the model loaded, and the job's cost curve
+    (calibrated on the first actor when `cost` is None). Returns (actors, cost)."""
+    actor = ray.remote(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
+    actors = [actor.remote(plan.cfg, threads) for _ in range(workers)]
+    ray.get([a.pid.remote() for a in actors])  # every replica loaded (errors surface here)
+    if cost is None:
+        cost = job_cost(plan, out, False, lambda: ray.get(actors[0].calibrate.remote()))
+    return actors, cost
+
+
 def run_ray(cfg: JobConfig, out: Path, progress: bool, workers: int, address: str | None = None,
             threads: int = 1, fmt: str = "jsonl") -> dict:
     """laser generate --workers N: see the module docstring. Called under OUT's lock."""
@@ -247,11 +258,7 @@ def _execute(plan, out, shards, todo, done, cost, progress, workers, address, th
     """Start Ray, hand the groups in `todo` to `workers` actors as they free up, show progress."""
     ray = _start_ray(address, workers, threads)
     try:
-        actor = ray.remote(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
-        pool = [actor.remote(plan.cfg, threads) for _ in range(workers)]
-        ray.get([a.pid.remote() for a in pool])  # every replica loaded (errors surface here)
-        if cost is None:
-            cost = job_cost(plan, out, False, lambda: ray.get(pool[0].calibrate.remote()))
+        pool, cost = _start_actors(ray, plan, out, cost, workers, threads)
         bar = Progress(len(plan.keys), sum(k in done for k in plan.keys), progress)
         tails = {g: _Tail(shards[g][0]) for g in todo}
         for t in tails.values():
@@ -300,11 +307,7 @@ def run_lockstep(cfg: JobConfig, out: Path, progress: bool, workers: int, addres
     ray = _start_ray(address, workers, threads)
     bar = None
     try:
-        actor = ray.remote(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
-        actors = [actor.remote(plan.cfg, threads) for _ in range(workers)]
-        ray.get([a.pid.remote() for a in actors])  # every replica loaded (errors surface here)
-        if cost is None:
-            cost = job_cost(plan, out, False, lambda: ray.get(actors[0].calibrate.remote()))
+        actors, cost = _start_actors(ray, plan, out, cost, workers, threads)
         tok = ray.get(actors[0].tokenizer.remote())
         bar = Progress(len(plan.keys), sum(k in by_id for k in plan.keys), progress)
         pool_dir = out.with_name(out.name + ".pools")
