@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -300,6 +301,11 @@ def run_lockstep(cfg: JobConfig, out: Path, progress: bool, workers: int, addres
     plan = make_plan(cfg)
     if out.with_name(out.name + ".shards").exists():
         raise JobError(f"{out}: a group-sharded Ray run's output ({out.name}.shards); use another --out")
+    piece = cfg.pieces or 1
+    if -(-cfg.block // piece) < workers:  # a block's pieces are what runs at once
+        print(f"laser: warning: --block {cfg.block} is {-(-cfg.block // piece)} piece(s) of {piece} ids: at most "
+              f"{-(-cfg.block // piece)} of {workers} workers busy; use --block {workers * piece} or more",
+              file=sys.stderr)
     by_id = read_output(out, plan)
     cost = None
     if out.with_name(out.name + ".manifest.json").exists() or by_id or cfg.cost:

@@ -56,8 +56,9 @@ def test_shared_drafting_on_two_workers_gives_the_records_model_and_pools_of_one
     assert cli(job_args(peaked_model, strict, mode="strict", batch=4, extra=(*DEEP, "--workers", "2"))) == 0
     got, want = records_of(strict), records_of(reference("strict", 4, DEEP))
     assert sorted((r["id"], r["text"]) for r in got) == sorted((r["id"], r["text"]) for r in want)
+    # a block of 4 ids is one piece of 16 at batch 4: one of the 2 workers can be busy
+    assert "--block 4 is 1 piece(s) of 16 ids: at most 1 of 2 workers busy; use --block 32" in capsys.readouterr().err
     # batch 4: the pieces decide the batches, so one process must not continue it
-    capsys.readouterr()  # what Ray printed
     _fails(job_args(peaked_model, strict, mode="strict", batch=4, limit=LIMIT + 4, extra=DEEP), capsys, "per piece", "16")
     _fails(job_args(peaked_model, tmp_path / "p.parquet", extra=(*DEEP, "--workers", "2", "--format", "parquet")),
            capsys, "--format parquet", "JSONL")
