@@ -17,12 +17,14 @@ groups' shared pools; the last `--eval` are replayed; each replayed record then 
 group's pool (every `--block` records, in order, as the job's blocks do). Without drafting
 flags LASER drafts exactly as `laser generate` does (with --acceptance: as `laser generate
 --acceptance`; --global, --pool-depth, --max-depth, --max-match: as the job's --global-pool,
---pool-depth, --max-depth, --max-match).
+--pool-depth, --max-depth, --max-match). --pool global drafts from one pool of every text
+instead of the groups' (the job's --pool global), --pool none from the request's own text only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -51,6 +53,9 @@ def main(argv=None):
     g.add_argument("--prior", type=float, default=4.0, help="the AcceptanceModel's prior strength")
     g.add_argument("--learn-warm", action="store_true", help="the model also learns from replaying the warm records")
     g.add_argument("--global", dest="with_global", action="store_true", help="a pool of every text beside the group's")
+    g.add_argument("--pool", choices=("global", "none"),
+                   help="instead of the corpus's group pools: one pool of every text (global), or none (the "
+                        "request's own text only)")
     g.add_argument("--pool-depth", type=int, help="the pools' max_depth (the job's: 12)")
     g.add_argument("--max-depth", type=int, help="draft depth (the job's: 10)")
     g.add_argument("--min-match", type=int)
@@ -64,6 +69,10 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     records, prompts, plan = load_corpus(args.corpus, args.dataset, args.target)
+    if args.pool:
+        if args.with_global:
+            raise SystemExit("--global needs the group pools (not --pool)")
+        plan = dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, pool=args.pool, global_pool=False))
     if args.table:
         return table(args, records, prompts, plan)
     if args.warm + args.eval > len(records) or args.warm < 0 or args.eval < 1:
