@@ -302,10 +302,10 @@ def run_lockstep(cfg: JobConfig, out: Path, progress: bool, workers: int, addres
     if out.with_name(out.name + ".shards").exists():
         raise JobError(f"{out}: a group-sharded Ray run's output ({out.name}.shards); use another --out")
     piece = cfg.pieces or 1
-    if -(-cfg.block // piece) < workers:  # a block's pieces are what runs at once
-        print(f"laser: warning: --block {cfg.block} is {-(-cfg.block // piece)} piece(s) of {piece} ids: at most "
-              f"{-(-cfg.block // piece)} of {workers} workers busy; use --block {workers * piece} or more",
-              file=sys.stderr)
+    busy = -(-cfg.block // piece)  # a block's pieces are what runs at once
+    if busy < workers:
+        print(f"laser: warning: --block {cfg.block} is {busy} piece(s) of {piece} ids: at most {busy} of {workers} "
+              f"workers busy; use --block {workers * piece} or more", file=sys.stderr)
     by_id = read_output(out, plan)
     cost = None
     if out.with_name(out.name + ".manifest.json").exists() or by_id or cfg.cost:
@@ -317,7 +317,7 @@ def run_lockstep(cfg: JobConfig, out: Path, progress: bool, workers: int, addres
         tok = ray.get(actors[0].tokenizer.remote())
         bar = Progress(len(plan.keys), sum(k in by_id for k in plan.keys), progress)
         pool_dir = out.with_name(out.name + ".pools")
-        farm = _Farm(ray, actors, str(pool_dir), [float(c) for c in cost], cfg.pieces or 1)
+        farm = _Farm(ray, actors, str(pool_dir), [float(c) for c in cost], piece)
         t0 = time.perf_counter()
         summary = run_shard(plan, None, tok, cost, plan.all_keys, out, pool_dir, by_id, on_record=bar.add,
                             decode=farm)
