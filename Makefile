@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(BIN)/python -m laser.demo
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks/bench_pool.py --benchmark-only -q --benchmark-columns=median,iqr,rounds
+	$(BIN)/python -m pytest benchmarks/bench_pool.py benchmarks/bench_cpu.py --benchmark-only -q --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .benchmarks

@@ -4,8 +4,10 @@
 #include <pybind11/stl.h>
 
 #include <climits>
+#include <optional>
 #include <memory>
 
+#include "linear.h"
 #include "trie.h"
 
 namespace py = pybind11;
@@ -264,10 +266,65 @@ py::list cut_trees(const py::list& trees, const py::object& cost, double confide
   return out;
 }
 
+// The tiled CPU product's arrays: float32, C-contiguous, never converted (a copy would hide
+// a caller's mistake and cost what the product saves).
+using Floats = py::array_t<float, py::array::c_style>;
+
+void check_floats(const Floats& a, int ndim, const char* what) {
+  if (a.ndim() != ndim) throw py::value_error(std::string(what) + " must have " + std::to_string(ndim) + " dimension(s)");
+}
+
+void tile_weight(const Floats& w, Floats& out, int threads) {
+  check_floats(w, 2, "w");
+  check_floats(out, 1, "out");
+  const int64_t N = w.shape(0), K = w.shape(1);
+  if (N < 1 || K < 1) throw py::value_error("w must be a non-empty [N, K] weight");
+  if (out.shape(0) != laser::tiled_size(N, K))
+    throw py::value_error("out must hold tiled_size(N, K) = " + std::to_string(laser::tiled_size(N, K)) + " floats");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  const float* src = w.data();
+  float* dst = out.mutable_data();
+  py::gil_scoped_release release;
+  laser::tile_weight(src, N, K, dst, threads);
+}
+
+void tiled_linear(const Floats& x, const Floats& tiled, int64_t N, const std::optional<Floats>& bias, Floats& out,
+                  int threads, const std::string& isa) {
+  check_floats(x, 2, "x");
+  check_floats(tiled, 1, "tiled");
+  check_floats(out, 2, "out");
+  const int64_t M = x.shape(0), K = x.shape(1);
+  if (K < 1 || N < 1) throw py::value_error("x must be [M, K >= 1] and N >= 1");
+  if (tiled.shape(0) != laser::tiled_size(N, K))
+    throw py::value_error("tiled must be tile_weight's copy of an [N, K] = [" + std::to_string(N) + ", " +
+                          std::to_string(K) + "] weight");
+  if (out.shape(0) != M || out.shape(1) != N) throw py::value_error("out must be [M, N]");
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != N)) throw py::value_error("bias must be [N]");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  const float *xp = x.data(), *tp = tiled.data(), *bp = bias ? bias->data() : nullptr;
+  float* yp = out.mutable_data();
+  try {
+    py::gil_scoped_release release;
+    laser::tiled_linear(xp, M, K, tp, N, bp, yp, threads, isa);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "LASER native core: retrieval pool (count trie) and draft-tree flattening";
+  m.doc() = "LASER native core: retrieval pool (count trie), draft-tree flattening, the tiled CPU product";
+
+  m.def("tile_weight", &tile_weight, py::arg("w").noconvert(), py::arg("out").noconvert(), py::arg("threads") = 1,
+        "Lay an [N, K] float32 weight out for tiled_linear into out [tiled_size(N, K)].");
+  m.def("tiled_linear", &tiled_linear, py::arg("x").noconvert(), py::arg("tiled").noconvert(), py::arg("N"),
+        py::arg("bias").noconvert() = py::none(), py::arg("out").noconvert(), py::arg("threads") = 1,
+        py::arg("isa") = "",
+        "out [M, N] = x [M, K] @ w.T (+ bias [N]) from tile_weight's copy of w; isa: '' (the best this CPU runs), "
+        "'avx512', 'avx2' or 'generic'.");
+  m.def("tiled_size", &laser::tiled_size, py::arg("N"), py::arg("K"), "Floats in tile_weight's copy of an [N, K] weight.");
+  m.def("tiled_isa", &laser::tiled_isa, "The kernel tiled_linear runs on this CPU: 'avx512', 'avx2' or 'generic'.");
   py::register_exception<laser::PoolFormatError>(m, "PoolFormatError", PyExc_ValueError);
   py::register_exception<laser::PoolIOError>(m, "PoolIOError", PyExc_OSError);
 

@@ -1,5 +1,6 @@
 """LASER: retrieval-based speculative decoding for recommender knowledge generation."""
 
+import torch  # noqa: F401  before laser._C: the OpenMP runtime torch loads is the one laser._C's product joins
 from laser._C import AcceptanceModel, DraftTree, PoolFormatError, RetrievalPool, cut_trees, draft_union
 from laser.config import AcceptConfig, DraftConfig
 from laser.decode import DecodeOutput, DecodeStats, calibrate, generate, hf_generate

@@ -36,8 +36,21 @@ made on first use, so the routed linears hold their weights twice). On a 2-core 
                packed       2.76   3.24   2.79   3.63   9.51
 
 and a SmolLM2-135M forward over 1 + 8 tree tokens took 50 ms against 32 ms for one token
-(65 ms through the routes without "packed"; context 300, 2026-12-05). The copies double the
-routed weights' memory: an engine makes them only where may_pack() allows.
+(65 ms through the routes without "packed"; context 300, 2026-12-05).
+tiled: LASER's own product (laser._C.tiled_linear, csrc/linear.h) on a tiled copy of the
+weight, [ceil(N/32)][K][32]: each weight element is loaded once and multiplies up to 12 rows
+held in L1 (AVX-512; 3 on AVX2, 1 otherwise), OpenMP threads over the blocks, so at 1-16
+rows it runs at the memory's speed. The 210 layer linears of a SmolLM2 forward (423 MB of
+weights), same VM, median ms:
+
+  rows                      1      2      5      9      17     33
+               split        17.2   18.1   35.5   40.4   50.6   67.0
+               packed       26.7   29.5   22.6   27.1   34.2   50.5
+               tiled        14.7   13.8   14.1   14.6   23.0   38.3
+
+and the forward over 1 / 2 / 3 / 5 / 9 / 17 tokens (0-16 tree nodes, context 300) took
+33 / 33 / 34 / 34 / 36 / 48 ms (2026-12-06). Each copy ("packed", "tiled") holds the routed
+weights once more: an engine makes them only where may_pack() allows the kinds its routes use.
 
 laser.engine.Engine gives each `nn.Linear` of a model a forward that takes this route
 inside LASER calls. Only the linears pass through Python: a TorchFunctionMode doing the
@@ -58,35 +71,48 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from laser import _C
+
 FEW_ROWS = 4  # up to here the split's weight-major layout is the faster one
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured at each, used up to it;
 # the last bucket's winner also serves more rows (prefills of several prompts: at 1024 and 2496
 # rows on the AMD VM, packed 210-222 GFLOP/s against F.linear's 159-196, as at 512)
-PRODUCTS = ("linear", "split", "onednn", "packed")
+PRODUCTS = ("linear", "split", "onednn", "packed", "tiled")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 PACK_ROWS = 32  # the row count oneDNN lays a packed copy out for; any count runs on it (16-512 measured alike)
 
 
 class PackedWeights:
-    """oneDNN's blocked copy of each weight that the "packed" product runs on: made on first
+    """The copies of each weight that the "packed" and "tiled" products run on, made on first
     use and made again when the weight changes (in place: its version counter; replaced: a
-    new tensor or storage). Thread-safe; clear() frees every copy."""
+    new tensor or storage). Thread-safe; clear() frees every copy.
+      packed  oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight)
+      tiled   laser._C.tile_weight's layout for laser._C.tiled_linear (csrc/linear.h)"""
+
+    KINDS = ("packed", "tiled")
 
     def __init__(self):
-        self._copies: dict[int, tuple] = {}  # id(w) -> (weakref to w, w._version, w.data_ptr(), packed)
+        self._copies: dict[tuple[int, str], tuple] = {}  # (id(w), kind) -> (weakref to w, w._version, w.data_ptr(), copy)
         self._lock = threading.Lock()
 
-    def get(self, w: torch.Tensor) -> torch.Tensor:
-        hit = self._copies.get(id(w))
+    def get(self, w: torch.Tensor, kind: str):
+        """w's copy of this kind: a tensor (packed) or a float32 numpy array (tiled)."""
+        hit = self._copies.get((id(w), kind))
         if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
             return hit[3]
         with self._lock:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
-            key = id(w)  # a weight that dies takes its copy with it
+            if kind == "packed":
+                copy = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+            elif kind == "tiled":
+                copy = torch.empty(_C.tiled_size(*w.shape)).numpy()  # torch's allocation: 64-byte aligned
+                _C.tile_weight(w.detach().contiguous().numpy(), copy, torch.get_num_threads())
+            else:
+                raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+            key = (id(w), kind)  # a weight that dies takes its copy with it
             gone = weakref.ref(w, lambda _, key=key: self._copies.pop(key, None))
-            self._copies[key] = (gone, w._version, w.data_ptr(), packed)
-            return packed
+            self._copies[key] = (gone, w._version, w.data_ptr(), copy)
+            return copy
 
     def __len__(self) -> int:
         return len(self._copies)
@@ -99,13 +125,20 @@ class PackedWeights:
 def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ways: int,
                  product: str = "split", packs: PackedWeights | None = None) -> torch.Tensor:
     """F.linear(x [..., K], w [N, K], bias [N]) on a CPU through `product` (one of PRODUCTS;
-    "packed" takes w's copy from `packs`, and without them is "onednn")."""
+    "packed" and "tiled" take w's copy from `packs`, and without them are "onednn")."""
     rows, (N, K) = x.numel() // max(x.shape[-1], 1), w.shape
     if (product == "linear" or rows < 1 or not x.dtype == w.dtype == torch.float32
             or x.device.type != "cpu" or not w.is_contiguous()):
         return F.linear(x, w, bias)
-    if product in ("onednn", "packed") and _ONEDNN:
-        weight = packs.get(w) if product == "packed" and packs is not None and _PACKED else w
+    if product == "tiled" and packs is not None:
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+            return F.linear(x, w, bias)  # the C++ product keeps no autograd graph
+        y = torch.empty(rows, N)
+        _C.tiled_linear(x.detach().reshape(rows, K).contiguous().numpy(), packs.get(w, "tiled"), N,
+                        None if bias is None else bias.detach().contiguous().numpy(), y.numpy(), torch.get_num_threads())
+        return y.reshape(*x.shape[:-1], N)
+    if product in ("onednn", "packed", "tiled") and _ONEDNN:
+        weight = packs.get(w, "packed") if product == "packed" and packs is not None and _PACKED else w
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K).contiguous(), weight, bias, "none", [], "")
         return y.reshape(*x.shape[:-1], N)
     if N % ways:
@@ -123,8 +156,8 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
 class LinearRoutes:
     """The product to use per (N, K) and row count: table[(N, K)][i] serves rows up to ROW_BUCKETS[i]
     (the last entry: any count above).
-    packs: the packed weights' copies (the "packed" product; one PackedWeights per model); None:
-    no copies are made, and "packed" runs as "onednn" on the weight in place."""
+    packs: the weights' copies (the "packed" and "tiled" products; one PackedWeights per model);
+    None: no copies are made, and both run as "onednn" on the weight in place."""
 
     def __init__(self, ways: int, table: dict[tuple[int, int], list[str]], packs: PackedWeights | None = None):
         self.ways, self.table, self.packs = ways, table, packs
@@ -134,6 +167,10 @@ class LinearRoutes:
         if choice is None or rows < 1:
             return "linear"
         return choice[min(bisect.bisect_left(ROW_BUCKETS, rows), len(ROW_BUCKETS) - 1)]
+
+    def copy_kinds(self) -> set[str]:
+        """The kinds of weight copy (PackedWeights.KINDS) some route of the table runs on."""
+        return {p for choice in self.table.values() for p in choice if p in PackedWeights.KINDS}
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
@@ -156,9 +193,10 @@ def measure(N: int, K: int, ways: int, reps: int = 7) -> list[str]:
     copies = max(1, min(16, (32 << 20) // (4 * N * K)))
     ws = [torch.randn(N, K) for _ in range(copies)]
     packs = PackedWeights()
-    if _PACKED:
-        for w in ws:
-            packs.get(w)  # packing is once per weight, not part of a product's time
+    for w in ws:  # copying is once per weight, not part of a product's time
+        packs.get(w, "tiled")
+        if _PACKED:
+            packs.get(w, "packed")
     turn = [0]
     out = []
     for rows in ROW_BUCKETS:
@@ -206,9 +244,9 @@ def available_memory() -> int | None:
 
 
 def may_pack(weight_bytes: int) -> bool:
-    """Whether a model may keep packed copies of `weight_bytes` of weights: LASER_CPU_PACK=1
-    always, =0 never; unset, while they take at most half of the memory still available
-    (unknown: yes). The copies double the routed weights' memory."""
+    """Whether a model may keep copies of `weight_bytes` of weights (its weights times the kinds
+    of copy its routes use): LASER_CPU_PACK=1 always, =0 never; unset, while they take at most
+    half of the memory still available (unknown: yes)."""
     forced = os.environ.get("LASER_CPU_PACK", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -221,8 +259,8 @@ def may_pack(weight_bytes: int) -> bool:
 def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: PackedWeights | None = None) -> LinearRoutes:
     """Routes for these (N, K) shapes: from $LASER_CACHE/cpu-routes.json, measuring (and
     adding) the shapes this machine has not seen. Two processes measuring at once keep the
-    file's first answer for a shape. packs: where the "packed" product keeps its copies
-    (None: "packed" runs as "onednn", see LinearRoutes)."""
+    file's first answer for a shape. packs: where the "packed" and "tiled" products keep their
+    copies (None: they run as "onednn", see LinearRoutes)."""
     from laser.model import cache_dir as default_cache
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache()

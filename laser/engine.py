@@ -11,10 +11,11 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
   linears    every nn.Linear gets a forward that, inside a LASER call on a multi-core CPU,
              runs the product laser.cpu.routes_for() measured fastest for its shape on this
              machine (once per machine, cached), and otherwise F.linear, as before. The
-             "packed" product keeps a blocked copy of each weight it runs (self.packs),
-             freed by close(), where laser.cpu.may_pack() allows the copies (at most half
-             of the memory still available, or LASER_CPU_PACK=1); otherwise it runs oneDNN
-             on the weights in place, with a warning.
+             "packed" and "tiled" products keep a copy of each weight they run (self.packs),
+             freed by close(), where laser.cpu.may_pack() allows the copies of every kind
+             the routes use (at most half of the memory still available, or
+             LASER_CPU_PACK=1); otherwise they run oneDNN on the weights in place, with a
+             warning.
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
@@ -220,7 +221,7 @@ class Engine:
         for m in self._linears:
             m.forward = _linear_forward.__get__(m)
         self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
-        self.packs = PackedWeights()  # the "packed" product's weight copies, shared by every thread count
+        self.packs = PackedWeights()  # the "packed" and "tiled" products' weight copies, shared by every thread count
 
     def routes(self) -> LinearRoutes | None:
         """The CPU linear routes at the current thread count (None on a GPU or one thread)."""
@@ -231,12 +232,15 @@ class Engine:
             weights = {id(m.weight): m.weight for m in self._linears if m.weight.dim() == 2}
             shapes = {tuple(w.shape) for w in weights.values()}
             size = sum(w.numel() * w.element_size() for w in weights.values())
-            packs = self.packs if may_pack(size) else None
-            if packs is None:
-                warnings.warn(f"LASER: no packed CPU copies of this model's {size / 2**30:.1f} GiB of linear weights "
-                              "(they would take more than half of the free memory, or LASER_CPU_PACK=0): "
-                              "those linears run oneDNN on the weights in place", RuntimeWarning, stacklevel=3)
-            self._routes[threads] = routes_for(shapes, 2 * threads, packs=packs)
+            routes = routes_for(shapes, 2 * threads, packs=self.packs)
+            kinds = routes.copy_kinds()
+            if kinds and not may_pack(size * len(kinds)):
+                warnings.warn(f"LASER: no CPU copies ({', '.join(sorted(kinds))}) of this model's {size / 2**30:.1f} GiB "
+                              "of linear weights (they would take more than half of the free memory, or "
+                              "LASER_CPU_PACK=0): those linears run oneDNN on the weights in place",
+                              RuntimeWarning, stacklevel=3)
+                routes.packs = None
+            self._routes[threads] = routes
         return self._routes[threads]
 
     def close(self) -> None:

@@ -254,8 +254,8 @@ def test_calibrated_cost_curve_drives_budget():
 
 # ---------------------------------------------------------------- CPU split linears
 
-# split: 1-4 rows weight-major bmm, 5 and up row-major; onednn; packed; linear (laser/cpu.py)
-@pytest.mark.parametrize("product", ["split", "onednn", "packed", "linear"])
+# split: 1-4 rows weight-major bmm, 5 and up row-major; onednn; packed; tiled; linear (laser/cpu.py)
+@pytest.mark.parametrize("product", ["split", "onednn", "packed", "tiled", "linear"])
 @pytest.mark.parametrize("rows,bias", [(1, False), (3, True), (4, False), (5, True), (33, False)])
 def test_every_cpu_product_equals_linear(rows, bias, product):
     from laser.cpu import PackedWeights, split_linear
@@ -269,33 +269,95 @@ def test_every_cpu_product_equals_linear(rows, bias, product):
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not laser.cpu._PACKED, reason="this torch has no oneDNN weight packing")
-def test_packed_weights_follow_their_weight():
-    """A packed copy is made once per weight, made again after the weight changes in place or
+@pytest.mark.parametrize("kind", ["packed", "tiled"])
+def test_weight_copies_follow_their_weight(kind):
+    """A copy is made once per weight and kind, made again after the weight changes in place or
     its data is replaced, and freed with the weight (or by clear())."""
     import gc
 
     from laser.cpu import PackedWeights, split_linear
 
+    if kind == "packed" and not laser.cpu._PACKED:
+        pytest.skip("this torch has no oneDNN weight packing")
     packs = PackedWeights()
     lin = torch.nn.Linear(24, 40, bias=False)
     x = torch.randn(3, 24)
     with torch.no_grad():
-        first = packs.get(lin.weight)
-        assert packs.get(lin.weight) is first and len(packs) == 1
+        first = packs.get(lin.weight, kind)
+        assert packs.get(lin.weight, kind) is first and len(packs) == 1
         lin.weight.mul_(2)  # in place: the version counter moves
-        torch.testing.assert_close(split_linear(x, lin.weight, None, 4, "packed", packs), x @ lin.weight.t())
-        assert packs.get(lin.weight) is not first
+        torch.testing.assert_close(split_linear(x, lin.weight, None, 4, kind, packs), x @ lin.weight.t())
+        assert packs.get(lin.weight, kind) is not first
         lin.weight.data = torch.randn(40, 24)  # new storage, same Parameter
-        torch.testing.assert_close(split_linear(x, lin.weight, None, 4, "packed", packs), x @ lin.weight.t())
+        torch.testing.assert_close(split_linear(x, lin.weight, None, 4, kind, packs), x @ lin.weight.t())
     w = torch.randn(8, 24)
-    packs.get(w)
+    packs.get(w, kind)
     assert len(packs) == 2
     del w
     gc.collect()
     assert len(packs) == 1, "a dead weight's copy goes with it"
     packs.clear()
     assert len(packs) == 0
+
+
+def _isas():
+    """The tiled kernels this CPU runs: its best and every one below it (generic runs anywhere)."""
+    order = ["avx512", "avx2", "generic"]
+    return order[order.index(laser._C.tiled_isa()):]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_tiled_product_equals_linear_on_every_kernel(isa):
+    """laser._C.tiled_linear over tile_weight's copy equals x @ w.T + b for every row count
+    around the kernel's rows per pass (12 / 3 / 1), features that are not a whole block (32),
+    odd K, any thread count; rows = 0 gives an empty result."""
+    from laser import _C
+
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernel")
+    g = torch.Generator().manual_seed(0)
+    for N, K in [(1, 1), (33, 7), (64, 24), (100, 129)]:
+        w = torch.randn(N, K, generator=g)
+        b = torch.randn(N, generator=g)
+        tiled = np.empty(_C.tiled_size(N, K), dtype=np.float32)
+        _C.tile_weight(w.numpy(), tiled, threads=2)
+        for M in (0, 1, 2, 3, 4, 11, 12, 13, 25):
+            x = torch.randn(M, K, generator=g)
+            for bias, threads in ((None, 1), (b, 2), (b, 3)):
+                y = np.full((M, N), np.nan, dtype=np.float32)
+                _C.tiled_linear(x.numpy(), tiled, N, None if bias is None else bias.numpy(), y, threads=threads, isa=isa)
+                torch.testing.assert_close(torch.from_numpy(y), torch.nn.functional.linear(x, w, bias),
+                                           rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_product_refuses_bad_arrays():
+    """Wrong dtypes, layouts and shapes are refused with the argument named, never copied or
+    read out of bounds; an ISA the CPU lacks or an unknown one is refused by name."""
+    from laser import _C
+
+    w = np.ones((40, 24), dtype=np.float32)
+    tiled = np.empty(_C.tiled_size(40, 24), dtype=np.float32)
+    _C.tile_weight(w, tiled)
+    x, y = np.ones((3, 24), dtype=np.float32), np.empty((3, 40), dtype=np.float32)
+    with pytest.raises(TypeError):
+        _C.tiled_linear(x.astype(np.float64), tiled, 40, None, y)
+    with pytest.raises(TypeError):
+        _C.tiled_linear(np.asfortranarray(np.ones((3, 24), dtype=np.float32)), tiled, 40, None, y)
+    with pytest.raises(ValueError, match="tiled must be"):  # another block count (N is not stored: 33-64 share one)
+        _C.tiled_linear(x, tiled, 65, None, np.empty((3, 65), dtype=np.float32))
+    with pytest.raises(ValueError, match="tiled must be"):
+        _C.tiled_linear(np.ones((3, 25), dtype=np.float32), tiled, 40, None, y)
+    with pytest.raises(ValueError, match="out must be"):
+        _C.tiled_linear(x, tiled, 40, None, np.empty((2, 40), dtype=np.float32))
+    with pytest.raises(ValueError, match="bias must be"):
+        _C.tiled_linear(x, tiled, 40, np.ones(39, dtype=np.float32), y)
+    with pytest.raises(ValueError, match="x must have 2"):
+        _C.tiled_linear(np.ones(24, dtype=np.float32), tiled, 40, None, y)
+    with pytest.raises(ValueError, match="out must hold"):
+        _C.tile_weight(w, np.empty(10, dtype=np.float32))
+    with pytest.raises(ValueError, match="'sse9'"):
+        _C.tiled_linear(x, tiled, 40, None, y, isa="sse9")
+    assert _C.tiled_isa() in ("avx512", "avx2", "generic")
 
 
 def test_split_linear_leaves_other_shapes_to_torch():
@@ -334,7 +396,8 @@ def test_routes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
     torch.testing.assert_close(again.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypatch):
+@pytest.mark.parametrize("kind", ["packed", "tiled"])
+def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypatch, kind):
     """Inside engine.active() a tiny Llama's linears take the measured CPU routes (same logits
     up to fp32 order); outside they run F.linear, bit-identical to the unprepared model; close()
     gives the model back (class forwards, its own attention implementation), even after an error."""
@@ -347,8 +410,9 @@ def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypa
     calls = []
     real = LinearRoutes.linear
     monkeypatch.setattr(LinearRoutes, "linear", lambda self, *a: calls.append(1) or real(self, *a))
-    if laser.cpu._PACKED:  # every linear on its packed copy
-        monkeypatch.setattr(LinearRoutes, "product", lambda self, N, K, rows: "packed")
+    copies = kind == "tiled" or laser.cpu._PACKED
+    if copies:  # every linear on its copy of this kind
+        monkeypatch.setattr(LinearRoutes, "product", lambda self, N, K, rows: kind)
     try:
         ids = [torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 3, 9)]
         plain = [model(input_ids=x).logits for x in ids]
@@ -358,27 +422,32 @@ def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypa
         for x, want in zip(ids, plain):
             assert torch.equal(model(input_ids=x).logits, want), "outside a LASER call: the model as it was"
             assert not calls
-            with engine.active():
+            with torch.no_grad(), engine.active():  # as LASER runs its forwards
                 torch.testing.assert_close(model(input_ids=x).logits, want, rtol=1e-4, atol=1e-5)
             assert len(calls) == len(linears)
+            calls.clear()
+            with engine.active():  # with autograd on, a product that keeps no graph leaves it to torch
+                got = model(input_ids=x).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert got.requires_grad
             calls.clear()
         with pytest.raises(RuntimeError, match="boom"), engine.active():
             raise RuntimeError("boom")
         assert torch.equal(model(input_ids=ids[0]).logits, plain[0]) and not calls, "the error left the call"
         packs = engine.packs
-        assert len(packs) == (len({id(m.weight) for m in linears}) if laser.cpu._PACKED else 0)
+        assert len(packs) == (len({id(m.weight) for m in linears}) if copies else 0)
         engine.close()
-        assert len(packs) == 0, "close() frees the packed copies"
+        assert len(packs) == 0, "close() frees the copies"
         assert not any("forward" in m.__dict__ for m in linears)
         assert model.config._attn_implementation == "sdpa"
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("how", ["memory", "env"])
-def test_engine_keeps_no_packed_copies_without_the_memory(monkeypatch, how):
-    """Where the packed copies would take more than half of the free memory (or LASER_CPU_PACK=0),
-    the engine warns once and its "packed" routes run oneDNN on the weights in place: no copy,
+@pytest.mark.parametrize("how,kind", [("memory", "packed"), ("env", "packed"), ("memory", "tiled")])
+def test_engine_keeps_no_copies_without_the_memory(monkeypatch, how, kind):
+    """Where the weight copies would take more than half of the free memory (or LASER_CPU_PACK=0),
+    the engine warns once and its "packed"/"tiled" routes run oneDNN on the weights in place: no copy,
     the same logits up to fp32 order. LASER_CPU_PACK=1 packs whatever the memory; other values
     are refused, naming the variable."""
     import laser.cpu as cpu
@@ -389,7 +458,8 @@ def test_engine_keeps_no_packed_copies_without_the_memory(monkeypatch, how):
         monkeypatch.delenv("LASER_CPU_PACK", raising=False)
     else:
         monkeypatch.setenv("LASER_CPU_PACK", "0")
-    monkeypatch.setattr(LinearRoutes, "product", lambda self, N, K, rows: "packed")
+    monkeypatch.setattr(LinearRoutes, "product", lambda self, N, K, rows: kind)
+    monkeypatch.setattr(LinearRoutes, "copy_kinds", lambda self: {kind})
     model = tiny("llama", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, 2))
@@ -397,7 +467,7 @@ def test_engine_keeps_no_packed_copies_without_the_memory(monkeypatch, how):
         x = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(9))
         want = model(input_ids=x).logits
         engine = laser.Engine(model)
-        with pytest.warns(RuntimeWarning, match="no packed CPU copies"), engine.active():
+        with pytest.warns(RuntimeWarning, match=f"no CPU copies \\({kind}\\)"), engine.active():
             got = model(input_ids=x).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert engine.routes().packs is None and len(engine.packs) == 0

@@ -1,0 +1,63 @@
+// The tiled product's kernel (see linear.h), written once with GCC/Clang vector types and
+// compiled per instruction set: each including file defines LASER_ISA (a namespace name),
+// VEC (floats per register: 16 AVX-512, 8 AVX2, 4 SSE) and MAX_ROWS (rows per pass: as
+// many as keep MAX_ROWS * TILE / VEC accumulators in registers) and is built with that
+// ISA's flags (CMakeLists.txt). Nothing escapes its namespace, so the builds never mix.
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "linear.h"
+
+namespace laser {
+namespace LASER_ISA {
+
+typedef float vec __attribute__((vector_size(VEC * sizeof(float))));  // one register
+constexpr int NV = TILE / VEC;  // registers per row of a block
+static_assert(TILE % VEC == 0, "a block is whole registers");
+
+// One block of TILE output features for R rows: y[r, n0 : n0 + TILE] (clipped at N).
+template <int R>
+static void block(const float* x, int64_t K, const float* wb, float* y, int64_t N, int64_t n0, const float* bias) {
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
+  for (int64_t k = 0; k < K; ++k)
+    for (int v = 0; v < NV; ++v) {
+      vec w;
+      std::memcpy(&w, wb + k * TILE + v * VEC, sizeof(vec));
+      for (int r = 0; r < R; ++r) acc[r][v] += w * x[r * K + k];
+    }
+  const int64_t width = std::min<int64_t>(TILE, N - n0);
+  for (int r = 0; r < R; ++r) {
+    float out[TILE];
+    std::memcpy(out, acc[r], sizeof(out));
+    if (bias)
+      for (int64_t j = 0; j < width; ++j) out[j] += bias[n0 + j];
+    std::memcpy(y + r * N + n0, out, width * sizeof(float));
+  }
+}
+
+template <int... R>
+struct Blocks {
+  using fn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, const float*);
+  static constexpr fn table[] = {nullptr, block<R>...};  // table[r]: r rows
+};
+
+template <int... I>
+static constexpr auto blocks_upto(std::integer_sequence<int, I...>) { return Blocks<(I + 1)...>{}; }
+
+void linear(const float* x, int64_t M, int64_t K, const float* tiled, int64_t N, const float* bias, float* y,
+            int threads) {
+  using B = decltype(blocks_upto(std::make_integer_sequence<int, MAX_ROWS>{}));
+  const int64_t nb = (N + TILE - 1) / TILE;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+      const int r = static_cast<int>(std::min<int64_t>(MAX_ROWS, M - m0));
+      B::table[r](x + m0 * K, K, tiled + b * TILE * K, y + m0 * N, N, b * TILE, bias);
+    }
+}
+
+}  // namespace LASER_ISA
+}  // namespace laser
