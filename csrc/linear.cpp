@@ -43,7 +43,8 @@ void tile_weight(const float* w, int64_t N, int64_t K, float* out, int threads) 
 
 void tiled_linear(const float* x, int64_t M, int64_t K, const float* tiled, int64_t N, const float* bias, float* y,
                   int threads, const std::string& isa) {
-  const std::string use = isa.empty() ? tiled_isa() : isa;
+  static const std::string best = tiled_isa();
+  const std::string& use = isa.empty() ? best : isa;
   if (!has(use)) throw std::invalid_argument("tiled_linear: this CPU cannot run the '" + use + "' kernel");
   if (M < 0 || K < 1 || N < 1 || threads < 1) throw std::invalid_argument("tiled_linear: needs M >= 0, K, N, threads >= 1");
 #if defined(__x86_64__) && defined(LASER_X86_KERNELS)
