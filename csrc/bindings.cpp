@@ -319,7 +319,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("tile_weight", &tile_weight, py::arg("w").noconvert(), py::arg("out").noconvert(), py::arg("threads") = 1,
         "Lay an [N, K] float32 weight out for tiled_linear into out [tiled_size(N, K)].");
   m.def("tiled_linear", &tiled_linear, py::arg("x").noconvert(), py::arg("tiled").noconvert(), py::arg("N"),
-        py::arg("bias").noconvert() = py::none(), py::arg("out").noconvert(), py::arg("threads") = 1,
+        py::arg("bias").noconvert().none(true), py::arg("out").noconvert(), py::arg("threads") = 1,
         py::arg("isa") = "",
         "out [M, N] = x [M, K] @ w.T (+ bias [N]) from tile_weight's copy of w; isa: '' (the best this CPU runs), "
         "'avx512', 'avx2' or 'generic'.");

@@ -111,3 +111,17 @@ def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, confidence: fl
     """Cut trees verified in one forward to their first best-first nodes: one b for all (padded), or
     one per tree with nodes taken across trees by chance (ragged). None: idle rows."""
     ...
+
+# The tiled CPU product (csrc/linear.h): float32, C-contiguous arrays, never converted.
+def tiled_size(N: int, K: int) -> int: ...  # floats in tile_weight's copy of an [N, K] weight
+def tile_weight(w: npt.NDArray[np.float32], out: npt.NDArray[np.float32], threads: int = 1) -> None: ...  # [N, K] -> [tiled_size]
+def tiled_linear(
+    x: npt.NDArray[np.float32],  # [M, K]
+    tiled: npt.NDArray[np.float32],  # tile_weight's copy of w [N, K]
+    N: int,
+    bias: npt.NDArray[np.float32] | None,  # [N]
+    out: npt.NDArray[np.float32],  # [M, N], written: x @ w.T (+ bias)
+    threads: int = 1,
+    isa: str = "",  # "" (the best this CPU runs), "avx512", "avx2" or "generic"
+) -> None: ...
+def tiled_isa() -> str: ...  # "avx512", "avx2" or "generic"

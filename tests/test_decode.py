@@ -355,6 +355,10 @@ def test_tiled_product_refuses_bad_arrays():
         _C.tiled_linear(np.ones(24, dtype=np.float32), tiled, 40, None, y)
     with pytest.raises(ValueError, match="out must hold"):
         _C.tile_weight(w, np.empty(10, dtype=np.float32))
+    frozen = np.empty((3, 40), dtype=np.float32)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        _C.tiled_linear(x, tiled, 40, None, frozen)
     with pytest.raises(ValueError, match="'sse9'"):
         _C.tiled_linear(x, tiled, 40, None, y, isa="sse9")
     assert _C.tiled_isa() in ("avx512", "avx2", "generic")
