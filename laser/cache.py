@@ -49,6 +49,9 @@ class _Layer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         """key_states [b, H, q, D]: a prefill of the `filling` rows, or every active row's block."""
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            # written in place, the buffers would chain every forward's graph (and its tensors) for good
+            raise RuntimeError("TreeCache keeps no autograd graph: run the forwards that use it under torch.no_grad()")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         c = self.owner

@@ -97,6 +97,11 @@ def test_tree_cache_is_allocated_once_and_written_in_place(monkeypatch):
     cache.begin_block()
     with pytest.raises(RuntimeError, match="capacity"):
         cache.update(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
+    tracked = torch.zeros(1, 1, 1, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no_grad"):  # its in-place buffers would keep every graph alive
+        cache.update(tracked, tracked, 0)
+    with torch.no_grad():
+        cache.update(tracked, tracked, 0)
 
 
 def test_cut_trees_is_the_drafts_own_cut_and_one_budget_for_a_batch():
