@@ -14,8 +14,8 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              "packed" and "tiled" products keep a copy of each weight they run (self.packs),
              freed by close(), where laser.cpu.may_pack() allows the copies of every kind
              the routes use (at most half of the memory still available, or
-             LASER_CPU_PACK=1); otherwise they run oneDNN on the weights in place, with a
-             warning.
+             LASER_CPU_PACK=1); where only one kind fits, every such route runs "tiled";
+             where none does, they run oneDNN on the weights in place, with a warning.
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
@@ -234,6 +234,8 @@ class Engine:
             size = sum(w.numel() * w.element_size() for w in weights.values())
             routes = routes_for(shapes, 2 * threads, packs=self.packs)
             kinds = routes.copy_kinds()
+            if len(kinds) > 1 and not may_pack(size * len(kinds)) and may_pack(size):
+                routes, kinds = routes.one_copy("tiled"), {"tiled"}  # the rows of decode steps win
             if kinds and not may_pack(size * len(kinds)):
                 warnings.warn(f"LASER: no CPU copies ({', '.join(sorted(kinds))}) of this model's {size / 2**30:.1f} GiB "
                               "of linear weights (they would take more than half of the free memory, or "

@@ -485,6 +485,37 @@ def test_engine_keeps_no_copies_without_the_memory(monkeypatch, how, kind):
         cpu.may_pack(1)
 
 
+def test_engine_keeps_one_copy_kind_where_only_one_fits(monkeypatch):
+    """Routes that use both copy kinds ("packed" for long prefills, "tiled" for decode steps) keep
+    one copy per weight, all "tiled", where the memory holds one kind but not two; the logits
+    stay those of F.linear up to fp32 order."""
+    import laser.cpu as cpu
+    from laser.cpu import LinearRoutes
+
+    model = tiny("llama", 2)
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    size = sum(w.numel() * 4 for w in weights.values())
+    monkeypatch.delenv("LASER_CPU_PACK", raising=False)
+    monkeypatch.setattr(cpu, "available_memory", lambda: 3 * size)  # one kind fits (2x <= 3x), two do not (4x)
+    both = lambda shapes, ways, packs=None: LinearRoutes(  # noqa: E731
+        ways, {s: ["tiled"] * 5 + ["packed"] * 5 for s in shapes}, packs)
+    monkeypatch.setattr(laser.engine, "routes_for", both)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        x = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(40))  # 40 rows: a "packed" bucket
+        want = model(input_ids=x).logits
+        engine = laser.Engine(model)
+        routes = engine.routes()
+        assert routes.copy_kinds() == {"tiled"} and routes.packs is engine.packs
+        with torch.no_grad(), engine.active():
+            torch.testing.assert_close(model(input_ids=x).logits, want, rtol=1e-4, atol=1e-5)
+        assert len(engine.packs) == len(weights), "one copy per weight"
+        engine.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_threads_decode_on_one_model_while_hf_generates():
     """Two threads run laser.generate on one model at once (strict, relaxed), a third runs HF
     greedy on it: each gets what it gets alone. The preparation is shared, the calls are not."""
