@@ -1,4 +1,4 @@
-"""Forwards on a multi-core CPU: each linear routed to the fastest fp32 product for its shape,
+"""Forwards on a CPU: each linear routed to the fastest fp32 product for its shape,
 as measured on this machine.
 
 At the row counts LASER runs (one pending token plus a small tree, B such rows, or a

@@ -400,8 +400,8 @@ def test_routes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
     torch.testing.assert_close(again.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["packed", "tiled"])
-def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypatch, kind):
+@pytest.mark.parametrize("kind,threads", [("packed", 2), ("tiled", 2), ("tiled", 1)])
+def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypatch, kind, threads):
     """Inside engine.active() a tiny Llama's linears take the measured CPU routes (same logits
     up to fp32 order); outside they run F.linear, bit-identical to the unprepared model; close()
     gives the model back (class forwards, its own attention implementation), even after an error."""
@@ -409,8 +409,8 @@ def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypa
 
     model = tiny("llama", 0)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, 2))  # routing is for multi-core CPUs
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # one thread is routed too (Ray workers of one thread each)
     calls = []
     real = LinearRoutes.linear
     monkeypatch.setattr(LinearRoutes, "linear", lambda self, *a: calls.append(1) or real(self, *a))
@@ -445,7 +445,7 @@ def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypa
         assert not any("forward" in m.__dict__ for m in linears)
         assert model.config._attn_implementation == "sdpa"
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("how,kind", [("memory", "packed"), ("env", "packed"), ("memory", "tiled")])
