@@ -59,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
     ap.add_argument("--deep", action="store_true", help="also the acceptance model with a depth-32 pool, depth-30 drafts")
     args = ap.parse_args(argv)
-    from laser.job import JOB_DRAFT_ACCEPTANCE
+    from laser.job import JOB_DRAFT, JOB_DRAFT_ACCEPTANCE
 
     torch.manual_seed(0)
     model, tok = laser.load_model(device=args.device)
@@ -71,13 +71,14 @@ def main(argv=None):
     prompts = [chat_ids(tok, user_prompt(ds, u)) for u in eval_users]
     ctx_len = int(np.mean([len(p) for p in prompts]))
     cost_at = {B: laser.calibrate(model, context_len=ctx_len, sizes=(0, 1, 2, 4, 8, 16, 32), batch=B) for B in set(args.batch) | {8}}
-    cfg_at = {B: laser.DraftConfig(budget=32, max_depth=10, cost=c) for B, c in cost_at.items()}
+    # strict / relaxed: drafting by pool shares, as `laser generate` without --acceptance
+    cfg_at = {B: laser.DraftConfig(budget=32, max_depth=10, cost=c, **JOB_DRAFT) for B, c in cost_at.items()}
     pools, am_rows = {}, {}  # by mode: the depth-12 pool; the acceptance rows' (pool, drafting)
     for mode in ("strict", "relaxed"):
         pool = pools[mode] = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
         warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
         texts = [r.tokens for r in generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, mode=mode,
-                                                  draft=cfg_at[8])]
+                                                  draft=cfg_at[8], acceptance=None)]
         print(f"{mode} pool warmed with {len(warm)} users' {mode} texts: {len(pool)} nodes")
         deep_pool = laser.RetrievalPool(max_depth=32, vocab_size=len(tok))
         for t in texts:
@@ -89,7 +90,7 @@ def main(argv=None):
         hf_batched(model, tok, prompts[:B], B, 8)
         for mode in ("strict", "relaxed"):
             list(generate_batch(model, [Request(p, pools[mode]) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
-                                mode=mode, draft=cfg_at[B], update_pool=False))
+                                mode=mode, draft=cfg_at[B], update_pool=False, acceptance=None))
     no_drafts = laser.DraftConfig(budget=0, prompt_weight=0)
     modes = ("none", "strict", "relaxed") + (("strict_am", "relaxed_am") if args.acceptance or args.deep else ()) + (
         ("strict_deep", "relaxed_deep") if args.deep else ())

@@ -4,13 +4,15 @@
 
 Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER with no drafts
 (its own forward, one token per step: what the faster CPU forward alone gives), LASER
-strict, LASER relaxed (k=2, p=0.1). Each mode's shared pool is warmed with the knowledge texts the
+strict, LASER relaxed (k=2, p=0.1), both drafting by pool shares (acceptance=None, the paper's
+drafting and `laser generate`'s without --acceptance). Each mode's shared pool is warmed with the knowledge texts the
 model wrote in that mode for *other* users, as that mode's job pools hold (strict: LASER strict,
 which equals greedy; relaxed: LASER relaxed). Prints, per
 method, tokens/s, the ratio to greedy (total and median per prompt) and the mean number
-of tokens committed per step. --acceptance adds LASER strict and relaxed drafting with an
-AcceptanceModel (min_match 1, 3 match levels, draft depth 30 over depth-32 pools), each
-mode's model learned online from its own warm-up texts on.
+of tokens committed per step. --acceptance adds LASER strict and relaxed drafting as
+laser.generate does by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens,
+3 levels), at draft depth 30 over depth-32 pools, each mode's model learned online from its
+own warm-up texts on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
     args = ap.parse_args(argv)
+    from laser.job import JOB_DRAFT
 
     torch.manual_seed(0)
     model, tok = laser.load_model(device=args.device)
@@ -55,9 +58,10 @@ def main(argv=None):
     cost = laser.calibrate(model, context_len=int(np.mean([len(p) for p in prompts.values()])),
                            sizes=(0, 1, 2, 4, 8, 16, 32, 64))
     print("verify cost (ms) for 0/1/2/4/8/16/32/64 nodes:", " ".join(f"{cost[b] * 1e3:.0f}" for b in (0, 1, 2, 4, 8, 16, 32, 64)))
-    cfg = laser.DraftConfig(budget=args.budget, max_depth=10, cost=cost)
+    # strict / relaxed: drafting by pool shares (acceptance=None), as `laser generate` without --acceptance
+    cfg = laser.DraftConfig(budget=args.budget, max_depth=10, cost=cost, **JOB_DRAFT)
 
-    am_cfg = laser.DraftConfig(budget=args.budget, max_depth=30, min_match=1, match_levels=3, cost=cost)
+    am_cfg = laser.DraftConfig(budget=args.budget, max_depth=30, cost=cost)
     models = {"strict": laser.AcceptanceModel(), "relaxed": laser.AcceptanceModel()} if args.acceptance else {}
     # depth 32 holds the deep contexts the acceptance rows draft from; the others draft as before
     pools = {}
@@ -82,7 +86,8 @@ def main(argv=None):
         rows["hf_prompt_lookup"]["tokens"].append(len(pl)); rows["hf_prompt_lookup"]["time"].append(dt)
         # LASER's own forward (same linears and attention) with no drafts: one token per step
         t = time.perf_counter()
-        out = laser.generate(model, ids, max_new_tokens=args.new, draft=laser.DraftConfig(budget=0, prompt_weight=0))
+        out = laser.generate(model, ids, max_new_tokens=args.new, draft=laser.DraftConfig(budget=0, prompt_weight=0),
+                             acceptance=None)
         r = rows["laser_no_drafts"]
         r["tokens"].append(out.stats.new_tokens); r["time"].append(time.perf_counter() - t); r["per_step"].append(1.0)
         for mode, name in [("strict", ""), ("relaxed", "")] + [(m, "_am") for m in models]:

@@ -59,9 +59,8 @@ py::array_t<T> view(const T* data, std::vector<py::ssize_t> shape, py::handle ow
 }
 
 DraftParams params(int32_t budget, int32_t max_depth, int32_t min_match, int32_t max_match,
-                   const py::object& cost, double confidence, py::object& keep) {
+                   const py::object& cost, py::object& keep) {
   DraftParams p;
-  p.confidence = confidence;
   p.budget = budget;
   p.max_depth = max_depth;
   p.min_match = min_match;
@@ -103,7 +102,7 @@ double float_arg(PyObject* o, const char* name, double dflt) {
 }
 
 // a = [context, budget, max_depth (already resolved into `max_depth`), min_match, max_match,
-// cost, confidence, acceptance, sources, min_chance, match_levels, min_nodes]: the arguments after the pools, as
+// cost, acceptance, sources, min_chance, match_levels, min_nodes]: the arguments after the pools, as
 // bind_args() left them.
 DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_pools, PyObject* const* a,
                     int32_t max_depth) {
@@ -112,21 +111,20 @@ DraftTree run_draft(const Pool* const* pools, const double* weights, size_t n_po
     if (!(weights[i] > 0.0)) throw py::value_error("pool weights must be positive");
   py::object keep;  // owner of the cost buffer, if any
   DraftParams p = params(int_arg(a[1], "budget", 32), max_depth, int_arg(a[3], "min_match", 2),
-                         int_arg(a[4], "max_match", 4), py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None),
-                         float_arg(a[6], "confidence", 1.0), keep);
+                         int_arg(a[4], "max_match", 4), py::reinterpret_borrow<py::object>(a[5] ? a[5] : Py_None), keep);
   std::vector<int32_t> sources;
-  if (a[7] && a[7] != Py_None) {
-    if (!py::isinstance<AcceptanceModel>(a[7])) throw py::type_error("acceptance must be an AcceptanceModel or None");
-    p.acceptance = &py::handle(a[7]).cast<const AcceptanceModel&>();
+  if (a[6] && a[6] != Py_None) {
+    if (!py::isinstance<AcceptanceModel>(a[6])) throw py::type_error("acceptance must be an AcceptanceModel or None");
+    p.acceptance = &py::handle(a[6]).cast<const AcceptanceModel&>();
   }
-  if (a[8] && a[8] != Py_None) {
-    sources = py::handle(a[8]).cast<std::vector<int32_t>>();
+  if (a[7] && a[7] != Py_None) {
+    sources = py::handle(a[7]).cast<std::vector<int32_t>>();
     if (sources.size() != n_pools) throw py::value_error("need one source slot per pool");
     p.sources = sources.data();
   }
-  p.min_chance = float_arg(a[9], "min_chance", 0.0);
-  p.match_levels = int_arg(a[10], "match_levels", 1);
-  p.min_nodes = int_arg(a[11], "min_nodes", 0);
+  p.min_chance = float_arg(a[8], "min_chance", 0.0);
+  p.match_levels = int_arg(a[9], "match_levels", 1);
+  p.min_nodes = int_arg(a[10], "min_nodes", 0);
   py::gil_scoped_release release;
   return laser::draft(pools, weights, int(n_pools), ctx.data(), ctx.size(), p);
 }
@@ -184,11 +182,11 @@ PyObject* guarded(F&& body) {
 
 PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static Signature sig{"draft",
-                       {"context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence", "acceptance",
+                       {"context", "budget", "max_depth", "min_match", "max_match", "cost", "acceptance",
                         "sources", "min_chance", "match_levels", "min_nodes"},
                        1};
   return guarded([&] {
-    PyObject* a[12];
+    PyObject* a[11];
     bind_args(sig, args, nargs, kwnames, a);
     const Pool* one = &py::handle(self).cast<const Pool&>();
     const double unit = 1.0;
@@ -199,11 +197,11 @@ PyObject* draft_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
 
 PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static Signature sig{"draft_union",
-                       {"pools", "weights", "context", "budget", "max_depth", "min_match", "max_match", "cost", "confidence",
-                        "acceptance", "sources", "min_chance", "match_levels", "min_nodes"},
+                       {"pools", "weights", "context", "budget", "max_depth", "min_match", "max_match", "cost", "acceptance",
+                        "sources", "min_chance", "match_levels", "min_nodes"},
                        3};
   return guarded([&] {
-    PyObject* a[14];
+    PyObject* a[13];
     bind_args(sig, args, nargs, kwnames, a);
     const auto pools = py::handle(a[0]).cast<std::vector<const Pool*>>();
     const auto weights = py::handle(a[1]).cast<std::vector<double>>();
@@ -219,23 +217,22 @@ PyObject* draft_union_function(PyObject*, PyObject* const* args, Py_ssize_t narg
 
 PyMethodDef draft_def{
     "draft", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_method)), METH_FASTCALL | METH_KEYWORDS,
-    "draft($self, /, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, confidence=1.0, "
+    "draft($self, /, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, "
     "acceptance=None, sources=None, min_chance=0.0, match_levels=1, min_nodes=0)\n--\n\n"
     "Draft tree for the longest matching suffix of `context` (max_depth 0: the pool's own)."};
 PyMethodDef draft_union_def{
     "draft_union", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&draft_union_function)),
     METH_FASTCALL | METH_KEYWORDS,
     "draft_union(pools, weights, context, budget=32, max_depth=10, min_match=2, max_match=4, cost=None, "
-    "confidence=1.0, acceptance=None, sources=None, min_chance=0.0, match_levels=1, min_nodes=0)\n--\n\n"
+    "acceptance=None, sources=None, min_chance=0.0, match_levels=1, min_nodes=0)\n--\n\n"
     "Draft from several pools at once; a node's count is the weighted sum of the pools' counts\n"
     "(with an AcceptanceModel: nodes are scored by their calibrated chance, the best pool's for a token)."};
 
 // cut_trees: a cost-aware cut of trees verified together (None entries: idle rows): one budget
 // for all (padded) or one per row (ragged).
-py::list cut_trees(const py::list& trees, const py::object& cost, double confidence, bool ragged) {
-  if (!(confidence > 0.0 && confidence <= 1.0)) throw py::value_error("confidence must be in (0, 1]");
+py::list cut_trees(const py::list& trees, const py::object& cost, bool ragged) {
   py::object keep;
-  const DraftParams p = params(0, 1, 1, 1, cost, confidence, keep);
+  const DraftParams p = params(0, 1, 1, 1, cost, keep);
   if (!p.cost) throw py::value_error("cut_trees needs a cost curve");
   std::vector<const DraftTree*> live;
   for (const py::handle& t : trees)
@@ -250,9 +247,9 @@ py::list cut_trees(const py::list& trees, const py::object& cost, double confide
   }
   std::vector<int32_t> sizes_kept;
   if (ragged) {
-    sizes_kept = laser::ragged_budgets(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len, p.confidence);
+    sizes_kept = laser::ragged_budgets(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len);
   } else {
-    const int32_t b = laser::best_budget(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len, p.confidence);
+    const int32_t b = laser::best_budget(rows.data(), sizes.data(), int(live.size()), p.cost, p.cost_len);
     sizes_kept.assign(live.size(), b);
   }
   py::list out;
@@ -351,8 +348,7 @@ PYBIND11_MODULE(_C, m) {
                ", paths=" + std::to_string(t.n_paths) + ")";
       });
 
-  m.def("cut_trees", &cut_trees, py::arg("trees"), py::arg("cost"), py::arg("confidence") = 1.0,
-        py::arg("ragged") = false,
+  m.def("cut_trees", &cut_trees, py::arg("trees"), py::arg("cost"), py::arg("ragged") = false,
         "Cut trees verified in one forward to their first best-first nodes. Padded (the forward is\n"
         "[rows, 1 + widest tree]): one b for all, the b that maximises sum over trees of (1 + expected\n"
         "accepted) / cost[b] (the cut draft() makes for one tree). ragged (the trees back to back): a b\n"

@@ -569,7 +569,7 @@ struct ScratchLease {
 }  // namespace
 
 int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
-                    int32_t cost_len, double confidence) {
+                    int32_t cost_len) {
   int32_t top = 0;
   for (int r = 0; r < rows; ++r) top = std::max(top, sizes[r]);
   top = std::min(top, cost_len - 1);
@@ -580,7 +580,7 @@ int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows,
   for (int32_t b = 0; b <= top; ++b) {
     double total = 0.0;
     for (int r = 0; r < rows; ++r) {
-      if (b > 0 && b <= sizes[r]) gain[r] += confidence * chance[r][b - 1];
+      if (b > 0 && b <= sizes[r]) gain[r] += chance[r][b - 1];
       total += gain[r];
     }
     const double score = total / cost[b];
@@ -590,7 +590,7 @@ int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows,
 }
 
 std::vector<int32_t> ragged_budgets(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
-                                    int32_t cost_len, double confidence) {
+                                    int32_t cost_len) {
   // cost of m nodes over the batch: the curve at m / rows nodes per row (linear between points)
   auto cost_at = [&](int64_t m) {
     const double x = std::min(double(m) / rows, double(cost_len - 1));
@@ -607,7 +607,7 @@ std::vector<int32_t> ragged_budgets(const double* const* chance, const int32_t* 
       if (next[r] < std::min(sizes[r], cost_len - 1) && (pick < 0 || chance[r][next[r]] > chance[pick][next[pick]]))
         pick = r;
     if (pick < 0) break;
-    gain += confidence * chance[pick][next[pick]++];
+    gain += chance[pick][next[pick]++];
     const double score = gain / cost_at(m);
     if (score > best_score) best_score = score, best = next;
   }
@@ -666,7 +666,6 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
       prm.max_match < prm.min_match)
     throw std::invalid_argument("need 0 <= budget < 2^22 - 1, max_depth >= 1, 1 <= min_match <= max_match");
   if (prm.cost && prm.cost_len < 1) throw std::invalid_argument("cost curve must not be empty");
-  if (!(prm.confidence > 0.0 && prm.confidence <= 1.0)) throw std::invalid_argument("confidence must be in (0, 1]");
   if (!(prm.min_chance >= 0.0 && prm.min_chance < 1.0)) throw std::invalid_argument("min_chance must be in [0, 1)");
   if (prm.min_nodes < 0) throw std::invalid_argument("min_nodes must be >= 0");
   if (prm.match_levels < 1) throw std::invalid_argument("match_levels must be >= 1");
@@ -846,7 +845,7 @@ DraftTree draft(const Pool* const* pools, const double* weights, int n_pools, co
     chance.resize(n);
     for (int32_t i = 0; i < n; ++i) chance[i] = cal ? sel[i].count : std::min(1.0, sel[i].count / root_count);
     const double* rows[1] = {chance.data()};
-    n = best_budget(rows, &n, 1, prm.cost, prm.cost_len, cal ? 1.0 : prm.confidence);
+    n = best_budget(rows, &n, 1, prm.cost, prm.cost_len);
   }
 
   // Flatten depth-first. Children of a node are visited in selection (best-first) order.

@@ -140,7 +140,6 @@ struct DraftParams {
   // count divided by its root count (the empirical chance that the text follows it).
   const double* cost = nullptr;
   int32_t cost_len = 0;
-  double confidence = 1.0;  // scales each node's empirical chance in the cut (uncalibrated drafts)
   // Optional acceptance model: nodes are scored by their calibrated chance (see AcceptanceModel),
   // sources[p] names pool p's source slot, and past the first min_nodes nodes (best-first) candidates
   // below min_chance never enter: a fixed floor, and above it only the likely nodes.
@@ -285,16 +284,16 @@ class Pool {
 // chance[r][i] = empirical chance that row r's text follows its node of rank i (best-first
 // order, so ranks < b form a subtree); rows are padded to the widest, so the batch pays
 // cost[b] for b nodes per row. Returns the b in [0, min(max size, cost_len - 1)] that
-// maximises sum over rows of (1 + confidence * sum_{i < min(b, size_r)} chance[r][i]) / cost[b],
+// maximises sum over rows of (1 + sum_{i < min(b, size_r)} chance[r][i]) / cost[b],
 // the first such b on ties.
 int32_t best_budget(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
-                    int32_t cost_len, double confidence);
+                    int32_t cost_len);
 // The ragged cut, for a batch whose rows' trees are verified back to back (no padding): per row,
 // how many best-first nodes to keep, taking nodes across rows by chance (best first, each row in
-// rank order) and keeping the m that maximises (rows + confidence * sum of the kept chances) /
+// rank order) and keeping the m that maximises (rows + the sum of the kept chances) /
 // cost(m / rows), the cost curve read at the mean nodes per row (linear between its points).
 std::vector<int32_t> ragged_budgets(const double* const* chance, const int32_t* sizes, int rows, const double* cost,
-                                    int32_t cost_len, double confidence);
+                                    int32_t cost_len);
 // chance[i] of tree t's node of rank i: min(1, counts / root_count), written to out[n].
 void chance_by_rank(const DraftTree& t, double* out);
 // The subtree of t's nodes with rank < b, in the same DFS order (b >= t.n: a copy).

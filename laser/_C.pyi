@@ -66,7 +66,6 @@ class RetrievalPool:
         min_match: int = 2,
         max_match: int = 4,
         cost: npt.ArrayLike | None = None,
-        confidence: float = 1.0,
         acceptance: AcceptanceModel | None = None,
         sources: Sequence[int] | None = None,  # one source slot per pool, in [0, 4)
         min_chance: float = 0.0,  # past the first min_nodes nodes (best-first)
@@ -98,7 +97,6 @@ def draft_union(
     min_match: int = 2,
     max_match: int = 4,
     cost: npt.ArrayLike | None = None,
-    confidence: float = 1.0,
     acceptance: AcceptanceModel | None = None,
     sources: Sequence[int] | None = None,
     min_chance: float = 0.0,
@@ -106,8 +104,7 @@ def draft_union(
     min_nodes: int = 0,
 ) -> DraftTree: ...
 
-def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, confidence: float = 1.0,
-              ragged: bool = False) -> list[DraftTree | None]:
+def cut_trees(trees: list[DraftTree | None], cost: npt.ArrayLike, ragged: bool = False) -> list[DraftTree | None]:
     """Cut trees verified in one forward to their first best-first nodes: one b for all (padded), or
     one per tree with nodes taken across trees by chance (ragged). None: idle rows."""
     ...

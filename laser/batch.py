@@ -17,7 +17,7 @@ __all__ = ["Request", "Result", "generate_batch"]
 def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_tokens: int = 128,
                    mode: str = "strict", top_k: int = 2, min_prob: float = 0.1, eos_token_id="auto",
                    update_pool: bool = True, draft: DraftConfig | None = None, use_kernels: bool | None = None,
-                   logits_processor=None, stopping_criteria=None, acceptance=None,
+                   logits_processor=None, stopping_criteria=None, acceptance="auto",
                    learn_into=None) -> Iterator[Result]:
     """Decode all requests, `batch_size` rows at a time, refilling rows as they finish.
 
@@ -30,6 +30,7 @@ def generate_batch(model, requests: list[Request], batch_size: int = 8, max_new_
     cfg = draft or DraftConfig()
     accept = AcceptConfig(mode, top_k, min_prob)
     engine = Engine.of(model)
+    acceptance = engine.acceptance(acceptance, accept)
     prompts = [engine.check(r.input_ids, max_new_tokens, cfg) for r in requests]
     pools = [shared_pools(r.pool) for r in requests]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

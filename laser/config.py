@@ -1,8 +1,10 @@
 """The decode engine's configuration: what to draft (DraftConfig) and what to accept (AcceptConfig).
 
 Both are validated when built, so a bad value fails at the call that passes it, naming the
-field. DraftConfig's defaults are those of RetrievalPool.draft / draft_union in csrc/
-(tests/test_pool.py checks that they agree).
+field. DraftConfig's defaults are the drafting the decoder scores with an AcceptanceModel (laser.generate's
+default; the job's `--acceptance`); RetrievalPool.draft / draft_union's own defaults are the
+uncalibrated drafting by pool shares (acceptance=None; the job without `--acceptance`).
+tests/test_pool.py checks both against laser.job's pinned settings.
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ SHARED, OWN, GLOBAL = 0, 1, 2  # the request's group pool, its own prompt and ou
 class DraftConfig:
     budget: int = 32  # hard cap on tree nodes per step
     max_depth: int = 10  # cap on draft depth below the context
-    # Shortest context suffix a draft may start from. A 1-token suffix is a weak context: its
-    # trees were accepted at about half the rate the pool counts predict, so the cost cut
-    # kept trees that did not pay (benchmarks/HISTORY.md: min_match 2 over 1).
-    min_match: int = 2
-    max_match: int = 4
+    # Context suffixes drafted from: lengths min_match ... max_match (with an AcceptanceModel,
+    # each pool's match_levels longest; without one, its longest). The acceptance model scores a
+    # node by the context length its parent stands for, so 1-token matches enter only where they
+    # are accepted. Drafting by pool shares (acceptance=None) trusts every match alike: use
+    # min_match 2 and max_match 4 there (the pool's own defaults; 1-token matches were accepted
+    # at half the rate their shares predict, benchmarks/HISTORY.md).
+    min_match: int = 1
+    max_match: int = 8
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each step's trees (see calibrate)
-    confidence: float = 1.0  # scales the pool's chances in the cost cut, in (0, 1] (drafts without an AcceptanceModel)
-    # With an AcceptanceModel (generate(..., acceptance=)): past the first min_nodes nodes
-    # (best-first), nodes whose calibrated chance is below min_chance are not drafted, and each
-    # pool drafts from its match_levels longest matches. min_nodes < budget with min_chance > 0:
-    # every step drafts at least min_nodes nodes, and up to budget where the chances stay high.
+    # With an AcceptanceModel: past the first min_nodes nodes (best-first), nodes whose calibrated
+    # chance is below min_chance are not drafted. min_nodes < budget with min_chance > 0: every
+    # step drafts at least min_nodes nodes, and up to budget where the chances stay high.
     min_chance: float = 0.0
-    match_levels: int = 1
+    match_levels: int = 3
     min_nodes: int = 0
 
     def __post_init__(self):
@@ -49,8 +52,6 @@ class DraftConfig:
             raise ValueError(f"DraftConfig: need 1 <= min_match <= max_match, got {self.min_match} and {self.max_match}")
         if not self.prompt_weight >= 0:
             raise ValueError(f"DraftConfig.prompt_weight must be >= 0, got {self.prompt_weight!r}")
-        if not 0 < self.confidence <= 1:
-            raise ValueError(f"DraftConfig.confidence must be in (0, 1], got {self.confidence!r}")
         if not 0 <= self.min_chance < 1:
             raise ValueError(f"DraftConfig.min_chance must be in [0, 1), got {self.min_chance!r}")
         if self.match_levels < 1:
@@ -68,7 +69,7 @@ class DraftConfig:
             return NotImplemented
         same_cost = (self.cost is None and other.cost is None) or (
             self.cost is not None and other.cost is not None and np.array_equal(self.cost, other.cost))
-        fields = ("budget", "max_depth", "min_match", "max_match", "prompt_weight", "confidence", "min_chance",
+        fields = ("budget", "max_depth", "min_match", "max_match", "prompt_weight", "min_chance",
                   "match_levels", "min_nodes")
         return same_cost and all(getattr(self, f) == getattr(other, f) for f in fields)
 

@@ -46,7 +46,7 @@ def generate(
     streamer=None,
     attention_mask=None,
     pad_token_id: int | None = None,
-    acceptance: AcceptanceModel | None = None,
+    acceptance: AcceptanceModel | str | None = "auto",
     learn_into: AcceptanceModel | None = None,
 ) -> DecodeOutput:
     """Speculative decoding with drafts from `pool` and from each request's own text.
@@ -66,14 +66,17 @@ def generate(
     every row (a step that commits several tokens is cut where it fires).
     streamer: an HF streamer (one sequence, as HF's own): it gets the prompt, then each
     step's committed tokens, then end().
-    acceptance: an AcceptanceModel: drafts are scored by its calibrated chances (with
-    draft.min_chance and draft.match_levels) and it learns from every verified tree (or
-    learn_into does, leaving acceptance as it is: drafts then do not depend on row order).
+    acceptance: the AcceptanceModel that scores drafts by calibrated chances (with
+    draft.min_chance and draft.match_levels) and learns from every verified tree (or learn_into
+    does, leaving acceptance as it is: drafts then do not depend on row order). "auto": the
+    model's engine keeps one per (mode, top_k, min_prob), learning across calls. None: drafts
+    by pool shares (the paper's uncalibrated drafting; pass DraftConfig(min_match=2, max_match=4)).
     The first call on a model prepares it (laser.engine.Engine).
     """
     cfg = draft or DraftConfig()
     accept = AcceptConfig(mode, top_k, min_prob)
     engine = Engine.of(model)
+    acceptance = engine.acceptance(acceptance, accept)
     rows = _rows_of(input_ids, attention_mask)
     one = rows is None
     if one:
@@ -196,7 +199,7 @@ UNSUPPORTED = {  # generation-config fields LASER cannot honour, with the value 
 def hf_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
                 synced_gpus=False, streamer=None, pool: RetrievalPool | None = None, laser_mode: str = "strict",
                 laser_top_k: int = 2, laser_min_prob: float = 0.1, laser_draft: DraftConfig | None = None,
-                laser_streamer=None, **model_kwargs):
+                laser_streamer=None, laser_acceptance: AcceptanceModel | str | None = "auto", **model_kwargs):
     """`model.generate(..., custom_generate=laser.hf_generate, pool=...)`: LASER behind HF's API.
 
     HF prepares input_ids, the generation config, its logits processors (repetition
@@ -221,6 +224,7 @@ def hf_generate(model, input_ids, logits_processor=None, stopping_criteria=None,
         max_new = generation_config.max_new_tokens
     out = generate(model, input_ids, attention_mask=attn, pad_token_id=generation_config.pad_token_id, pool=pool,
                    max_new_tokens=max_new, mode=laser_mode, top_k=laser_top_k, min_prob=laser_min_prob, eos_token_id=generation_config.eos_token_id, draft=laser_draft,
+                   acceptance=laser_acceptance,
                    logits_processor=logits_processor if logits_processor else None,
                    stopping_criteria=stopping_criteria if stopping_criteria else None,
                    streamer=laser_streamer if laser_streamer is not None else streamer)

@@ -21,6 +21,11 @@ calling thread only (never across a yield to the caller): calls nest, interleave
 concurrently on one model from several threads, and the model's other users see the model
 they had. Engine.close() undoes the preparation.
 
+Drafts are scored by an AcceptanceModel: the caller's, or (acceptance="auto", the default of
+laser.generate and generate_batch) the engine's own for the call's AcceptConfig, which learns
+from every verified tree of every call with that configuration on this model (strict and
+relaxed accept differently, so each keeps its own). acceptance=None drafts by pool shares.
+
 State of one call (nothing survives it):
   rows    B slots of _Row (None = idle): the request's sequence, pools and stats.
   cache   a TreeCache [B, H, capacity, D] per layer; cache.lens[r] == rows[r].n - 1 (the
@@ -221,6 +226,7 @@ class Engine:
         for m in self._linears:
             m.forward = _linear_forward.__get__(m)
         self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
+        self._models: dict[AcceptConfig, AcceptanceModel] = {}  # acceptance="auto": one per AcceptConfig
         self.packs = PackedWeights()  # the "packed" and "tiled" products' weight copies, shared by every thread count
 
     def routes(self) -> LinearRoutes | None:
@@ -270,6 +276,16 @@ class Engine:
             yield
         finally:
             _CALL.reset(token)
+
+    def acceptance(self, acceptance, accept: AcceptConfig) -> AcceptanceModel | None:
+        """A call's `acceptance` argument resolved: "auto" -> this engine's model for `accept`
+        (made on first use), an AcceptanceModel or None -> itself; anything else is a TypeError."""
+        if isinstance(acceptance, str) and acceptance == "auto":
+            with self._lock:
+                return self._models.setdefault(accept, AcceptanceModel())
+        if acceptance is not None and not isinstance(acceptance, AcceptanceModel):
+            raise TypeError(f"acceptance must be an AcceptanceModel, 'auto' or None, got {acceptance!r}")
+        return acceptance
 
     # ------------------------------------------------------------ checks
 
@@ -381,9 +397,9 @@ class _Loop:
             trees = [None if row is None else
                      draft_union(row.pools, row.weights, row.seq[: row.n], budget=row.budget, max_depth=cfg.max_depth,
                                  min_match=cfg.min_match, max_match=cfg.max_match, cost=cfg.cost,
-                                 confidence=cfg.confidence, sources=row.sources, **drafting) for row in self.rows]
-            if cfg.cost is not None and len(trees) > 1:  # calibrated trees hold chances: no confidence scaling
-                trees = cut_trees(trees, cfg.cost, cfg.confidence if model is None else 1.0, ragged=self.ragged)
+                                 sources=row.sources, **drafting) for row in self.rows]
+            if cfg.cost is not None and len(trees) > 1:
+                trees = cut_trees(trees, cfg.cost, ragged=self.ragged)
             W = cache.begin_block()
             lens = cache.lens[: len(self.rows)]
             pending = np.array([row.seq[row.n - 1] if row else 0 for row in self.rows])

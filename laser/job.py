@@ -24,7 +24,8 @@ the model as of its start, its verified trees are counted aside and added when t
 done (sums of counts: row order does not matter), and the model is saved with the pools; a
 resumed block, or one finished after the last snapshot, is decoded whole again for its trees.
 A kill at any moment (SIGKILL, SIGTERM, Ctrl-C) followed by a rerun gives the records an
-uninterrupted run gives (timing fields aside).
+uninterrupted run gives (timing fields aside). SIGTERM and Ctrl-C are held from the write of a
+block's last record until its snapshot is saved: a preempted job keeps every finished block's.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,10 +51,10 @@ MANIFEST_FORMAT = 1
 # taken from DraftConfig's defaults, so that a new default cannot change a resumed job's
 # records; a change of these belongs in the manifest (a new field, defaulting to these
 # values for older manifests).
-JOB_DRAFT = {"min_match": 2, "max_match": 4, "prompt_weight": 8.0, "confidence": 1.0}
+JOB_DRAFT = {"min_match": 2, "max_match": 4, "prompt_weight": 8.0}
 # --acceptance: drafts scored by the job's AcceptanceModel, which makes 1-token matches and
 # several match lengths per pool pay (benchmarks/RESULTS.md, drafting replay)
-JOB_DRAFT_ACCEPTANCE = {"min_match": 1, "max_match": 8, "prompt_weight": 8.0, "confidence": 1.0, "match_levels": 3}
+JOB_DRAFT_ACCEPTANCE = {"min_match": 1, "max_match": 8, "prompt_weight": 8.0, "match_levels": 3}
 # settings added after the first manifests, with the value every older manifest's job had
 LEGACY_SETTINGS = {"acceptance": False, "global_pool": False, "pool_depth": 12, "max_match": None, "pieces": None}
 PIECE_BATCHES = 4  # Ray with a shared model/global pool: a block's ids go to the workers in pieces of 4 batches
@@ -64,6 +67,25 @@ class JobError(ValueError):
 
 class Preempted(KeyboardInterrupt):
     """SIGTERM (a cluster preemption): handled like Ctrl-C."""
+
+
+class _SignalHold:
+    """SIGTERM and SIGINT held (blocked, so their handlers run on release) between hold() and
+    release(), in the main thread, where Python runs signal handlers; elsewhere a no-op."""
+
+    SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+    def __init__(self):
+        self.mask = None  # the mask before hold(); None while not held
+
+    def hold(self) -> None:
+        if self.mask is None and threading.current_thread() is threading.main_thread():
+            self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+
+    def release(self) -> None:
+        if self.mask is not None:
+            mask, self.mask = self.mask, None
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @dataclass
@@ -501,6 +523,7 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
              "skipped": sum(k in by_id for k in in_run)}
     t_start = time.perf_counter()
     writer = _Writer(out, len(by_id))
+    held, open_ = _SignalHold(), set()  # open_: the current block's ids without a record
 
     def write(key: str, new: list[int], steps: int, dt: float) -> None:
         if key in by_id:  # a resumed batch block decodes its finished records again: never rewritten
@@ -508,6 +531,9 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
             return
         rec = {"id": key, "group": plan.group(key), "text": tok.decode(new, skip_special_tokens=True), "tokens": new,
                "steps": steps, "time": round(dt, 4)}
+        open_.discard(key)
+        if not open_:
+            held.hold()  # the block's last record: its snapshot is saved before a signal is taken
         writer.write(rec)
         by_id[key] = rec
         stats["written"] += 1
@@ -522,18 +548,23 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
             missing = [k for k in block if k not in by_id]
             # the block's observations of the acceptance model (merged when the block is done)
             learned = laser.AcceptanceModel(pools.acceptance.prior) if pools.acceptance is not None else None
+            open_.clear()
+            open_.update(k for k in blocks[b] if k not in by_id)
             if missing or learned is not None:
                 # a resumed block is decoded whole when the batch (float rounding) or the
                 # acceptance model (what the finished records taught it) depends on all of it
                 whole = cfg.batch_size > 1 or learned is not None
                 decode(pools, draft, block if whole else missing, write, learned)
             if all(k in by_id for k in blocks[b]):  # the whole block (not only --limit's part) is done
+                held.hold()
                 if learned is not None:
                     pools.learn(learned)
                 _insert_block(pools, blocks[b], by_id, plan.group)
                 if blocks[b]:
                     pools.save(pool_dir)
+            held.release()
     finally:
+        held.release()
         writer.close()
     elapsed = time.perf_counter() - t_start
     return {**stats, "tokens_per_s": stats["tokens"] / elapsed if stats["written"] else 0.0,
@@ -544,7 +575,7 @@ def decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str],
     """Decode `keys` (in order) against the block's frozen pools (and acceptance model, whose
     observations go to `learned`); write each record as it finishes."""
     cfg, group_fn = plan.cfg, plan.group
-    am = {} if learned is None else {"acceptance": pools.acceptance, "learn_into": learned}
+    am = {"acceptance": None} if learned is None else {"acceptance": pools.acceptance, "learn_into": learned}
     prompts = [chat_ids(tok, plan.template.render(plan.ds, cfg.target, k)) for k in keys]
     if cfg.batch_size == 1:
         for key, ids in zip(keys, prompts):

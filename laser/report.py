@@ -111,6 +111,7 @@ def _comparisons(out_dir: Path, n_eval: int, n_warm: int, new: int) -> list[dict
         router = Router(ds, target, collab, default_threshold(ds, target))
         for pool_mode, mode, k, p in _configs():
             pools = PoolSet(pool_mode, vocab_size=len(tok))
+            learned = laser.AcceptanceModel()  # each configuration learns its own, from its first text on
             for key, text in warm_texts.items():
                 pool = pools.get(group_of(pool_mode, router, key, collab, ds, target))
                 if pool is not None:
@@ -120,7 +121,7 @@ def _comparisons(out_dir: Path, n_eval: int, n_warm: int, new: int) -> list[dict
                 pool = pools.get(group_of(pool_mode, router, key, collab, ds, target))
                 t = time.perf_counter()
                 res = laser.generate(model, prompts[key], pool=pool, max_new_tokens=new, mode=mode, top_k=k,
-                                     min_prob=p, draft=draft)
+                                     min_prob=p, draft=draft, acceptance=learned)
                 wall += time.perf_counter() - t
                 steps.append(res.stats.mean_accepted)
                 tokens += res.stats.new_tokens

@@ -239,3 +239,37 @@ def test_pool_lists_are_checked_and_each_pool_receives_the_output(peaked_model):
     with pytest.raises(TypeError, match="pool must be"):
         list(generate_batch(model, [Request(ids, pool=3)], max_new_tokens=4))
     assert out.sequences.shape[1] == len(ids) + 12
+
+
+def test_the_decoder_drafts_with_its_engines_model_by_default(peaked_model):
+    """acceptance="auto" (generate's and generate_batch's default): the engine keeps one model per
+    AcceptConfig, learning across calls; None drafts by pool shares and teaches no model."""
+    from test_decode import greedy
+
+    model, tok = laser.load_model(peaked_model)
+    engine = laser.Engine(model)
+    ids = tok("Tell me about films.")["input_ids"]
+    ref = greedy(model, ids, 24)
+    pool = RetrievalPool(max_depth=12)
+    pool.insert(np.asarray(ref[len(ids):], dtype=np.int32))
+    shares = laser.DraftConfig(min_match=2, max_match=4)
+    out = laser.generate(model, ids, pool=pool, max_new_tokens=24, eos_token_id=None, draft=shares, acceptance=None,
+                         update_pool=False)
+    assert out.sequences[0].tolist() == ref and out.stats.mean_accepted > 1
+    strict = engine.acceptance("auto", laser.AcceptConfig())
+    assert strict.tries.sum() == 0  # drafting by shares taught nothing
+
+    out = laser.generate(model, ids, pool=pool, max_new_tokens=24, eos_token_id=None, update_pool=False)
+    assert out.sequences[0].tolist() == ref and out.stats.mean_accepted > 1
+    taught = strict.tries.sum()
+    assert taught > 0 and strict.hits.sum() > 0
+    relaxed = engine.acceptance("auto", laser.AcceptConfig("relaxed"))
+    assert relaxed is not strict and relaxed.tries.sum() == 0
+    laser.generate(model, ids, pool=pool, max_new_tokens=24, mode="relaxed", update_pool=False)
+    assert relaxed.tries.sum() > 0 and strict.tries.sum() == taught  # each mode learns on its own
+    assert engine.acceptance("auto", laser.AcceptConfig()) is strict  # one per configuration, kept across calls
+    res = list(generate_batch(model, [Request(ids, pool)] * 2, batch_size=2, max_new_tokens=24, eos_token_id=None,
+                              update_pool=False))
+    assert all(r.tokens.tolist() == ref[len(ids):] for r in res) and strict.tries.sum() > taught
+    with pytest.raises(TypeError, match="acceptance must be an AcceptanceModel, 'auto' or None"):
+        laser.generate(model, ids, pool=pool, max_new_tokens=4, acceptance="learned")

@@ -251,8 +251,6 @@ def test_configs_are_validated_where_they_are_built():
         laser.DraftConfig(min_match=3, max_match=2)
     with pytest.raises(ValueError, match="cost"):
         laser.DraftConfig(cost=np.array([1.0, 0.0]))
-    with pytest.raises(ValueError, match="confidence"):
-        laser.DraftConfig(confidence=0)
     with pytest.raises(TypeError, match="max_depth"):
         laser.DraftConfig(max_depth=2.5)
     with pytest.raises(ValueError, match="mode"):

@@ -231,9 +231,9 @@ def test_draft_arguments_are_parsed_like_python():
     """draft/draft_union parse their own arguments (no pybind11 dispatcher): same rules as a def."""
     pool = RetrievalPool()
     pool.insert([1, 2, 3, 1, 2, 4])
-    want = tree_tuple(pool.draft([1, 2], 8, 0, 1, 4, None, 1.0))
+    want = tree_tuple(pool.draft([1, 2], 8, 0, 1, 4, None))
     assert tree_tuple(pool.draft([1, 2], budget=8)) == want
-    assert tree_tuple(pool.draft(context=[1, 2], confidence=1.0, budget=np.int64(8))) == want
+    assert tree_tuple(pool.draft(context=[1, 2], min_chance=0.0, budget=np.int64(8))) == want
     assert tree_tuple(pool.draft(**{"context": [1, 2], "bud" + "get": 8})) == want  # non-interned names
     assert tree_tuple(draft_union([pool], [1.0], [1, 2], budget=8, max_depth=12)) == want
     assert tree_tuple(draft_union(pools=[pool], weights=[1.0], context=[1, 2], budget=8)) == want
@@ -243,14 +243,14 @@ def test_draft_arguments_are_parsed_like_python():
         pool.draft([1], 4, budget=4)
     with pytest.raises(TypeError, match="missing required argument 'context'"):
         pool.draft(budget=4)
-    with pytest.raises(TypeError, match="at most 12 arguments"):
-        pool.draft([1], 1, 1, 1, 1, None, 1.0, None, None, 0.0, 1, 0, 5)
+    with pytest.raises(TypeError, match="at most 11 arguments"):
+        pool.draft([1], 1, 1, 1, 1, None, None, None, 0.0, 1, 0, 5)
     with pytest.raises(TypeError, match="acceptance must be an AcceptanceModel"):
         pool.draft([1], acceptance=5)
     with pytest.raises(TypeError, match="budget must be an int"):
         pool.draft([1], budget=2.5)
-    with pytest.raises(TypeError, match="confidence must be a float"):
-        pool.draft([1], confidence="high")
+    with pytest.raises(TypeError, match="min_chance must be a float"):
+        pool.draft([1], min_chance="high")
     with pytest.raises(ValueError, match="int32 range"):
         pool.draft([1], budget=2**40)
     with pytest.raises(ValueError, match="budget"):
@@ -337,27 +337,33 @@ def test_concurrent_insert_and_draft():
     assert not errors and len(pool) <= 5_000
 
 
-def test_draft_defaults_agree_between_the_pool_and_draft_config():
-    import inspect
-
-    from laser import DraftConfig
-
-    cfg = DraftConfig()
-    for fn in (RetrievalPool.draft, draft_union):
-        params = inspect.signature(fn).parameters
-        for name in ("budget", "max_depth", "min_match", "max_match", "confidence", "min_chance", "match_levels",
-                     "min_nodes"):
-            assert params[name].default == getattr(cfg, name), (fn.__name__, name)
+def test_draft_defaults_are_the_jobs_pinned_drafting():
+    """DraftConfig's defaults are the job's --acceptance drafting (the decoder scores drafts with an
+    AcceptanceModel by default); the pool primitives' defaults, in the binding and the stubs, are the
+    job's drafting by pool shares (acceptance=None). Budget, depth and the model's floor agree."""
     import ast
+    import inspect
     from pathlib import Path
 
     import laser
+    from laser import DraftConfig
+    from laser.job import JOB_DRAFT, JOB_DRAFT_ACCEPTANCE
 
+    cfg = DraftConfig()
+    assert all(getattr(cfg, k) == v for k, v in JOB_DRAFT_ACCEPTANCE.items())
+    common = ("budget", "max_depth", "min_chance", "min_nodes")
+    shares = {**{k: getattr(cfg, k) for k in common}, "match_levels": 1,
+              **{k: v for k, v in JOB_DRAFT.items() if k != "prompt_weight"}}
+    for fn in (RetrievalPool.draft, draft_union):
+        params = inspect.signature(fn).parameters
+        for name, want in shares.items():
+            assert params[name].default == want, (fn.__name__, name)
     stubs = ast.parse((Path(laser.__file__).parent / "_C.pyi").read_text())
+    seen = 0
     for node in ast.walk(stubs):  # the type stubs say the same
         if isinstance(node, ast.FunctionDef) and node.name in ("draft", "draft_union"):
             names = [a.arg for a in node.args.args][-len(node.args.defaults):]
             stub = dict(zip(names, (ast.literal_eval(d) for d in node.args.defaults)))
-            for name in ("budget", "max_depth", "min_match", "max_match", "confidence", "min_chance", "match_levels",
-                         "min_nodes"):
-                assert stub[name] == getattr(cfg, name), (node.name, name)
+            assert all(stub[name] == want for name, want in shares.items()), node.name
+            seen += 1
+    assert seen == 2

@@ -5,7 +5,7 @@ import numpy as np
 import laser
 from laser.data import chat_ids
 from laser.groups import PoolSet
-from laser.job import JobConfig, make_plan
+from laser.job import JOB_DRAFT, JobConfig, make_plan
 from laser.replay import replay
 
 def test_replay_counts_the_steps_strict_decoding_takes(peaked_model):
@@ -14,11 +14,11 @@ def test_replay_counts_the_steps_strict_decoding_takes(peaked_model):
     keys = plan.all_keys[:10]
     prompts = {k: chat_ids(tok, plan.template.render(plan.ds, "users", k)) for k in keys}
     pools = PoolSet("global", vocab_size=len(tok))
-    draft = laser.DraftConfig(budget=16, max_depth=10)
+    draft = laser.DraftConfig(budget=16, max_depth=10, **JOB_DRAFT)  # drafting by pool shares (the model's: test_acceptance)
     records, steps = [], 0
     for i, k in enumerate(keys):  # each text enters the pool once it is done (replay --block 1)
         res = laser.generate(model, prompts[k], pool=pools.get("global"), max_new_tokens=40, draft=draft,
-                             update_pool=False)
+                             update_pool=False, acceptance=None)
         new = res.sequences[0, len(prompts[k]):].numpy()
         records.append({"id": k, "group": "global", "tokens": new.tolist()})
         pools.get("global").insert(new.astype(np.int64))
