@@ -194,10 +194,25 @@ def _median_ms(f, reps: int) -> float:
     return 1e3 * sorted(ts)[reps // 2]
 
 
+def stream_bytes() -> int:
+    """Bytes of weight copies a measurement cycles through so that they stream from memory, as
+    a forward's weights do: twice the largest CPU cache, 32 MiB at least, 512 MiB at most. (With
+    a fixed 32 MiB, an Intel Xeon VM's 260 MiB L3 held them all: F.linear then won at 8-16 rows, where over a
+    forward's 423 MB of weights the tiled product is 1.2-1.3x faster.)"""
+    largest = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip()
+            largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            pass
+    return min(max(2 * largest, 32 << 20), 512 << 20)
+
+
 def measure(N: int, K: int, ways: int, reps: int = 7) -> list[str]:
     """The fastest product per row bucket for an [N, K] weight, the weights streaming from
-    memory as in a forward (copies of 32 MiB and more in turn)."""
-    copies = max(1, min(16, (32 << 20) // (4 * N * K)))
+    memory as in a forward (copies totalling stream_bytes(), in turn)."""
+    copies = max(1, min(4096, stream_bytes() // (4 * N * K)))
     ws = [torch.randn(N, K) for _ in range(copies)]
     packs = PackedWeights()
     for w in ws:  # copying is once per weight, not part of a product's time
@@ -232,8 +247,9 @@ def _machine_key(ways: int) -> str:
                 break
     except OSError:
         pass
-    products = ",".join(PRODUCTS)  # a machine measured with fewer products is measured again
-    return f"{model} | torch {torch.__version__} | threads {torch.get_num_threads()} | ways {ways} | {products}"
+    products = ",".join(PRODUCTS)  # a machine measured with fewer products, or less streaming, is measured again
+    return (f"{model} | torch {torch.__version__} | threads {torch.get_num_threads()} | ways {ways} | {products} | "
+            f"stream {stream_bytes() >> 20} MiB")
 
 
 _lock = threading.Lock()

@@ -70,22 +70,30 @@ class Preempted(KeyboardInterrupt):
 
 
 class _SignalHold:
-    """SIGTERM and SIGINT held (blocked, so their handlers run on release) between hold() and
-    release(), in the main thread, where Python runs signal handlers; elsewhere a no-op."""
+    """SIGTERM and SIGINT held between hold() and release(): their handlers are swapped for
+    one that only notes the signal, and release() restores them and raises what arrived.
+    (Masking would not do: a process-directed signal goes to any thread not masking it, such
+    as torch's workers, and Python then runs the handler in the main thread at once.) Only the
+    main thread can set handlers; elsewhere a no-op."""
 
-    SIGNALS = {signal.SIGTERM, signal.SIGINT}
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.mask = None  # the mask before hold(); None while not held
+        self.saved = None  # {signal: previous handler} while held
+        self.caught: list[int] = []
 
     def hold(self) -> None:
-        if self.mask is None and threading.current_thread() is threading.main_thread():
-            self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        if self.saved is None and threading.current_thread() is threading.main_thread():
+            self.caught = []
+            self.saved = {s: signal.signal(s, lambda n, _: self.caught.append(n)) for s in self.SIGNALS}
 
     def release(self) -> None:
-        if self.mask is not None:
-            mask, self.mask = self.mask, None
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if self.saved is not None:
+            saved, self.saved = self.saved, None
+            for s, handler in saved.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            for n in dict.fromkeys(self.caught):
+                signal.raise_signal(n)
 
 
 @dataclass

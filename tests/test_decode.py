@@ -388,6 +388,7 @@ def test_routes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "cpu-routes.json").read_text())
     (key,) = data
     assert "threads" in key and set(data[key]) == {"40x24", "8x24"}
+    assert f"stream {cpu.stream_bytes() >> 20} MiB" in key and 32 << 20 <= cpu.stream_bytes() <= 512 << 20
     data[key]["40x24"] = ["onednn"] * len(cpu.ROW_BUCKETS)  # what another process found
     (tmp_path / "cpu-routes.json").write_text(json.dumps(data))
     measured.clear()

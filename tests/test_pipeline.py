@@ -65,6 +65,29 @@ def test_kills_at_random_moments_resume_to_the_uninterrupted_records(peaked_mode
     assert index(out).get("acceptance") == index(reference("relaxed", batch, extra)).get("acceptance")
 
 
+@pytest.mark.parametrize("extra", [(), DEEP])
+def test_a_sigterm_at_a_blocks_last_record_keeps_its_snapshot(peaked_model, reference, tmp_path, monkeypatch, extra):
+    """SIGTERM right after the write of a block's last record (the moment a preemption would
+    otherwise lose the block's snapshot): the job saves the snapshot, then stops; a rerun ends
+    with the uninterrupted records."""
+    import laser.job
+
+    out = tmp_path / "t.jsonl"
+    write = laser.job._Writer.write
+
+    def write_then_sigterm(self, rec):
+        write(self, rec)
+        if self.n == BLOCK:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(laser.job._Writer, "write", write_then_sigterm)
+    assert cli(job_args(peaked_model, out, extra=extra)) == 143
+    assert len(read_records(out)) == BLOCK and pool_bytes(out)[0] == 1  # the block and its snapshot
+    monkeypatch.undo()
+    assert cli(job_args(peaked_model, out, extra=extra)) == 0
+    assert records_of(out) == records_of(reference("relaxed", 1, extra))
+
+
 @pytest.mark.slow
 def test_relaxed_accepts_non_argmax_tokens_and_strict_is_greedy(peaked_model, reference):
     import torch
