@@ -206,7 +206,8 @@ def hf_generate(model, input_ids, logits_processor=None, stopping_criteria=None,
     penalty, no-repeat n-grams...), which LASER applies inside verification, and its
     stopping criteria, checked after every committed token. Streaming: transformers keeps
     `streamer=` to itself for a custom_generate callable (it only puts the prompt), so pass
-    `laser_streamer=`: it gets the prompt, each step's tokens and end(). A left-padded batch
+    `laser_streamer=`: it gets the prompt, each step's tokens and end(). laser_acceptance: as
+    generate's `acceptance` (default "auto": the engine's own model). A left-padded batch
     decodes through the batch loop. Sampling, beam search and other decoding strategies
     raise ValueError: LASER decodes greedily (strict) or with relaxed verification, never
     silently otherwise.
