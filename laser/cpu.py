@@ -212,7 +212,7 @@ def stream_bytes() -> int:
 def measure(N: int, K: int, ways: int, reps: int = 7) -> list[str]:
     """The fastest product per row bucket for an [N, K] weight, the weights streaming from
     memory as in a forward (copies totalling stream_bytes(), in turn)."""
-    copies = max(1, min(4096, stream_bytes() // (4 * N * K)))
+    copies = max(1, min(1024, stream_bytes() // (4 * N * K)))
     ws = [torch.randn(N, K) for _ in range(copies)]
     packs = PackedWeights()
     for w in ws:  # copying is once per weight, not part of a product's time
