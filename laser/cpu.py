@@ -196,9 +196,9 @@ def _median_ms(f, reps: int) -> float:
 
 def stream_bytes() -> int:
     """Bytes of weight copies a measurement cycles through so that they stream from memory, as
-    a forward's weights do: twice the largest CPU cache, 32 MiB at least, 512 MiB at most. (With
-    a fixed 32 MiB, an Intel Xeon VM's 260 MiB L3 held them all: F.linear then won at 8-16 rows, where over a
-    forward's 423 MB of weights the tiled product is 1.2-1.3x faster.)"""
+    a forward's weights do: twice the largest CPU cache, 32 MiB at least, 512 MiB at most.
+    (An Intel Xeon VM's 260 MiB L3 held a fixed 32 MiB: F.linear then won at 8-16 rows, where
+    over a forward's 423 MB of weights the tiled product is 1.2-1.3x faster.)"""
     largest = 0
     for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         try:
