@@ -80,6 +80,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured a
 PRODUCTS = ("linear", "split", "onednn", "packed", "tiled")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+ROUTES_VERSION = 2  # part of the machine key: bump when a product's speed changes, so routes are measured again
 PACK_ROWS = 32  # the row count oneDNN lays a packed copy out for; any count runs on it (16-512 measured alike)
 
 
@@ -249,7 +250,7 @@ def _machine_key(ways: int) -> str:
         pass
     products = ",".join(PRODUCTS)  # a machine measured with fewer products, or less streaming, is measured again
     return (f"{model} | torch {torch.__version__} | threads {torch.get_num_threads()} | ways {ways} | {products} | "
-            f"stream {stream_bytes() >> 20} MiB")
+            f"stream {stream_bytes() >> 20} MiB | routes v{ROUTES_VERSION}")
 
 
 _lock = threading.Lock()
