@@ -121,4 +121,12 @@ def tiled_linear(
     threads: int = 1,
     isa: str = "",  # "" (the best this CPU runs), "avx512", "avx2" or "generic"
 ) -> None: ...
+def tiled_linear_at(
+    x: int, M: int, K: int,  # x.data_ptr() of a float32 C-contiguous [M, K]
+    tiled: npt.NDArray[np.float32],  # tile_weight's copy of w [N, K]
+    N: int,
+    bias: int,  # data_ptr() of a float32 [N], or 0: none
+    out: int,  # data_ptr() of a float32 C-contiguous [M, N], written: x @ w.T (+ bias)
+    threads: int,
+) -> None: ...  # tiled_linear on addresses (unchecked: the caller vouches for them), the best kernel this CPU runs
 def tiled_isa() -> str: ...  # "avx512", "avx2" or "generic"

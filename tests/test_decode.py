@@ -267,6 +267,9 @@ def test_every_cpu_product_equals_linear(rows, bias, product):
     got = split_linear(x, w, b, 4, product, PackedWeights())
     assert got.shape == (1, rows, 40) and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    strided = torch.randn(1, 24, rows, generator=g).transpose(1, 2)  # a view: not [rows, K] in memory
+    torch.testing.assert_close(split_linear(strided, w, b, 4, product, PackedWeights()),
+                               torch.nn.functional.linear(strided, w, b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["packed", "tiled"])
@@ -361,6 +364,13 @@ def test_tiled_product_refuses_bad_arrays():
         _C.tiled_linear(x, tiled, 40, None, frozen)
     with pytest.raises(ValueError, match="'sse9'"):
         _C.tiled_linear(x, tiled, 40, None, y, isa="sse9")
+    # on addresses: the tiled copy and the sizes are still checked
+    with pytest.raises(ValueError, match="tiled must be"):
+        _C.tiled_linear_at(x.ctypes.data, 3, 25, tiled, 40, 0, y.ctypes.data, 1)
+    with pytest.raises(ValueError, match="addresses"):
+        _C.tiled_linear_at(0, 3, 24, tiled, 40, 0, y.ctypes.data, 1)
+    _C.tiled_linear_at(x.ctypes.data, 3, 24, tiled, 40, 0, y.ctypes.data, 2)
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-6)
     assert _C.tiled_isa() in ("avx512", "avx2", "generic")
 
 
