@@ -131,11 +131,15 @@ class TreeCache(Cache):
         """In every layer, copy column src[i] of row rows[i] to column dst[i] (all heads), then
         set each listed row's length to its largest dst + 1. Needs dst <= src within a row
         (accepted block columns move left, onto the row's past), which a block at
-        W >= lens[r] guarantees. One index_select and one index_copy_ per buffer."""
+        W >= lens[r] guarantees. One index_select and one index_copy_ per buffer, none where
+        every column is already in place (one row whose path is the tree's first branch)."""
         if rows.size == 0:
             return
+        np.maximum.at(self.lens, rows, dst + 1)
+        moved = src != dst
+        rows, src, dst = rows[moved], src[moved], dst[moved]
         layers = [layer for layer in self.layers if layer.is_initialized]
-        if layers:
+        if layers and rows.size:
             R, H, C, _ = layers[0].keys.shape
             base = (rows[:, None] * H + np.arange(H)[None, :]) * C  # [n, H] flat row of (row, head, column 0)
             both = torch.from_numpy(np.stack([(base + src[:, None]).ravel(), (base + dst[:, None]).ravel()]))
@@ -144,7 +148,6 @@ class TreeCache(Cache):
                 for t in (layer.keys, layer.values):
                     flat = t.view(-1, t.shape[-1])  # [R * H * C, D]
                     flat.index_copy_(0, d, flat.index_select(0, s))
-        np.maximum.at(self.lens, rows, dst + 1)
 
     def reset_rows(self, rows) -> None:
         self.lens[rows] = 0

@@ -84,13 +84,15 @@ def test_tree_cache_is_allocated_once_and_written_in_place(monkeypatch):
         keys, _ = cache.update(k, -k, 0)
     assert keys is k and cache.lens.tolist() == [3, 2]
     assert cache.begin_block() == 3 and cache.get_seq_length() == 3 and cache.get_mask_sizes(2, 0)[0] == 5
-    block = torch.full((2, 1, 2, 2), 7.0)
+    block = 100 + torch.arange(8, dtype=torch.float32).reshape(2, 1, 2, 2)  # every column its own values
     keys, values = cache.update(block, -block, 0)
     assert keys.shape == (2, 1, 5, 2) and keys.data_ptr() == cache.layers[0].keys.data_ptr()  # a view
-    cache.commit(np.array([0, 1, 1]), np.array([4, 3, 4]), np.array([3, 2, 3]))
-    assert cache.lens.tolist() == [4, 4]
     buf = cache.layers[0].keys
-    assert torch.equal(buf[0, 0, 3], block[0, 0, 1]) and torch.equal(buf[1, 0, 2:4], block[1, 0])
+    cache.commit(np.array([0, 1, 1]), np.array([3, 3, 4]), np.array([3, 2, 3]))  # row 0's column stays put
+    assert cache.lens.tolist() == [4, 4]
+    assert torch.equal(buf[0, 0, 3], block[0, 0, 0]) and torch.equal(buf[1, 0, 2:4], block[1, 0])
+    cache.commit(np.array([0]), np.array([4]), np.array([3]))  # a column onto the past
+    assert cache.lens.tolist() == [4, 4] and torch.equal(buf[0, 0, 3], block[0, 0, 1])
     assert torch.equal(buf[0, 0, :3], k[0, 0])
     cache.keep_rows([1])
     assert cache.rows == 1 and cache.lens.tolist() == [4, 0] and torch.equal(buf[0, 0, 2:4], block[1, 0])
