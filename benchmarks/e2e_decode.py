@@ -76,7 +76,7 @@ def main(argv=None):
 
     methods = ["hf_greedy", "hf_prompt_lookup", "laser_no_drafts", "laser_strict", "laser_relaxed"]
     methods += ["laser_strict_am", "laser_relaxed_am"] if models else []
-    rows = {m: {"tokens": [], "time": [], "per_step": []} for m in methods}
+    rows = {m: {"tokens": [], "time": [], "per_step": [], "stats": []} for m in methods}
     mismatches = 0
     for u in eval_users:
         ids = prompts[u]
@@ -90,6 +90,7 @@ def main(argv=None):
                              acceptance=None)
         r = rows["laser_no_drafts"]
         r["tokens"].append(out.stats.new_tokens); r["time"].append(time.perf_counter() - t); r["per_step"].append(1.0)
+        r["stats"].append(out.stats)
         for mode, name in [("strict", ""), ("relaxed", "")] + [(m, "_am") for m in models]:
             # each method starts from the same warmed pool: no online update across eval prompts
             t = time.perf_counter()
@@ -102,6 +103,7 @@ def main(argv=None):
                 mismatches += 1
             r = rows[f"laser_{mode}{name}"]
             r["tokens"].append(len(got)); r["time"].append(dt); r["per_step"].append(out.stats.mean_accepted)
+            r["stats"].append(out.stats)
 
     g = rows["hf_greedy"]
     g_tps = sum(g["tokens"]) / sum(g["time"])
@@ -118,6 +120,14 @@ def main(argv=None):
     for name in methods[3:]:
         r = rows[name]
         print(f"speculation alone ({name}): {sum(r['tokens']) / sum(r['time']) / nd_tps:.2f}x LASER with no drafts")
+    print("per step, ms (prefill: per prompt): draft / verify / accept / cache, nodes; prefill")
+    for name in methods[2:]:
+        st = rows[name]["stats"]
+        steps = sum(s.steps for s in st)
+        each = [1e3 * sum(getattr(s, f"time_{k}") for s in st) / steps for k in ("draft", "verify", "accept", "cache")]
+        nodes = sum(sum(s.tree_sizes) for s in st) / steps
+        prefill = 1e3 * sum(s.time_prefill for s in st) / len(st)
+        print(f"  {name:18s} {' / '.join(f'{x:.1f}' for x in each)}, {nodes:.1f} nodes; {prefill:.0f}")
     print(f"strict outputs differing from HF greedy: {mismatches}/{len(eval_users) * (1 + bool(models))}")
 
 

@@ -16,6 +16,8 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              the routes use (at most half of the memory still available, or
              LASER_CPU_PACK=1); where only one kind fits, every such route runs "tiled";
              where none does, they run oneDNN on the weights in place, with a warning.
+  forward    verifications of a Llama or Qwen2 model on a CPU run laser.forward.DirectForward:
+             the model's operations without its module calls (bitwise-equal logits).
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
@@ -63,6 +65,7 @@ from laser.accept import accept_trees
 from laser.cache import TreeCache
 from laser.config import GLOBAL, OWN, SHARED, AcceptConfig, DraftConfig
 from laser.cpu import LinearRoutes, PackedWeights, may_pack, routes_for, sdpa_gqa_forward
+from laser.forward import DirectForward
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
 from laser.kernels.common import kernels_forced
@@ -225,6 +228,8 @@ class Engine:
         self._linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
         for m in self._linears:
             m.forward = _linear_forward.__get__(m)
+        # verification forwards of Llama-architecture models on a CPU: LASER's flat forward (same logits)
+        self.direct = DirectForward.of(model, _attention) if self.attention else None
         self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
         self._models: dict[AcceptConfig, AcceptanceModel] = {}  # acceptance="auto": one per AcceptConfig
         self.packs = PackedWeights()  # the "packed" and "tiled" products' weight copies, shared by every thread count
@@ -259,6 +264,7 @@ class Engine:
             for m in self._linears:
                 m.__dict__.pop("forward", None)
             self._linears = []
+            self.direct = None
             self.packs.clear()
             if self.attention:
                 self.model.set_attn_implementation(self._before)
@@ -342,9 +348,22 @@ class Engine:
                          stopping, streamer, kernels, acceptance, learn_into).run()
 
     def forward(self, kernels: bool, **inputs):
-        """One forward of the model on LASER's route (the only way the loop calls the model)."""
+        """One forward of the model on LASER's route (prefills; verifications go through verify())."""
         with self.active(kernels):
             return self.model(**inputs)
+
+    def verify(self, kernels: bool, ids: torch.Tensor, pos: torch.Tensor, mask, cache: TreeCache,
+               **extra) -> torch.Tensor:
+        """Logits of one verification forward (the loop's only other call of the model): through
+        DirectForward where it applies (a supported model on a CPU, without kernels or hooks),
+        else through the model."""
+        direct = self.direct
+        if direct is not None and not kernels and ids.device.type == "cpu" and direct.runnable():
+            with self.active(kernels):
+                routes = _CALL.get().routes
+                return direct(F.linear if routes is None else routes.linear, ids, pos, mask, cache, **extra)
+        return self.forward(kernels, input_ids=ids, position_ids=pos, attention_mask=mask, **{self.kv: cache},
+                            use_cache=True, **extra).logits
 
 
 @dataclass
@@ -406,8 +425,7 @@ class _Loop:
             ids, pos, mask, extra, starts = self.verify_inputs(pending, trees, lens, W)
             t1 = time.perf_counter()
             # 2. verify: one forward over [B, q] (ragged: [1, N]); logits [B, q, V] ([1, N, V]) in the model's dtype
-            logits = self.e.forward(self.kernels, input_ids=ids, position_ids=pos, attention_mask=mask,
-                                    **{self.e.kv: cache}, use_cache=True, **extra).logits
+            logits = self.e.verify(self.kernels, ids, pos, mask, cache, **extra)
             if self.processor is not None:
                 logits = self.process(logits, trees, starts)
             t2 = time.perf_counter()

@@ -246,6 +246,47 @@ def test_ragged_and_padded_layouts_commit_the_same(mode):
     assert any(r for _, r in shapes) and not any(r for _, r in pshapes)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_direct_forward_equals_the_models_own_forward_bit_for_bit(arch, monkeypatch):
+    """Every verification (one row, then ragged rows) through DirectForward gives exactly the
+    logits of the model's own forward on the same inputs and routes; strict still equals greedy.
+    A model with a hook, or of another architecture, runs through its own forward."""
+    from laser.forward import DirectForward
+
+    model = tiny(arch, 0)
+    engine = laser.Engine.of(model)
+    assert engine.direct is not None
+    direct, checked = DirectForward.__call__, []
+
+    def both(self, linear, ids, pos, mask, cache, **extra):
+        want = engine.forward(False, input_ids=ids, position_ids=pos, attention_mask=mask, **{engine.kv: cache},
+                              use_cache=True, **extra).logits  # writes the cache columns the direct forward rewrites
+        got = direct(self, linear, ids, pos, mask, cache, **extra)
+        assert torch.equal(got, want), (tuple(ids.shape), float((got - want).abs().max()))
+        checked.append((tuple(ids.shape), "laser_ragged" in extra))
+        return got
+
+    monkeypatch.setattr(DirectForward, "__call__", both)
+    prompts, wants, pool = greedy_case(model, 1, 3, 3, 12, 30)
+    for p, w in zip(prompts, wants):
+        assert laser.generate(model, p, pool=pool, max_new_tokens=30, eos_token_id=None,
+                              update_pool=False).sequences[0].tolist() == w
+    rows = laser.generate(model, prompts, pool=pool, max_new_tokens=30, eos_token_id=None, update_pool=False)
+    assert [r[-30:] for r in rows.sequences.tolist()] == [w[-30:] for w in wants]
+    assert any(shape[1] > 1 and not ragged for shape, ragged in checked), "a tree verified on one row"
+    assert any(ragged for _, ragged in checked), "a ragged batch verified"
+    checked.clear()
+    hooked = []
+    hook = model.model.layers[0].register_forward_hook(lambda *a: hooked.append(1))
+    try:
+        assert laser.generate(model, prompts[0], pool=pool, max_new_tokens=30, eos_token_id=None,
+                              update_pool=False).sequences[0].tolist() == wants[0]
+    finally:
+        hook.remove()
+    assert hooked and not checked, "with a hook, every forward runs through the model"
+    assert laser.Engine.of(tiny("gpt2", 0)).direct is None and laser.Engine.of(sliding("qwen2")).direct is None
+
+
 def test_configs_are_validated_where_they_are_built():
     with pytest.raises(ValueError, match="budget"):
         laser.DraftConfig(budget=-1)
