@@ -7,6 +7,7 @@
 #include <optional>
 #include <memory>
 
+#include "layer.h"
 #include "linear.h"
 #include "trie.h"
 
@@ -328,10 +329,25 @@ void tiled_linear_at(uintptr_t x, int64_t M, int64_t K, const Floats& tiled, int
             reinterpret_cast<float*>(out), threads, "");
 }
 
+// The direct forward's elementwise steps (layer.h) on addresses of live float32 C-contiguous
+// buffers, vouched for by the caller as in tiled_linear_at; sizes are checked.
+void add_rms_norm_at(uintptr_t h, uintptr_t y, int64_t rows, int64_t C, uintptr_t w, double eps, uintptr_t out) {
+  if (rows < 0 || C < 1 || !h || !w || !out) throw py::value_error("add_rms_norm_at: needs rows >= 0, C >= 1 and h, w, out");
+  laser::add_rms_norm(reinterpret_cast<float*>(h), reinterpret_cast<const float*>(y), rows, C,
+                      reinterpret_cast<const float*>(w), float(eps), reinterpret_cast<float*>(out));
+}
+
+void rope_at(uintptr_t x, int64_t rows, int64_t heads, int64_t D, uintptr_t cos, uintptr_t sin) {
+  if (rows < 0 || heads < 1 || D < 2 || D % 2 || !x || !cos || !sin)
+    throw py::value_error("rope_at: needs rows >= 0, heads >= 1, an even D >= 2 and x, cos, sin");
+  laser::rope(reinterpret_cast<float*>(x), rows, heads, D, reinterpret_cast<const float*>(cos),
+              reinterpret_cast<const float*>(sin));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "LASER native core: retrieval pool (count trie), draft-tree flattening, the tiled CPU product";
+  m.doc() = "LASER native core: retrieval pool (count trie), draft-tree flattening, the tiled CPU product, the direct forward's elementwise steps";
 
   m.def("tile_weight", &tile_weight, py::arg("w").noconvert(), py::arg("out").noconvert(), py::arg("threads") = 1,
         "Lay an [N, K] float32 weight out for tiled_linear into out [tiled_size(N, K)].");
@@ -344,6 +360,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("N"), py::arg("bias"), py::arg("out"), py::arg("threads"),
         "tiled_linear on addresses: x, bias (0: none) and out are data pointers of live float32 C-contiguous "
         "[M, K], [N] and [M, N] buffers (unchecked: the caller vouches for them), on the best kernel this CPU runs.");
+  m.def("add_rms_norm_at", &add_rms_norm_at, py::arg("h"), py::arg("y"), py::arg("rows"), py::arg("C"), py::arg("w"),
+        py::arg("eps"), py::arg("out"),
+        "h [rows, C] += y (y = 0: no add), then out [rows, C] = w * h * rsqrt(mean(h^2) + eps), per row; addresses "
+        "of live float32 C-contiguous buffers (unchecked: the caller vouches for them).");
+  m.def("rope_at", &rope_at, py::arg("x"), py::arg("rows"), py::arg("heads"), py::arg("D"), py::arg("cos"),
+        py::arg("sin"),
+        "x [rows, heads, D] = x * cos + rotate_half(x) * sin in place, cos and sin [rows, D] per row; addresses of "
+        "live float32 C-contiguous buffers (unchecked: the caller vouches for them).");
   m.def("tiled_size", &laser::tiled_size, py::arg("N"), py::arg("K"), "Floats in tile_weight's copy of an [N, K] weight.");
   m.def("tiled_isa", &laser::tiled_isa, "The kernel tiled_linear runs on this CPU: 'avx512', 'avx2' or 'generic'.");
   py::register_exception<laser::PoolFormatError>(m, "PoolFormatError", PyExc_ValueError);

@@ -130,3 +130,10 @@ def tiled_linear_at(
     threads: int,
 ) -> None: ...  # tiled_linear on addresses (unchecked: the caller vouches for them), the best kernel this CPU runs
 def tiled_isa() -> str: ...  # "avx512", "avx2" or "generic"
+
+# The direct forward's elementwise steps (csrc/layer.h), on data_ptr()s of float32 C-contiguous
+# tensors (unchecked: the caller vouches for them).
+def add_rms_norm_at(h: int, y: int, rows: int, C: int, w: int, eps: float, out: int) -> None: ...
+# h [rows, C] += y (0: no add); out [rows, C] = w * h * rsqrt(mean(h^2) + eps)
+def rope_at(x: int, rows: int, heads: int, D: int, cos: int, sin: int) -> None: ...
+# x [rows, heads, D] = x * cos + rotate_half(x) * sin in place; cos, sin [rows, D]

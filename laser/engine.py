@@ -17,7 +17,7 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              LASER_CPU_PACK=1); where only one kind fits, every such route runs "tiled";
              where none does, they run oneDNN on the weights in place, with a warning.
   forward    verifications of a Llama or Qwen2 model on a CPU run laser.forward.DirectForward:
-             the model's operations without its module calls (bitwise-equal logits).
+             the model's computation without its module calls (logits equal up to fp32 rounding).
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
@@ -355,8 +355,8 @@ class Engine:
     def verify(self, kernels: bool, ids: torch.Tensor, pos: torch.Tensor, mask, cache: TreeCache,
                **extra) -> torch.Tensor:
         """Logits of one verification forward (the loop's only other call of the model): through
-        DirectForward where it applies (a supported model on a CPU, without kernels or hooks),
-        else through the model."""
+        DirectForward where it applies (a supported float32 model on a CPU, without kernels or
+        hooks), else through the model."""
         direct = self.direct
         if direct is not None and not kernels and ids.device.type == "cpu" and direct.runnable():
             with self.active(kernels):

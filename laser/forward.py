@@ -1,25 +1,29 @@
-"""LASER's own forward for Llama-architecture models (Llama, SmolLM2, Qwen2): transformers'
-operations, in transformers' order, on the model's own parameters, without its module calls.
+"""LASER's own forward for Llama-architecture models (Llama, SmolLM2, Qwen2) on a CPU:
+transformers' computation on the model's own parameters, without its module calls.
 
-A verification forward is small (1 + a tree of ~8-16 tokens); its linears take ~20 ms on a
-2-core CPU, and transformers' per-module Python (module calls, kwargs, deprecation wrappers,
-rotate_half's slices and cats, RMSNorm's casts) another ~14-18 ms. DirectForward runs the same
-tensor operations (the logits are bitwise equal to the model's own forward under LASER's
-routes: tests/test_engine.py) as one flat loop over the layers:
+A verification forward is small (1 + a tree of ~8-16 tokens). On the 2-core Intel VM its
+linears take ~26 ms at one token (the 536 MB of SmolLM2's weights streamed once), and
+transformers' per-module Python (module calls, kwargs and deprecation wrappers, RMSNorm's casts
+and reductions, rotate_half's slices and cats) ~9 ms more. DirectForward runs one flat loop
+over the layers, with the elementwise steps in C++ (csrc/layer.h, on data pointers) and the
+products and attention LASER's:
 
-  h = embed(ids)                                       [b, q, C]
-  cos, sin = rotary(h, positions)                      [b, q, D] (the model's own rotary module)
-  per layer:  x = rms(h) ; q, k, v = proj(x)           [b, Hq | Hkv, q, D]
-              q, k = rope(q), rope(k) ; K, V = cache.update(k, v)
-              h = h + o_proj(attention(q, K, V, mask))  (LASER's attention function)
-              h = h + down(act(gate(rms(h))) * up(rms(h)))
-  logits = lm_head(rms(h))                             [b, q, V]
+  h = embed(ids)                                   [b, q, C], the residual stream (updated in place)
+  cos, sin = rotary(h, positions)                  [b, q, D] (the model's own rotary module)
+  per layer:  x = rms(h)                           add_rms_norm (h += the last output first)
+              q, k, v = proj(x) ; rope(q), rope(k) [b, q, H * D], rope in place
+              K, V = cache.update(k, v)            the model's cache interface
+              y = o_proj(attention(q, K, V, mask)) LASER's attention function, as the model calls it
+              x = rms(h += y)
+              y = down(act(gate(x)) * up(x))       the model's activation module
+  logits = lm_head(rms(h += y))                    [b, q, V]
 
-rope(x) = x * cos + rotate_half(x) * sin, computed as x * cos + roll(x, D/2) * sin_signed with
-sin_signed = [-sin[:D/2], sin[D/2:]]: the same products (a sign moved between factors) and sums.
-
-DirectForward.of(model) returns None for anything else (other layer types, hooks, a model not
-on LASER's attention), which then runs through transformers as before.
+The logits equal the model's own forward under the same routes up to fp32 rounding (the norms
+sum in another order; tests/test_engine.py checks every verification of one-row and ragged
+decodes, and that strict decoding still equals greedy). DirectForward.of(model) returns None
+for anything else (other layer types, a model not on LASER's attention); runnable() is False
+while hooks sit on the model, while it trains or records gradients, or off float32: those
+forwards run through transformers as before.
 """
 
 from __future__ import annotations
@@ -27,19 +31,12 @@ from __future__ import annotations
 import torch
 from torch.nn.modules import module as nn_module
 
+from laser import _C
+
 # model class -> the transformers module that defines it; their decoder layers are the one
 # pre-norm block above (Qwen2 adds biases to q/k/v, which the linears carry)
 SUPPORTED = {"LlamaForCausalLM": "transformers.models.llama.modeling_llama",
              "Qwen2ForCausalLM": "transformers.models.qwen2.modeling_qwen2"}
-
-
-def _rms(norm, x: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm / Qwen2RMSNorm forward, op for op."""
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    x = x * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
 
 
 class DirectForward:
@@ -80,8 +77,10 @@ class DirectForward:
         self.modules = list(model.modules())
 
     def runnable(self) -> bool:
-        """False while hooks sit on the model (a direct forward would skip them) or it trains."""
-        return not (self.model.training or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+        """False while hooks sit on the model (a direct forward would skip them), while it trains
+        or records gradients, or when its weights are not float32 (the elementwise steps' type)."""
+        return not (self.model.training or torch.is_grad_enabled() or self.embed.weight.dtype != torch.float32
+                    or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
                     or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules))
 
     def __call__(self, linear, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask, cache,
@@ -89,25 +88,34 @@ class DirectForward:
         """Logits [b, q, V] of input_ids [b, q] at position_ids [b, q]; attention_mask and
         attention_kwargs go to the attention function as the model would pass them; keys and
         values go through cache.layers[i].update. linear(x, weight, bias): the product to use."""
-        h = self.embed(input_ids)  # [b, q, C]
-        cos, sin = self.rotary(h, position_ids)  # [b, q, D]
-        half = cos.shape[-1] // 2
-        cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]  # [b, 1, q, D]
-        shape = h.shape[:-1]
+        h = self.embed(input_ids)  # [b, q, C] the residual stream, a fresh tensor updated in place
+        b, q, C = h.shape
+        rows = b * q
+        cos, sin = (t.contiguous() for t in self.rotary(h, position_ids))  # [b, q, D]
+        x = torch.empty_like(h)  # each norm's output, read by the products that follow it
+        y = None  # what the residual stream takes next (None: nothing yet)
+
+        def norm(module) -> None:  # h += y; x = rms(h)
+            _C.add_rms_norm_at(h.data_ptr(), 0 if y is None else y.data_ptr(), rows, C, module.weight.data_ptr(),
+                               module.variance_epsilon, x.data_ptr())
+
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
-            x = _rms(layer.input_layernorm, h)
-            heads = (*shape, -1, a.head_dim)
-            q = linear(x, a.q_proj.weight, a.q_proj.bias).view(heads).transpose(1, 2)  # [b, Hq, q, D]
-            k = linear(x, a.k_proj.weight, a.k_proj.bias).view(heads).transpose(1, 2)  # [b, Hkv, q, D]
-            v = linear(x, a.v_proj.weight, a.v_proj.bias).view(heads).transpose(1, 2)
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
-            k, v = cache.layers[i].update(k, v)
-            out, _ = self.attention(a, q, k, v, attention_mask, dropout=0.0, scaling=a.scaling, **attention_kwargs)
-            h = h + linear(out.reshape(*shape, -1).contiguous(), a.o_proj.weight, a.o_proj.bias)
-            x = _rms(layer.post_attention_layernorm, h)
+            D = a.head_dim
+            norm(layer.input_layernorm)
+            qs = linear(x, a.q_proj.weight, a.q_proj.bias).contiguous()  # [b, q, Hq * D]
+            ks = linear(x, a.k_proj.weight, a.k_proj.bias).contiguous()  # [b, q, Hkv * D]
+            vs = linear(x, a.v_proj.weight, a.v_proj.bias).contiguous()
+            _C.rope_at(qs.data_ptr(), rows, qs.shape[-1] // D, D, cos.data_ptr(), sin.data_ptr())
+            _C.rope_at(ks.data_ptr(), rows, ks.shape[-1] // D, D, cos.data_ptr(), sin.data_ptr())
+            heads = (b, q, -1, D)
+            k, v = cache.layers[i].update(ks.view(heads).transpose(1, 2), vs.view(heads).transpose(1, 2))
+            out, _ = self.attention(a, qs.view(heads).transpose(1, 2), k, v, attention_mask, dropout=0.0,
+                                    scaling=a.scaling, **attention_kwargs)  # [b, q, Hq, D]
+            y = linear(out.reshape(b, q, -1), a.o_proj.weight, a.o_proj.bias).contiguous()
+            norm(layer.post_attention_layernorm)
             gate = linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            h = h + linear(mlp.act_fn(gate) * linear(x, mlp.up_proj.weight, mlp.up_proj.bias),
-                           mlp.down_proj.weight, mlp.down_proj.bias)
-        return linear(_rms(self.norm, h), self.head.weight, self.head.bias)
+            up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+            y = linear(mlp.act_fn(gate).mul_(up), mlp.down_proj.weight, mlp.down_proj.bias).contiguous()
+        norm(self.norm)
+        return linear(x, self.head.weight, self.head.bias)

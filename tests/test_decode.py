@@ -333,6 +333,42 @@ def test_tiled_product_equals_linear_on_every_kernel(isa):
                                            rtol=1e-5, atol=1e-5)
 
 
+def test_direct_forward_steps_equal_transformers_modules():
+    """The C++ elementwise steps of the direct forward: add_rms_norm is LlamaRMSNorm on h + y (and
+    leaves h + y in h), rope is apply_rotary_pos_emb, both up to fp32 rounding; bad sizes are refused."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from laser import _C
+
+    torch.manual_seed(0)
+    rows, C, heads, D = 7, 48, 3, 16
+    norm = LlamaRMSNorm(C, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        h, y = torch.randn(rows, C) * 3, torch.randn(rows, C)
+        for add in (None, y):
+            want_h = h + (0 if add is None else add)
+            out = torch.empty(rows, C)
+            got_h = h.clone()
+            _C.add_rms_norm_at(got_h.data_ptr(), 0 if add is None else add.data_ptr(), rows, C, norm.weight.data_ptr(),
+                               norm.variance_epsilon, out.data_ptr())
+            assert torch.equal(got_h, want_h)
+            torch.testing.assert_close(out, norm(want_h), rtol=1e-6, atol=1e-6)
+        cfg = LlamaConfig(hidden_size=heads * D, num_attention_heads=heads, max_position_embeddings=64)
+        pos = torch.tensor([[3, 9, 10, 10, 11, 40, 63]])
+        x = torch.randn(1, rows, heads * D)
+        cos, sin = LlamaRotaryEmbedding(cfg)(x, pos)  # [1, rows, D]
+        q = x.view(1, rows, heads, D).transpose(1, 2)
+        want, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        got = x.clone()
+        _C.rope_at(got.data_ptr(), rows, heads, D, cos.contiguous().data_ptr(), sin.contiguous().data_ptr())
+        torch.testing.assert_close(got.view(1, rows, heads, D).transpose(1, 2), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="even D"):
+        _C.rope_at(got.data_ptr(), rows, heads, 15, cos.data_ptr(), sin.data_ptr())
+    with pytest.raises(ValueError, match="rows >= 0"):
+        _C.add_rms_norm_at(h.data_ptr(), 0, -1, C, norm.weight.data_ptr(), 1e-5, out.data_ptr())
+
+
 def test_tiled_product_refuses_bad_arrays():
     """Wrong dtypes, layouts and shapes are refused with the argument named, never copied or
     read out of bounds; an ISA the CPU lacks or an unknown one is refused by name."""

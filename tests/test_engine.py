@@ -247,10 +247,10 @@ def test_ragged_and_padded_layouts_commit_the_same(mode):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_direct_forward_equals_the_models_own_forward_bit_for_bit(arch, monkeypatch):
-    """Every verification (one row, then ragged rows) through DirectForward gives exactly the
-    logits of the model's own forward on the same inputs and routes; strict still equals greedy.
-    A model with a hook, or of another architecture, runs through its own forward."""
+def test_direct_forward_equals_the_models_own_forward(arch, monkeypatch):
+    """Every verification (one row, then ragged rows) through DirectForward gives the logits of
+    the model's own forward on the same inputs and routes, up to fp32 rounding; strict still
+    equals greedy. A model with a hook, or of another architecture, runs through its own forward."""
     from laser.forward import DirectForward
 
     model = tiny(arch, 0)
@@ -262,7 +262,7 @@ def test_direct_forward_equals_the_models_own_forward_bit_for_bit(arch, monkeypa
         want = engine.forward(False, input_ids=ids, position_ids=pos, attention_mask=mask, **{engine.kv: cache},
                               use_cache=True, **extra).logits  # writes the cache columns the direct forward rewrites
         got = direct(self, linear, ids, pos, mask, cache, **extra)
-        assert torch.equal(got, want), (tuple(ids.shape), float((got - want).abs().max()))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         checked.append((tuple(ids.shape), "laser_ragged" in extra))
         return got
 
