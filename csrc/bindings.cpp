@@ -7,6 +7,7 @@
 #include <optional>
 #include <memory>
 
+#include "accept.h"
 #include "layer.h"
 #include "linear.h"
 #include "trie.h"
@@ -344,6 +345,31 @@ void rope_at(uintptr_t x, int64_t rows, int64_t heads, int64_t D, uintptr_t cos,
               reinterpret_cast<const float*>(sin));
 }
 
+// row_stats (accept.h) of the logits at address `logits` (live float32 C-contiguous [R, V], vouched
+// for by the caller); parent_row and tokens are checked. Returns (argmax [R], prob [n], rank [n]).
+py::tuple row_stats_at(uintptr_t logits, int64_t R, int64_t V, py::array_t<int64_t, py::array::c_style> parent_row,
+                       py::array_t<int64_t, py::array::c_style> tokens, int64_t top_k, int threads) {
+  if (!logits || R < 1 || V < 1 || top_k < 0 || threads < 1)
+    throw py::value_error("row_stats_at: needs logits, R >= 1, V >= 1, top_k >= 0, threads >= 1");
+  if (parent_row.ndim() != 1 || tokens.ndim() != 1 || parent_row.size() != tokens.size())
+    throw py::value_error("row_stats_at: parent_row and tokens must be 1-D of one length");
+  const int64_t n = parent_row.size();
+  for (int64_t i = 0; i < n; ++i) {
+    if (parent_row.data()[i] < 0 || parent_row.data()[i] >= R)
+      throw py::value_error("row_stats_at: parent_row[" + std::to_string(i) + "] is outside [0, " + std::to_string(R) + ")");
+    if (tokens.data()[i] < 0 || tokens.data()[i] >= V)
+      throw py::value_error("row_stats_at: tokens[" + std::to_string(i) + "] is outside [0, " + std::to_string(V) + ")");
+  }
+  py::array_t<int64_t> argmax(R), rank(n);
+  py::array_t<float> prob(n);
+  {
+    py::gil_scoped_release free;
+    laser::row_stats(reinterpret_cast<const float*>(logits), R, V, parent_row.data(), tokens.data(), n, top_k,
+                     argmax.mutable_data(), prob.mutable_data(), rank.mutable_data(), threads);
+  }
+  return py::make_tuple(argmax, prob, rank);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -368,6 +394,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sin"),
         "x [rows, heads, D] = x * cos + rotate_half(x) * sin in place, cos and sin [rows, D] per row; addresses of "
         "live float32 C-contiguous buffers (unchecked: the caller vouches for them).");
+  m.def("row_stats_at", &row_stats_at, py::arg("logits"), py::arg("R"), py::arg("V"), py::arg("parent_row"),
+        py::arg("tokens"), py::arg("top_k"), py::arg("threads"),
+        "(argmax [R], prob [n], rank [n]) of the logits [R, V] at address `logits` (live float32 C-contiguous, "
+        "unchecked: the caller vouches for it): each row's first argmax; node i's token probability in row "
+        "parent_row[i] and the logits above it there, capped at top_k. n = 0: argmax alone.");
   m.def("tiled_size", &laser::tiled_size, py::arg("N"), py::arg("K"), "Floats in tile_weight's copy of an [N, K] weight.");
   m.def("tiled_isa", &laser::tiled_isa, "The kernel tiled_linear runs on this CPU: 'avx512', 'avx2' or 'generic'.");
   py::register_exception<laser::PoolFormatError>(m, "PoolFormatError", PyExc_ValueError);

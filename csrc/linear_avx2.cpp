@@ -1,5 +1,7 @@
-// The tiled kernel for AVX2 (built with -mavx2 -mfma): 16 registers, 3 rows per pass.
+// The CPU kernels for AVX2 (built with -mavx2 -mfma): the tiled product (16 registers, 3 rows
+// per pass) and row_stats.
 #define LASER_ISA avx2
 #define VEC 8
 #define MAX_ROWS 3
 #include "linear_kernel.h"
+#include "accept_kernel.h"

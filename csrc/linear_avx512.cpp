@@ -1,5 +1,7 @@
-// The tiled kernel for AVX-512 (built with -mavx512f -mfma): 32 registers, 12 rows per pass.
+// The CPU kernels for AVX-512 (built with -mavx512f -mfma): the tiled product (32 registers,
+// 12 rows per pass) and row_stats.
 #define LASER_ISA avx512
 #define VEC 16
 #define MAX_ROWS 12
 #include "linear_kernel.h"
+#include "accept_kernel.h"

@@ -137,3 +137,11 @@ def add_rms_norm_at(h: int, y: int, rows: int, C: int, w: int, eps: float, out: 
 # h [rows, C] += y (0: no add); out [rows, C] = w * h * rsqrt(mean(h^2) + eps)
 def rope_at(x: int, rows: int, heads: int, D: int, cos: int, sin: int) -> None: ...
 # x [rows, heads, D] = x * cos + rotate_half(x) * sin in place; cos, sin [rows, D]
+
+# Acceptance statistics on a CPU (csrc/accept.h): logits = data_ptr() of a float32 C-contiguous [R, V]
+# (unchecked); returns each row's first argmax [R], node i's token probability [n] in row
+# parent_row[i] and the count of logits above it there, capped at top_k [n]. n = 0: argmax alone.
+def row_stats_at(
+    logits: int, R: int, V: int, parent_row: npt.NDArray[np.int64], tokens: npt.NDArray[np.int64], top_k: int,
+    threads: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...

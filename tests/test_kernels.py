@@ -48,6 +48,35 @@ def test_fused_accept_matches_reference(dtype, R, V, splits, k):
     torch.testing.assert_close(got.prob.cpu(), want.prob, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("R,V,k", [(1, 5, 1), (3, 97, 1), (9, 1000, 2), (17, 4099, 3), (30, 49152, 2)])
+def test_cpu_row_stats_match_reference(R, V, k):
+    """laser._C.row_stats_at (the CPU path of row_stats and row_argmax): argmax (first of tied
+    maxima) and capped ranks exact, probabilities to fp32 rounding; out-of-range nodes refused."""
+    from laser import _C
+    from laser.accept import row_argmax, row_stats
+
+    g = torch.Generator().manual_seed(R * V)
+    logits = torch.randn(R, V, generator=g) * 3
+    logits[-1, :] = 0.5  # a flat row: every logit ties
+    logits[0, V // 2] = logits[0, V - 1] = logits[0].max() + 1  # a tie, the first index wins
+    n = 3 * R
+    parent_row = torch.randint(0, R, (n,), generator=g)
+    tokens = torch.randint(0, V, (n,), generator=g)
+    tokens[:R] = logits.argmax(-1)[parent_row[:R]]
+    top = logits.sort(dim=-1, descending=True, stable=True).indices
+    tokens[R : 2 * R] = top[parent_row[R : 2 * R], torch.arange(R) % min(V, 5)]
+    got = row_stats(logits, parent_row, tokens, k)
+    want = row_stats_reference(logits, parent_row, tokens, k)
+    assert int(want.argmax[0]) == V // 2
+    assert torch.equal(got.argmax, want.argmax) and torch.equal(row_argmax(logits), want.argmax)
+    assert torch.equal(got.rank, want.rank)
+    torch.testing.assert_close(got.prob, want.prob, rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="parent_row"):
+        _C.row_stats_at(logits.data_ptr(), R, V, np.array([R]), np.array([0]), k, 1)
+    with pytest.raises(ValueError, match="tokens"):
+        _C.row_stats_at(logits.data_ptr(), R, V, np.array([0]), np.array([V]), k, 1)
+
+
 def test_reference_matches_float64():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 500, generator=g) * 4
