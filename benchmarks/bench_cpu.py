@@ -1,10 +1,17 @@
-"""CPU linear products: every product of laser/cpu.py over the linears of one SmolLM2-135M-shaped
-forward (30 layers of q, k, v, o, gate, up, down; 7 x 30 distinct random weights, 423 MB, so they
-stream from memory as in a real forward), at the row counts a verification runs.
+"""CPU verification costs, at the row counts a verification runs:
+
+- test_forward_linears: every product of laser/cpu.py over the linears of one SmolLM2-135M-shaped
+  forward (30 layers of q, k, v, o, gate, up, down; 7 x 30 distinct random weights, 423 MB, so they
+  stream from memory as in a real forward); baseline "linear" (torch's F.linear, what HF's forward runs).
+- test_verify_forward: the real SmolLM2-135M forward over 1 / 9 / 17 tokens at context 300, through
+  the model's own modules ("model", LASER's linear routes and attention) and through LASER's direct
+  forward ("direct", laser/forward.py: the same routes and attention, no module calls).
+- test_row_stats: relaxed acceptance's statistics over 1 / 9 / 17 / 33 rows of 49,152 logits: the
+  torch reference against the C++ pass (laser._C.row_stats_at).
 
 Run: pytest benchmarks/bench_cpu.py --benchmark-only
-The summary prints each product's median per row count and its ratio to "linear" (torch's
-F.linear, what HF's forward runs: the baseline on the same footing). Issue #18 asks for speculation that pays on
+The summary prints each entry's median per group and its ratio to the group's baseline ("linear",
+"model", "reference": the baseline on the same footing). Issue #18 asks for speculation that pays on
 this CPU: a 1 + 8-token forward should cost little more than a one-token forward.
 """
 
@@ -46,3 +53,60 @@ def test_forward_linears(benchmark, weights, product, rows):
                 split_linear(x[w.shape[1]], w, None, 2 * THREADS, product, packs)
 
     benchmark.pedantic(forward, rounds=15, warmup_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """SmolLM2-135M prepared by LASER, its cache holding a 300-token context."""
+    import laser
+    from laser.cache import TreeCache
+
+    model, _ = laser.load_model()
+    engine = laser.Engine.of(model)
+    cache = TreeCache.for_model(model, 1, 400)
+    L = 300
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), cache.filling([0], [L]):
+        engine.forward(False, input_ids=torch.randint(0, 49152, (1, L), generator=g),
+                       position_ids=torch.arange(L)[None], attention_mask=torch.ones(1, L, dtype=torch.long),
+                       **{engine.kv: cache}, use_cache=True)
+    return engine, cache
+
+
+@pytest.mark.parametrize("rows", [1, 9, 17])
+@pytest.mark.parametrize("path", ["model", "direct"])
+def test_verify_forward(benchmark, smol, path, rows):
+    engine, cache = smol
+    W = cache.begin_block()  # every call writes the same block columns [300, 300 + rows)
+    mask = torch.zeros(1, 1, rows, W + rows)
+    mask[..., W:] = torch.triu(torch.full((rows, rows), torch.finfo(torch.float32).min), 1)  # a chain
+    ids = torch.randint(0, 49152, (1, rows), generator=torch.Generator().manual_seed(rows))
+    pos = (W + torch.arange(rows))[None]
+    benchmark.group = f"forward {rows} tok"
+    benchmark.name = path
+
+    def model():
+        with torch.no_grad():
+            engine.forward(False, input_ids=ids, position_ids=pos, attention_mask=mask, **{engine.kv: cache},
+                           use_cache=True)
+
+    def direct():
+        with torch.no_grad():
+            engine.verify(False, ids, pos, mask, cache)
+
+    benchmark.pedantic(model if path == "model" else direct, rounds=15, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 17, 33])
+@pytest.mark.parametrize("how", ["reference", "cpp"])
+def test_row_stats(benchmark, how, rows):
+    from laser.accept import row_stats, row_stats_reference
+
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, 49152, generator=g) * 3
+    parent_row = torch.randint(0, rows, (max(rows - 1, 1),), generator=g)
+    tokens = torch.randint(0, 49152, parent_row.shape, generator=g)
+    benchmark.group = f"row stats {rows} rows"
+    benchmark.name = how
+    run = row_stats_reference if how == "reference" else row_stats
+    benchmark.pedantic(lambda: run(logits, parent_row, tokens, 2), rounds=30, warmup_rounds=2)

@@ -8,8 +8,9 @@ strict, LASER relaxed (k=2, p=0.1), both drafting by pool shares (acceptance=Non
 drafting and `laser generate`'s without --acceptance). Each mode's shared pool is warmed with the knowledge texts the
 model wrote in that mode for *other* users, as that mode's job pools hold (strict: LASER strict,
 which equals greedy; relaxed: LASER relaxed). Prints, per
-method, tokens/s, the ratio to greedy (total and median per prompt) and the mean number
-of tokens committed per step. --acceptance adds LASER strict and relaxed drafting as
+method, tokens/s, the ratio to greedy (total and median per prompt), the mean number
+of tokens committed per step and of new tokens per prompt (EOS may end a text early: its
+prefill then weighs more per token), and per LASER method the milliseconds of each step's phases. --acceptance adds LASER strict and relaxed drafting as
 laser.generate does by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens,
 3 levels), at draft depth 30 over depth-32 pools, each mode's model learned online from its
 own warm-up texts on.
@@ -109,12 +110,12 @@ def main(argv=None):
     g_tps = sum(g["tokens"]) / sum(g["time"])
     pl_tps = sum(rows["hf_prompt_lookup"]["tokens"]) / sum(rows["hf_prompt_lookup"]["time"])
     print(f"\n{len(eval_users)} prompts x {args.new} new tokens, SmolLM2-135M fp32 on {args.device}")
-    print(f"{'method':18s} {'tok/s':>8s} {'x greedy':>9s} {'median x':>9s} {'x PLD':>7s} {'tok/step':>9s}")
+    print(f"{'method':18s} {'tok/s':>8s} {'x greedy':>9s} {'median x':>9s} {'x PLD':>7s} {'tok/step':>9s} {'tokens':>7s}")
     for name, r in rows.items():
         tps = sum(r["tokens"]) / sum(r["time"])
         per = np.median([(gt / gn) / (t / n) for t, n, gt, gn in zip(r["time"], r["tokens"], g["time"], g["tokens"])])
         step = f"{np.mean(r['per_step']):9.2f}" if r["per_step"] else f"{'-':>9s}"
-        print(f"{name:18s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step}")
+        print(f"{name:18s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step} {np.mean(r['tokens']):7.1f}")
     nd = rows["laser_no_drafts"]
     nd_tps = sum(nd["tokens"]) / sum(nd["time"])
     for name in methods[3:]:

@@ -148,8 +148,8 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
               batch: int = 1) -> np.ndarray:
     """Measure the verification cost curve on this hardware: cost[b] = seconds for b tree nodes.
 
-    Times one forward of `batch` rows of b + 1 tokens after a `context_len` prefix, through
-    the engine's forwards and cache. After one warm-up round, `repeats` rounds each time
+    Times one verification forward (Engine.verify: the direct forward where it applies) of
+    `batch` rows of b + 1 tokens after a `context_len` prefix, through the engine's cache. After one warm-up round, `repeats` rounds each time
     every size once (round-robin, so a slow spell of a shared machine touches all sizes
     alike, not the few measured during it); cost = per-size median, made non-decreasing in
     b (a forward over more tokens never costs less; a dip is noise), interpolated linearly
@@ -178,7 +178,7 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(input_ids=inp, position_ids=pos, attention_mask=mask, **{kv: cache}, use_cache=True)
+            engine.verify(False, inp, pos, mask, cache)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
