@@ -373,7 +373,7 @@ py::tuple row_stats_at(uintptr_t logits, int64_t R, int64_t V, py::array_t<int64
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "LASER native core: retrieval pool (count trie), draft-tree flattening, the tiled CPU product, the direct forward's elementwise steps";
+  m.doc() = "LASER native core: retrieval pool (count trie), draft-tree flattening, the tiled CPU product, acceptance statistics, the direct forward's elementwise steps";
 
   m.def("tile_weight", &tile_weight, py::arg("w").noconvert(), py::arg("out").noconvert(), py::arg("threads") = 1,
         "Lay an [N, K] float32 weight out for tiled_linear into out [tiled_size(N, K)].");

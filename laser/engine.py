@@ -228,7 +228,7 @@ class Engine:
         self._linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
         for m in self._linears:
             m.forward = _linear_forward.__get__(m)
-        # verification forwards of Llama-architecture models on a CPU: LASER's flat forward (same logits)
+        # verification forwards of Llama-architecture models on a CPU: LASER's flat forward (laser/forward.py)
         self.direct = DirectForward.of(model, _attention) if self.attention else None
         self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
         self._models: dict[AcceptConfig, AcceptanceModel] = {}  # acceptance="auto": one per AcceptConfig

@@ -53,8 +53,9 @@ class DirectForward:
         inner = model.model
         layers = list(inner.layers)
         text = model.config.get_text_config()
-        if (len(layers) != text.num_hidden_layers or any(t != "full_attention" for t in
-                                                          (getattr(text, "layer_types", None) or ["full_attention"]))):
+        if (len(layers) != text.num_hidden_layers or type(inner.embed_tokens) is not torch.nn.Embedding
+                or getattr(text, "partial_rotary_factor", None) not in (None, 1, 1.0)  # rope_at turns whole heads
+                or any(t != "full_attention" for t in (getattr(text, "layer_types", None) or ["full_attention"]))):
             return None
         prefix = name[: -len("ForCausalLM")]
         kinds = {"layer": prefix + "DecoderLayer", "attn": prefix + "Attention", "mlp": prefix + "MLP",

@@ -27,6 +27,18 @@ def sliding(arch: str):
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def _decodes_like_greedy(model):
+    """Strict == greedy for three prompts, one row at a time and as one (ragged) batch of three;
+    returns the prompts, their greedy outputs and the pool they drafted from."""
+    prompts, wants, pool = greedy_case(model, 1, 3, 3, 12, 30)
+    for p, w in zip(prompts, wants):
+        assert laser.generate(model, p, pool=pool, max_new_tokens=30, eos_token_id=None,
+                              update_pool=False).sequences[0].tolist() == w
+    rows = laser.generate(model, prompts, pool=pool, max_new_tokens=30, eos_token_id=None, update_pool=False)
+    assert [r[-30:] for r in rows.sequences.tolist()] == [w[-30:] for w in wants]
+    return prompts, wants, pool
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
 def test_sliding_window_models_decode_exactly(arch):
     """Strict == greedy on models with sliding-window layers, one row and a ragged batch: the
@@ -34,12 +46,7 @@ def test_sliding_window_models_decode_exactly(arch):
     reach (without it the outputs differ: checked below)."""
     model = sliding(arch)
     assert "sliding_attention" in model.config.layer_types
-    prompts, wants, pool = greedy_case(model, 1, 3, 3, 12, 30)
-    for p, w in zip(prompts, wants):
-        assert laser.generate(model, p, pool=pool, max_new_tokens=30, eos_token_id=None,
-                              update_pool=False).sequences[0].tolist() == w
-    rows = laser.generate(model, prompts, pool=pool, max_new_tokens=30, eos_token_id=None, update_pool=False)
-    assert [r[-30:] for r in rows.sequences.tolist()] == [w[-30:] for w in wants]
+    prompts, wants, pool = _decodes_like_greedy(model)
     engine = laser.Engine.of(model)
     window, engine.window = engine.window, None
     try:
@@ -267,12 +274,7 @@ def test_direct_forward_equals_the_models_own_forward(arch, monkeypatch):
         return got
 
     monkeypatch.setattr(DirectForward, "__call__", both)
-    prompts, wants, pool = greedy_case(model, 1, 3, 3, 12, 30)
-    for p, w in zip(prompts, wants):
-        assert laser.generate(model, p, pool=pool, max_new_tokens=30, eos_token_id=None,
-                              update_pool=False).sequences[0].tolist() == w
-    rows = laser.generate(model, prompts, pool=pool, max_new_tokens=30, eos_token_id=None, update_pool=False)
-    assert [r[-30:] for r in rows.sequences.tolist()] == [w[-30:] for w in wants]
+    prompts, wants, pool = _decodes_like_greedy(model)
     assert any(shape[1] > 1 and not ragged for shape, ragged in checked), "a tree verified on one row"
     assert any(ragged for _, ragged in checked), "a ragged batch verified"
     checked.clear()
