@@ -50,7 +50,10 @@ class DirectForward:
         name = type(model).__name__
         if SUPPORTED.get(name) != type(model).__module__:
             return None
-        inner = model.model
+        inner = getattr(model, "model", None)
+        if not (all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+                and hasattr(model, "lm_head")):
+            return None
         layers = list(inner.layers)
         text = model.config.get_text_config()
         if (len(layers) != text.num_hidden_layers or type(inner.embed_tokens) is not torch.nn.Embedding
@@ -64,6 +67,7 @@ class DirectForward:
             parts = {"layer": layer, "attn": layer.self_attn, "mlp": layer.mlp, "norm": layer.input_layernorm}
             if (any(type(m).__name__ != kinds[k] for k, m in parts.items())
                     or type(layer.post_attention_layernorm).__name__ != kinds["norm"]
+                    or not all(hasattr(layer.self_attn, a) for a in ("head_dim", "scaling"))
                     or getattr(layer.self_attn, "sliding_window", None) is not None):
                 return None
         if type(inner.norm).__name__ != kinds["norm"] or type(model.lm_head) is not torch.nn.Linear:
