@@ -7,11 +7,11 @@ Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER with n
 strict, LASER relaxed (k=2, p=0.1), both drafting by pool shares (acceptance=None, the paper's
 drafting and `laser generate`'s without --acceptance). Each mode's shared pool is warmed with the knowledge texts the
 model wrote in that mode for *other* users, as that mode's job pools hold (strict: LASER strict,
-which equals greedy; relaxed: LASER relaxed). Prints, per
-method, tokens/s, the ratio to greedy (total and median per prompt), the mean number
-of tokens committed per step and of new tokens per prompt (EOS may end a text early: its
-prefill then weighs more per token), and per LASER method the milliseconds of each step's phases. --acceptance adds LASER strict and relaxed drafting as
-laser.generate does by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens,
+which equals greedy; relaxed: LASER relaxed). Prints, per method, tokens/s, the ratio to
+greedy (total and median per prompt), the mean number of tokens committed per step and of
+new tokens per prompt (EOS may end a text early: its prefill then weighs more per token),
+and per LASER method the milliseconds of each step's phases. --acceptance adds LASER strict
+and relaxed drafting as laser.generate does by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens,
 3 levels), at draft depth 30 over depth-32 pools, each mode's model learned online from its
 own warm-up texts on.
 """
