@@ -6,12 +6,16 @@
 - test_verify_forward: the real SmolLM2-135M forward over 1 / 9 / 17 tokens at context 300, through
   the model's own modules ("model", LASER's linear routes and attention) and through LASER's direct
   forward ("direct", laser/forward.py: the same routes and attention, no module calls).
+- test_attention: one layer's attention of 1 / 9 / 17 / 33 tokens over a 300-token cache row
+  (SmolLM2's 9 query and 3 key/value heads of 64): SDPA with grouped-query heads as the model's
+  attention runs it (laser.cpu.sdpa_gqa_forward, "sdpa") against the direct forward's C++
+  attention over the cache (laser._C.attention_at, "cpp").
 - test_row_stats: relaxed acceptance's statistics over 1 / 9 / 17 / 33 rows of 49,152 logits: the
   torch reference against the C++ pass (laser._C.row_stats_at).
 
 Run: pytest benchmarks/bench_cpu.py --benchmark-only
 The summary prints each entry's median per group and its ratio to the group's baseline ("linear",
-"model", "reference": the baseline on the same footing). Issue #18 asks for speculation that pays on
+"model", "sdpa", "reference": the baseline on the same footing). Issue #18 asks for speculation that pays on
 this CPU: a 1 + 8-token forward should cost little more than a one-token forward.
 """
 
@@ -95,6 +99,36 @@ def test_verify_forward(benchmark, smol, path, rows):
             engine.verify(False, ids, pos, mask, cache)
 
     benchmark.pedantic(model if path == "model" else direct, rounds=15, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 17, 33])
+@pytest.mark.parametrize("how", ["sdpa", "cpp"])
+def test_attention(benchmark, how, rows):
+    import numpy as np
+
+    from laser import _C
+    from laser.cpu import sdpa_gqa_forward
+
+    g = torch.Generator().manual_seed(rows)
+    Hq, Hkv, D, W = 9, 3, 64, 300
+    T = W + rows
+    cache_k, cache_v = torch.randn(1, Hkv, 400, D, generator=g), torch.randn(1, Hkv, 400, D, generator=g)
+    k, v = cache_k[:, :, :T], cache_v[:, :, :T]  # the cache's views, as the layers get them
+    tokens = torch.randn(1, rows, Hq * D, generator=g)  # the q projection's output
+    mask = torch.zeros(1, 1, rows, T)
+    mask[..., W:] = torch.triu(torch.full((rows, rows), torch.finfo(torch.float32).min), 1)  # a chain
+    out, slot = torch.empty_like(tokens), np.arange(rows)
+    benchmark.group = f"attention {rows} tok"
+    benchmark.name = how
+
+    def sdpa():
+        sdpa_gqa_forward(None, tokens.view(1, rows, Hq, D).transpose(1, 2), k, v, mask, scaling=D ** -0.5)
+
+    def cpp():
+        _C.attention_at(tokens.data_ptr(), rows, Hq, D, k.data_ptr(), v.data_ptr(), Hkv, 1, k.stride(0), k.stride(1), T,
+                        mask.data_ptr(), rows, slot, slot * 0, D ** -0.5, out.data_ptr(), THREADS)
+
+    benchmark.pedantic(sdpa if how == "sdpa" else cpp, rounds=200, warmup_rounds=10)
 
 
 @pytest.mark.parametrize("rows", [1, 9, 17, 33])

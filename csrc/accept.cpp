@@ -1,10 +1,8 @@
 // Dispatch of row_stats (accept.h) and its plain build (SSE2 on x86-64, any CPU elsewhere).
 #define LASER_ISA generic
 #define VEC 4
-#include <string>
-
 #include "accept_kernel.h"
-#include "linear.h"
+#include "dispatch.h"
 
 namespace laser {
 
@@ -21,12 +19,7 @@ void row_stats(const float*, int64_t, int64_t, const int64_t*, const int64_t*, i
 
 void row_stats(const float* logits, int64_t R, int64_t V, const int64_t* parent_row, const int64_t* tokens, int64_t n,
                int64_t top_k, int64_t* argmax, float* prob, int64_t* rank, int threads) {
-  static const std::string best = tiled_isa();  // the same instruction sets as the tiled product
-#if defined(__x86_64__) && defined(LASER_X86_KERNELS)
-  if (best == "avx512") return avx512::row_stats(logits, R, V, parent_row, tokens, n, top_k, argmax, prob, rank, threads);
-  if (best == "avx2") return avx2::row_stats(logits, R, V, parent_row, tokens, n, top_k, argmax, prob, rank, threads);
-#endif
-  generic::row_stats(logits, R, V, parent_row, tokens, n, top_k, argmax, prob, rank, threads);
+  LASER_DISPATCH(row_stats(logits, R, V, parent_row, tokens, n, top_k, argmax, prob, rank, threads));
 }
 
 }  // namespace laser

@@ -345,6 +345,35 @@ void rope_at(uintptr_t x, int64_t rows, int64_t heads, int64_t D, uintptr_t cos,
               reinterpret_cast<const float*>(sin));
 }
 
+void silu_mul_at(uintptr_t gate, uintptr_t up, int64_t n) {
+  if (n < 0 || !gate || !up) throw py::value_error("silu_mul_at: needs n >= 0 and gate, up");
+  laser::silu_mul(reinterpret_cast<float*>(gate), reinterpret_cast<const float*>(up), n);
+}
+
+// attention (layer.h) on addresses: q, out [N, Hq, D], the caches k and v (row_stride,
+// head_stride, D), mask [S, T]: live float32 buffers vouched for by the caller; mask_row and
+// cache_row are checked against S and R (cache rows).
+void attention_at(uintptr_t q, int64_t N, int64_t Hq, int64_t D, uintptr_t k, uintptr_t v, int64_t Hkv, int64_t R,
+                  int64_t row_stride, int64_t head_stride, int64_t T, uintptr_t mask, int64_t S,
+                  py::array_t<int64_t, py::array::c_style> mask_row, py::array_t<int64_t, py::array::c_style> cache_row,
+                  double scale, uintptr_t out, int threads) {
+  if (!q || !k || !v || !mask || !out || N < 0 || Hq < 1 || D < 1 || Hkv < 1 || Hq % Hkv || T < 1 || threads < 1)
+    throw py::value_error("attention_at: needs q, k, v, mask, out, N >= 0, D, T, threads >= 1 and Hkv dividing Hq");
+  if (mask_row.ndim() != 1 || cache_row.ndim() != 1 || mask_row.size() != N || cache_row.size() != N)
+    throw py::value_error("attention_at: mask_row and cache_row must be [N]");
+  for (int64_t j = 0; j < N; ++j) {
+    if (mask_row.data()[j] < 0 || mask_row.data()[j] >= S)
+      throw py::value_error("attention_at: mask_row[" + std::to_string(j) + "] is outside [0, " + std::to_string(S) + ")");
+    if (cache_row.data()[j] < 0 || cache_row.data()[j] >= R)
+      throw py::value_error("attention_at: cache_row[" + std::to_string(j) + "] is outside [0, " + std::to_string(R) + ")");
+  }
+  py::gil_scoped_release free;
+  laser::attention(reinterpret_cast<const float*>(q), N, Hq, D, reinterpret_cast<const float*>(k),
+                   reinterpret_cast<const float*>(v), Hkv, row_stride, head_stride, T,
+                   reinterpret_cast<const float*>(mask), mask_row.data(), cache_row.data(), float(scale),
+                   reinterpret_cast<float*>(out), threads);
+}
+
 // row_stats (accept.h) of the logits at address `logits` (live float32 C-contiguous [R, V], vouched
 // for by the caller); parent_row and tokens are checked. Returns (argmax [R], prob [n], rank [n]).
 py::tuple row_stats_at(uintptr_t logits, int64_t R, int64_t V, py::array_t<int64_t, py::array::c_style> parent_row,
@@ -394,6 +423,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sin"),
         "x [rows, heads, D] = x * cos + rotate_half(x) * sin in place, cos and sin [rows, D] per row; addresses of "
         "live float32 C-contiguous buffers (unchecked: the caller vouches for them).");
+  m.def("silu_mul_at", &silu_mul_at, py::arg("gate"), py::arg("up"), py::arg("n"),
+        "gate[i] = silu(gate[i]) * up[i] for i < n, in place; addresses of live float32 buffers (unchecked: the "
+        "caller vouches for them).");
+  m.def("attention_at", &attention_at, py::arg("q"), py::arg("N"), py::arg("Hq"), py::arg("D"), py::arg("k"),
+        py::arg("v"), py::arg("Hkv"), py::arg("R"), py::arg("row_stride"), py::arg("head_stride"), py::arg("T"),
+        py::arg("mask"), py::arg("S"), py::arg("mask_row"), py::arg("cache_row"), py::arg("scale"), py::arg("out"),
+        py::arg("threads"),
+        "out [N, Hq, D] = attention of q [N, Hq, D] over T columns of cache rows cache_row[j] of k and v (element "
+        "(r, g, t, d) at r * row_stride + g * head_stride + t * D + d; R rows), additive mask row mask_row[j] of "
+        "mask [S, T] (-inf or float's lowest hides a column), scores times scale, Hq / Hkv query heads per "
+        "key/value head; a cache row's tokens consecutive. Addresses of live float32 buffers (unchecked: the "
+        "caller vouches for them).");
   m.def("row_stats_at", &row_stats_at, py::arg("logits"), py::arg("R"), py::arg("V"), py::arg("parent_row"),
         py::arg("tokens"), py::arg("top_k"), py::arg("threads"),
         "(argmax [R], prob [n], rank [n]) of the logits [R, V] at address `logits` (live float32 C-contiguous, "

@@ -1,8 +1,36 @@
-#include "layer.h"
-
+// The scalar layer steps, and dispatch of the vectorised ones (layer_kernel.h) with their plain
+// build (SSE2 on x86-64, any CPU elsewhere).
+#define LASER_ISA generic
+#define VEC 4
 #include <cmath>
 
+#include "layer.h"
+#include "layer_kernel.h"
+#include "dispatch.h"
+
 namespace laser {
+
+#if defined(__x86_64__) && defined(LASER_X86_KERNELS)
+namespace avx512 {
+void silu_mul(float*, const float*, int64_t);
+void attention(const float*, int64_t, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+               const float*, const int64_t*, const int64_t*, float, float*, int);
+}
+namespace avx2 {
+void silu_mul(float*, const float*, int64_t);
+void attention(const float*, int64_t, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+               const float*, const int64_t*, const int64_t*, float, float*, int);
+}
+#endif
+
+void silu_mul(float* gate, const float* up, int64_t n) { LASER_DISPATCH(silu_mul(gate, up, n)); }
+
+void attention(const float* q, int64_t N, int64_t Hq, int64_t D, const float* k, const float* v, int64_t Hkv,
+               int64_t row_stride, int64_t head_stride, int64_t T, const float* mask, const int64_t* mask_row,
+               const int64_t* cache_row, float scale, float* out, int threads) {
+  LASER_DISPATCH(attention(q, N, Hq, D, k, v, Hkv, row_stride, head_stride, T, mask, mask_row, cache_row, scale, out,
+                           threads));
+}
 
 void add_rms_norm(float* h, const float* y, int64_t rows, int64_t C, const float* w, float eps, float* out) {
   for (int64_t r = 0; r < rows; ++r) {

@@ -131,12 +131,23 @@ def tiled_linear_at(
 ) -> None: ...  # tiled_linear on addresses (unchecked: the caller vouches for them), the best kernel this CPU runs
 def tiled_isa() -> str: ...  # "avx512", "avx2" or "generic"
 
-# The direct forward's elementwise steps (csrc/layer.h), on data_ptr()s of float32 C-contiguous
+# The direct forward's layer steps (csrc/layer.h), on data_ptr()s of float32 C-contiguous
 # tensors (unchecked: the caller vouches for them).
 def add_rms_norm_at(h: int, y: int, rows: int, C: int, w: int, eps: float, out: int) -> None: ...
 # h [rows, C] += y (0: no add); out [rows, C] = w * h * rsqrt(mean(h^2) + eps)
 def rope_at(x: int, rows: int, heads: int, D: int, cos: int, sin: int) -> None: ...
 # x [rows, heads, D] = x * cos + rotate_half(x) * sin in place; cos, sin [rows, D]
+def silu_mul_at(gate: int, up: int, n: int) -> None: ...
+# gate[:n] = silu(gate) * up in place
+def attention_at(
+    q: int, N: int, Hq: int, D: int,  # [N, Hq, D] queries
+    k: int, v: int, Hkv: int, R: int, row_stride: int, head_stride: int, T: int,  # cache (r, g, t, d): r * row_stride + g * head_stride + t * D + d
+    mask: int, S: int,  # [S, T] additive (-inf or float's lowest hides a column)
+    mask_row: npt.NDArray[np.int64], cache_row: npt.NDArray[np.int64],  # [N] each token's mask row and cache row (checked)
+    scale: float,
+    out: int,  # [N, Hq, D], written
+    threads: int,
+) -> None: ...
 
 # Acceptance statistics on a CPU (csrc/accept.h): logits = data_ptr() of a float32 C-contiguous [R, V]
 # (unchecked); returns each row's first argmax [R], node i's token probability [n] in row

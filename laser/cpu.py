@@ -187,6 +187,19 @@ class LinearRoutes:
         rows = x.numel() // max(x.shape[-1], 1)
         return split_linear(x, w, bias, self.ways, self.product(w.shape[0], w.shape[1], rows), self.packs)
 
+    def lean(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """linear() on operands its caller vouches for (the direct forward's): x [..., K] float32,
+        C-contiguous, on the CPU, outside autograd; w [N, K] and bias [N] float32 and contiguous.
+        The tiled route then skips split_linear's checks (~10 us a call, 211 calls a SmolLM2 forward)."""
+        N, K = w.shape
+        rows = x.numel() // K
+        if self.packs is None or self.product(N, K, rows) != "tiled":
+            return self.linear(x, w, bias)
+        y = torch.empty(*x.shape[:-1], N)
+        _C.tiled_linear_at(x.data_ptr(), rows, K, self.packs.get(w, "tiled"), N, 0 if bias is None else bias.data_ptr(),
+                           y.data_ptr(), torch.get_num_threads())
+        return y
+
 
 def _median_ms(f, reps: int) -> float:
     f()

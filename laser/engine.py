@@ -229,7 +229,7 @@ class Engine:
         for m in self._linears:
             m.forward = _linear_forward.__get__(m)
         # verification forwards of Llama-architecture models on a CPU: LASER's flat forward (laser/forward.py)
-        self.direct = DirectForward.of(model, _attention) if self.attention else None
+        self.direct = DirectForward.of(model) if self.attention else None
         self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
         self._models: dict[AcceptConfig, AcceptanceModel] = {}  # acceptance="auto": one per AcceptConfig
         self.packs = PackedWeights()  # the "packed" and "tiled" products' weight copies, shared by every thread count
@@ -360,8 +360,7 @@ class Engine:
         direct = self.direct
         if direct is not None and not kernels and ids.device.type == "cpu" and direct.runnable():
             with self.active(kernels):
-                routes = _CALL.get().routes
-                return direct(F.linear if routes is None else routes.linear, ids, pos, mask, cache, **extra)
+                return direct(_CALL.get().routes, ids, pos, mask, cache, **extra)
         return self.forward(kernels, input_ids=ids, position_ids=pos, attention_mask=mask, **{self.kv: cache},
                             use_cache=True, **extra).logits
 

@@ -2,33 +2,38 @@
 transformers' computation on the model's own parameters, without its module calls.
 
 A verification forward is small (1 + a tree of ~8-16 tokens). On the 2-core Intel VM its
-linears take ~26 ms at one token (the 536 MB of SmolLM2's weights streamed once), and
-transformers' per-module Python (module calls, kwargs and deprecation wrappers, RMSNorm's casts
-and reductions, rotate_half's slices and cats) ~9 ms more. DirectForward runs one flat loop
-over the layers, with the elementwise steps in C++ (csrc/layer.h, on data pointers) and the
-products and attention LASER's:
+linears take ~20-27 ms (the 536 MB of SmolLM2's weights streamed once), and transformers'
+per-module Python (module calls, kwargs and deprecation wrappers, RMSNorm's casts and
+reductions, rotate_half's slices and cats) ~9 ms more. DirectForward runs one flat loop over
+the layers, with the products LASER's routes and every other step in C++ (csrc/layer.h, on
+data pointers):
 
   h = embed(ids)                                   [b, q, C], the residual stream (updated in place)
   cos, sin = rotary(h, positions)                  [b, q, D] (the model's own rotary module)
   per layer:  x = rms(h)                           add_rms_norm (h += the last output first)
               q, k, v = proj(x) ; rope(q), rope(k) [b, q, H * D], rope in place
-              K, V = cache.update(k, v)            the model's cache interface
-              y = o_proj(attention(q, K, V, mask)) LASER's attention function, as the model calls it
+              K, V = cache.update(k, v)            the model's cache interface (LASER's TreeCache)
+              y = o_proj(attention(q, K, V, mask)) C++ attention over the cache rows, in place of SDPA
               x = rms(h += y)
-              y = down(act(gate(x)) * up(x))       the model's activation module
+              y = down(silu(gate(x)) * up(x))      silu_mul in place on gate's output
   logits = lm_head(rms(h += y))                    [b, q, V]
 
-The logits equal the model's own forward under the same routes up to fp32 rounding (the norms
-sum in another order; tests/test_engine.py checks every verification of one-row and ragged
+Tokens are the b * q rows of input_ids (padded layout: token j of row j // q), or with
+laser_ragged = (gather, scatter) the rows' blocks back to back ([1, N]: token j in padded slot
+scatter[j] of the [B, 1, q, T] mask, cache row scatter[j] // q). The logits equal the model's
+own forward under the same routes up to fp32 rounding (the norms, softmax and products sum
+in other orders; tests/test_engine.py checks every verification of one-row and ragged
 decodes, and that strict decoding still equals greedy). DirectForward.of(model) returns None
-for anything else (other layer types, a model not on LASER's attention); runnable() is False
-while hooks sit on the model, while it trains or records gradients, or off float32: those
-forwards run through transformers as before.
+for anything else (other layer types or activations); runnable() is False while hooks sit on
+the model, while it trains or records gradients, or off float32: those forwards run through
+transformers as before.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
 from laser import _C
@@ -44,9 +49,9 @@ class DirectForward:
     number of threads may run it at once, each with its own cache."""
 
     @classmethod
-    def of(cls, model, attention) -> "DirectForward | None":
+    def of(cls, model) -> "DirectForward | None":
         """The direct forward for `model`, or None where it would not compute exactly what the
-        model does. attention: the function the model's attention layers call (LASER's)."""
+        model does."""
         name = type(model).__name__
         if SUPPORTED.get(name) != type(model).__module__:
             return None
@@ -68,14 +73,15 @@ class DirectForward:
             if (any(type(m).__name__ != kinds[k] for k, m in parts.items())
                     or type(layer.post_attention_layernorm).__name__ != kinds["norm"]
                     or not all(hasattr(layer.self_attn, a) for a in ("head_dim", "scaling"))
-                    or getattr(layer.self_attn, "sliding_window", None) is not None):
+                    or getattr(layer.self_attn, "sliding_window", None) is not None
+                    or type(layer.mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU")):
                 return None
         if type(inner.norm).__name__ != kinds["norm"] or type(model.lm_head) is not torch.nn.Linear:
             return None
-        return cls(model, attention)
+        return cls(model)
 
-    def __init__(self, model, attention):
-        self.model, self.attention = model, attention
+    def __init__(self, model):
+        self.model = model
         inner = model.model
         self.embed, self.rotary, self.norm, self.head = inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
         self.layers = list(inner.layers)
@@ -88,14 +94,21 @@ class DirectForward:
                     or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
                     or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules))
 
-    def __call__(self, linear, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask, cache,
-                 **attention_kwargs) -> torch.Tensor:
-        """Logits [b, q, V] of input_ids [b, q] at position_ids [b, q]; attention_mask and
-        attention_kwargs go to the attention function as the model would pass them; keys and
-        values go through cache.layers[i].update. linear(x, weight, bias): the product to use."""
+    def __call__(self, routes, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 cache, laser_ragged=None) -> torch.Tensor:
+        """Logits [b, q, V] of input_ids [b, q] at position_ids [b, q]; attention_mask: the additive
+        float32 [B, 1, q', T] mask, laser_ragged as in the module docstring; keys and values go
+        through cache.layers[i].update. routes: the LinearRoutes for the products (None: F.linear)."""
+        linear = F.linear if routes is None else routes.lean
         h = self.embed(input_ids)  # [b, q, C] the residual stream, a fresh tensor updated in place
         b, q, C = h.shape
         rows = b * q
+        B, _, qp, T = attention_mask.shape
+        if attention_mask.dtype != torch.float32 or not attention_mask.is_contiguous():
+            raise ValueError("the direct forward takes an additive float32 C-contiguous mask")
+        slot = np.arange(rows) if laser_ragged is None else laser_ragged[1].numpy()  # [rows] mask row of each token
+        cache_row = slot // qp
+        threads = torch.get_num_threads()
         cos, sin = (t.contiguous() for t in self.rotary(h, position_ids))  # [b, q, D]
         x = torch.empty_like(h)  # each norm's output, read by the products that follow it
         y = None  # what the residual stream takes next (None: nothing yet)
@@ -111,16 +124,22 @@ class DirectForward:
             qs = linear(x, a.q_proj.weight, a.q_proj.bias).contiguous()  # [b, q, Hq * D]
             ks = linear(x, a.k_proj.weight, a.k_proj.bias).contiguous()  # [b, q, Hkv * D]
             vs = linear(x, a.v_proj.weight, a.v_proj.bias).contiguous()
-            _C.rope_at(qs.data_ptr(), rows, qs.shape[-1] // D, D, cos.data_ptr(), sin.data_ptr())
-            _C.rope_at(ks.data_ptr(), rows, ks.shape[-1] // D, D, cos.data_ptr(), sin.data_ptr())
+            Hq, Hkv = qs.shape[-1] // D, ks.shape[-1] // D
+            _C.rope_at(qs.data_ptr(), rows, Hq, D, cos.data_ptr(), sin.data_ptr())
+            _C.rope_at(ks.data_ptr(), rows, Hkv, D, cos.data_ptr(), sin.data_ptr())
             heads = (b, q, -1, D)
             k, v = cache.layers[i].update(ks.view(heads).transpose(1, 2), vs.view(heads).transpose(1, 2))
-            out, _ = self.attention(a, qs.view(heads).transpose(1, 2), k, v, attention_mask, dropout=0.0,
-                                    scaling=a.scaling, **attention_kwargs)  # [b, q, Hq, D]
-            y = linear(out.reshape(b, q, -1), a.o_proj.weight, a.o_proj.bias).contiguous()
+            if k.shape[2] != T or k.stride()[2:] != (D, 1) or v.stride() != k.stride():  # [B, Hkv, T, D] views
+                raise ValueError("the direct forward needs the cache's [rows, Hkv, T, D] key/value views")
+            out = torch.empty_like(qs)  # [b, q, Hq * D]
+            _C.attention_at(qs.data_ptr(), rows, Hq, D, k.data_ptr(), v.data_ptr(), Hkv, k.shape[0], k.stride(0),
+                            k.stride(1), T, attention_mask.data_ptr(), B * qp, slot, cache_row, a.scaling,
+                            out.data_ptr(), threads)
+            y = linear(out, a.o_proj.weight, a.o_proj.bias).contiguous()
             norm(layer.post_attention_layernorm)
-            gate = linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-            y = linear(mlp.act_fn(gate).mul_(up), mlp.down_proj.weight, mlp.down_proj.bias).contiguous()
+            gate = linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias).contiguous()
+            up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias).contiguous()
+            _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel())
+            y = linear(gate, mlp.down_proj.weight, mlp.down_proj.bias).contiguous()
         norm(self.norm)
         return linear(x, self.head.weight, self.head.bias)

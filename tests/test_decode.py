@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import laser
@@ -367,6 +368,50 @@ def test_direct_forward_steps_equal_transformers_modules():
         _C.rope_at(got.data_ptr(), rows, heads, 15, cos.data_ptr(), sin.data_ptr())
     with pytest.raises(ValueError, match="rows >= 0"):
         _C.add_rms_norm_at(h.data_ptr(), 0, -1, C, norm.weight.data_ptr(), 1e-5, out.data_ptr())
+
+
+def test_direct_forward_attention_and_silu_equal_torch():
+    """The direct forward's C++ attention over cache rows equals SDPA with grouped-query heads on
+    the padded layout and on ragged blocks (tokens back to back, mask slots and cache rows by
+    token), for several head groupings and head sizes, up to fp32 rounding; hidden columns weigh
+    exactly 0 (huge values there change nothing). silu_mul equals silu(gate) * up. Bad rows and
+    head counts are refused by name."""
+    from laser import _C
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.finfo(torch.float32).min
+    for B, q, Hq, Hkv, D, W in [(1, 1, 9, 3, 64, 40), (1, 12, 9, 3, 64, 300), (3, 5, 4, 2, 8, 20), (2, 7, 64, 1, 5, 9),
+                                (2, 17, 8, 8, 16, 30)]:
+        T = W + q
+        cache_k, cache_v = torch.randn(B + 1, Hkv, T + 8, D, generator=g), torch.randn(B + 1, Hkv, T + 8, D, generator=g)
+        k, v = cache_k[:B, :, :T], cache_v[:B, :, :T]  # the cache's views: row and head strides of the buffer
+        query = torch.randn(B, Hq, q, D, generator=g)
+        visible = torch.rand(B, q, T, generator=g) > 0.3
+        visible[:, :, W] = True  # every token sees its pending column
+        mask = torch.zeros(B, 1, q, T).masked_fill_(~visible[:, None], low)
+        v.masked_fill_(~visible.any(1)[:, None, :, None], 1e30)  # hidden from every token of the row
+        clean = v.masked_fill(~visible.any(1)[:, None, :, None], 0.0)
+        want = F.scaled_dot_product_attention(query, k, clean, attn_mask=mask, scale=0.3, enable_gqa=True)
+        want = want.transpose(1, 2)  # [B, q, Hq, D]
+        counts = torch.randint(1, q + 1, (B,), generator=g).numpy()
+        for ragged in (False, True):
+            slot = np.concatenate([r * q + np.arange(c) for r, c in enumerate(counts)]) if ragged else np.arange(B * q)
+            tokens = query.transpose(1, 2).reshape(B * q, Hq, D)[torch.from_numpy(slot)].contiguous()  # [N, Hq, D]
+            out = torch.full_like(tokens, float("nan"))
+            _C.attention_at(tokens.data_ptr(), len(slot), Hq, D, k.data_ptr(), v.data_ptr(), Hkv, B, k.stride(0),
+                            k.stride(1), T, mask.data_ptr(), B * q, slot, slot // q, 0.3, out.data_ptr(), 2)
+            torch.testing.assert_close(out, want.reshape(B * q, Hq, D)[torch.from_numpy(slot)], rtol=1e-5, atol=1e-5)
+    gate, up = torch.linspace(-100, 100, 1001), torch.randn(1001, generator=g)
+    want = F.silu(gate) * up
+    _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel())
+    torch.testing.assert_close(gate, want, rtol=1e-6, atol=1e-30)
+    rows = np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="Hkv dividing Hq"):
+        _C.attention_at(tokens.data_ptr(), 1, 9, D, k.data_ptr(), v.data_ptr(), 2, B, 1, 1, T, mask.data_ptr(), 1, rows,
+                        rows, 1.0, out.data_ptr(), 1)
+    with pytest.raises(ValueError, match=r"cache_row\[0\] is outside"):
+        _C.attention_at(tokens.data_ptr(), 1, Hq, D, k.data_ptr(), v.data_ptr(), Hkv, B, 1, 1, T, mask.data_ptr(), 1,
+                        rows, rows + B, 1.0, out.data_ptr(), 1)
 
 
 def test_tiled_product_refuses_bad_arrays():
