@@ -374,6 +374,62 @@ void attention_at(uintptr_t q, int64_t N, int64_t Hq, int64_t D, uintptr_t k, ui
                    reinterpret_cast<float*>(out), threads);
 }
 
+// decoder_layer (layer.h) over one verification block: made once per forward with the block's
+// shapes, slots and addresses (the caller vouches for the addresses: live float32 C-contiguous
+// buffers of layer.h's sizes, and the cache buffers [R, Hkv, capacity, D]); the slots are
+// checked here and kept alive with the block. run() is one layer.
+struct DirectBlock {
+  laser::LayerBlock b;
+  py::array_t<int64_t> cache_row, cache_col, mask_row;
+
+  void run(uintptr_t h, uintptr_t y, bool pending, uintptr_t norm1, double eps1, uintptr_t norm2, double eps2,
+           const std::vector<Floats>& tiled, const std::vector<uintptr_t>& bias, uintptr_t k_cache, uintptr_t v_cache) {
+    if (tiled.size() != 7 || bias.size() != 7) throw py::value_error("DirectBlock.run: 7 tiled copies and 7 biases");
+    const int64_t Q = b.Hq * b.D, KV = b.Hkv * b.D;
+    const int64_t shape[7][2] = {{Q, b.C}, {KV, b.C}, {KV, b.C}, {b.C, Q}, {b.I, b.C}, {b.I, b.C}, {b.C, b.I}};
+    laser::LayerWeights w{};
+    for (int i = 0; i < 7; ++i) {
+      check_tiled(tiled[i], shape[i][0], shape[i][1], b.threads);
+      w.tiled[i] = tiled[i].data();
+      w.bias[i] = reinterpret_cast<const float*>(bias[i]);
+    }
+    if (!h || !y || !norm1 || !norm2 || !k_cache || !v_cache) throw py::value_error("DirectBlock.run: null address");
+    w.norm[0] = reinterpret_cast<const float*>(norm1), w.norm[1] = reinterpret_cast<const float*>(norm2);
+    w.eps[0] = float(eps1), w.eps[1] = float(eps2);
+    py::gil_scoped_release free;
+    laser::decoder_layer(reinterpret_cast<float*>(h), reinterpret_cast<float*>(y), pending, w, b,
+                         reinterpret_cast<float*>(k_cache), reinterpret_cast<float*>(v_cache));
+  }
+};
+
+DirectBlock make_direct_block(int64_t C, int64_t Hq, int64_t Hkv, int64_t D, int64_t I, double scale, int64_t rows,
+                              uintptr_t cos, uintptr_t sin, py::array_t<int64_t, py::array::c_style> cache_row,
+                              py::array_t<int64_t, py::array::c_style> cache_col,
+                              py::array_t<int64_t, py::array::c_style> mask_row, uintptr_t mask, int64_t S, int64_t T,
+                              int64_t R, int64_t capacity, const std::vector<uintptr_t>& scratch, int threads) {
+  if (C < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || D < 2 || D % 2 || I < 1 || rows < 1 || T < 1 || T > capacity ||
+      threads < 1 || !cos || !sin || !mask)
+    throw py::value_error("DirectBlock: needs C, I, rows, T <= capacity, threads >= 1, an even D, Hkv dividing Hq "
+                          "and cos, sin, mask");
+  if (scratch.size() != 7) throw py::value_error("DirectBlock: scratch is x, q, k, v, att, gate, up");
+  for (auto a : {&cache_row, &cache_col, &mask_row})
+    if (a->ndim() != 1 || a->size() != rows) throw py::value_error("DirectBlock: cache_row, cache_col, mask_row must be [rows]");
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t r = cache_row.data()[j], c = cache_col.data()[j], m = mask_row.data()[j];
+    if (r < 0 || r >= R || c < 0 || c >= T || m < 0 || m >= S)
+      throw py::value_error("DirectBlock: token " + std::to_string(j) + "'s slot (row " + std::to_string(r) +
+                            ", column " + std::to_string(c) + ", mask row " + std::to_string(m) + ") is outside [" +
+                            std::to_string(R) + ", " + std::to_string(T) + ", " + std::to_string(S) + ")");
+  }
+  for (auto p : scratch)
+    if (!p) throw py::value_error("DirectBlock: null scratch address");
+  auto f = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
+  laser::LayerBlock b{C, Hq, Hkv, D, I, float(scale), rows, f(cos), f(sin), cache_row.data(), cache_col.data(),
+                      mask_row.data(), f(mask), T, Hkv * capacity * D, capacity * D, f(scratch[0]), f(scratch[1]),
+                      f(scratch[2]), f(scratch[3]), f(scratch[4]), f(scratch[5]), f(scratch[6]), threads};
+  return DirectBlock{b, cache_row, cache_col, mask_row};
+}
+
 // row_stats (accept.h) of the logits at address `logits` (live float32 C-contiguous [R, V], vouched
 // for by the caller); parent_row and tokens are checked. Returns (argmax [R], prob [n], rank [n]).
 py::tuple row_stats_at(uintptr_t logits, int64_t R, int64_t V, py::array_t<int64_t, py::array::c_style> parent_row,
@@ -435,6 +491,22 @@ PYBIND11_MODULE(_C, m) {
         "mask [S, T] (-inf or float's lowest hides a column), scores times scale, Hq / Hkv query heads per "
         "key/value head; a cache row's tokens consecutive. Addresses of live float32 buffers (unchecked: the "
         "caller vouches for them).");
+  py::class_<DirectBlock>(m, "DirectBlock",
+                          "One verification block of the direct forward (csrc/layer.h decoder_layer): "
+                          "make_direct_block(...), then run(...) per layer.")
+      .def("run", &DirectBlock::run, py::arg("h"), py::arg("y"), py::arg("pending"), py::arg("norm1"),
+           py::arg("eps1"), py::arg("norm2"), py::arg("eps2"), py::arg("tiled"), py::arg("bias"), py::arg("k_cache"),
+           py::arg("v_cache"),
+           "One decoder layer: h [rows, C] += y when pending, ..., y = the MLP's output (the next add); tiled: "
+           "tile_weight copies of q, k, v, o, gate, up, down; bias: their addresses (0: none); k_cache, "
+           "v_cache: this layer's [R, Hkv, capacity, D] buffers. Addresses unchecked (the caller vouches).");
+  m.def("make_direct_block", &make_direct_block, py::arg("C"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"),
+        py::arg("I"), py::arg("scale"), py::arg("rows"), py::arg("cos"), py::arg("sin"), py::arg("cache_row"),
+        py::arg("cache_col"), py::arg("mask_row"), py::arg("mask"), py::arg("S"), py::arg("T"), py::arg("R"),
+        py::arg("capacity"), py::arg("scratch"), py::arg("threads"),
+        "A DirectBlock: shapes, rotary tables cos / sin [rows, D], each token's cache row / column and mask row "
+        "(checked against R, T and S), the mask [S, T], cache capacity, scratch addresses (x, q, k, v, att, "
+        "gate, up) and threads. Addresses unchecked (the caller vouches for them).");
   m.def("row_stats_at", &row_stats_at, py::arg("logits"), py::arg("R"), py::arg("V"), py::arg("parent_row"),
         py::arg("tokens"), py::arg("top_k"), py::arg("threads"),
         "(argmax [R], prob [n], rank [n]) of the logits [R, V] at address `logits` (live float32 C-contiguous, "

@@ -3,6 +3,7 @@
 #define LASER_ISA generic
 #define VEC 4
 #include <cmath>
+#include <cstring>
 
 #include "layer.h"
 #include "layer_kernel.h"
@@ -62,6 +63,31 @@ void rope(float* x, int64_t rows, int64_t heads, int64_t D, const float* cos, co
       }
     }
   }
+}
+
+void decoder_layer(float* h, float* y, bool pending, const LayerWeights& w, const LayerBlock& b, float* k_cache,
+                   float* v_cache) {
+  const int64_t R = b.rows, C = b.C, Q = b.Hq * b.D, KV = b.Hkv * b.D;
+  add_rms_norm(h, pending ? y : nullptr, R, C, w.norm[0], w.eps[0], b.x);
+  tiled_linear(b.x, R, C, w.tiled[0], Q, w.bias[0], b.q, b.threads);
+  tiled_linear(b.x, R, C, w.tiled[1], KV, w.bias[1], b.k, b.threads);
+  tiled_linear(b.x, R, C, w.tiled[2], KV, w.bias[2], b.v, b.threads);
+  rope(b.q, R, b.Hq, b.D, b.cos, b.sin);
+  rope(b.k, R, b.Hkv, b.D, b.cos, b.sin);
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t g = 0; g < b.Hkv; ++g) {
+      const int64_t at = b.cache_row[j] * b.row_stride + g * b.head_stride + b.cache_col[j] * b.D;
+      std::memcpy(k_cache + at, b.k + (j * b.Hkv + g) * b.D, b.D * sizeof(float));
+      std::memcpy(v_cache + at, b.v + (j * b.Hkv + g) * b.D, b.D * sizeof(float));
+    }
+  attention(b.q, R, b.Hq, b.D, k_cache, v_cache, b.Hkv, b.row_stride, b.head_stride, b.T, b.mask, b.mask_row,
+            b.cache_row, b.scale, b.att, b.threads);
+  tiled_linear(b.att, R, Q, w.tiled[3], C, w.bias[3], y, b.threads);
+  add_rms_norm(h, y, R, C, w.norm[1], w.eps[1], b.x);
+  tiled_linear(b.x, R, C, w.tiled[4], b.I, w.bias[4], b.gate, b.threads);
+  tiled_linear(b.x, R, C, w.tiled[5], b.I, w.bias[5], b.up, b.threads);
+  silu_mul(b.gate, b.up, R * b.I);
+  tiled_linear(b.gate, R, b.I, w.tiled[6], C, w.bias[6], y, b.threads);
 }
 
 }  // namespace laser

@@ -149,6 +149,26 @@ def attention_at(
     threads: int,
 ) -> None: ...
 
+class DirectBlock:
+    """One verification block of the direct forward (csrc/layer.h decoder_layer); make_direct_block() makes it."""
+    def run(
+        self, h: int, y: int, pending: bool,  # h [rows, C] += y first when pending; y = the layer's output after
+        norm1: int, eps1: float, norm2: int, eps2: float,  # the input / post-attention RMSNorm weights [C]
+        tiled: list[npt.NDArray[np.float32]],  # tile_weight copies of q, k, v, o, gate, up, down (sizes checked)
+        bias: list[int],  # their biases' addresses (0: none)
+        k_cache: int, v_cache: int,  # this layer's [R, Hkv, capacity, D] buffers: the block is written into them
+    ) -> None: ...
+def make_direct_block(
+    C: int, Hq: int, Hkv: int, D: int, I: int, scale: float, rows: int,
+    cos: int, sin: int,  # [rows, D] rotary tables
+    cache_row: npt.NDArray[np.int64], cache_col: npt.NDArray[np.int64],  # [rows] each token's cache slot (checked)
+    mask_row: npt.NDArray[np.int64],  # [rows] each token's row of the mask (checked)
+    mask: int, S: int, T: int,  # [S, T] additive mask; T columns attended
+    R: int, capacity: int,  # the cache buffers' rows and columns
+    scratch: list[int],  # x [rows, C], q [rows, Hq * D], k, v [rows, Hkv * D], att [rows, Hq * D], gate, up [rows, I]
+    threads: int,
+) -> DirectBlock: ...  # addresses unchecked: live float32 C-contiguous buffers the caller vouches for
+
 # Acceptance statistics on a CPU (csrc/accept.h): logits = data_ptr() of a float32 C-contiguous [R, V]
 # (unchecked); returns each row's first argmax [R], node i's token probability [n] in row
 # parent_row[i] and the count of logits above it there, capped at top_k [n]. n = 0: argmax alone.

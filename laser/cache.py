@@ -15,7 +15,9 @@ appends the [pending + tree] block there: padded, [rows, q] tokens into columns
 [width, width + q) of every row; or ragged, after place(): the rows' blocks back to back as
 one sequence [1, N], token j into row rows[j], column cols[j]) or a prefill of some rows from
 column 0 (`filling(rows)`: the model's keys go to those rows and come back as they are). After a
-verification, commit(rows, src, dst) is the one place that moves accepted columns.
+verification, commit(rows, src, dst) is the one place that moves accepted columns. The direct
+forward's C++ layers (laser/forward.py) write a verification block themselves, at the slots
+block_slots() gives, which are the ones update() would write.
 
 Models talk to it through HF's public Cache interface (update, get_seq_length,
 get_mask_sizes); the caller always passes explicit positions and a 4-D mask (one per
@@ -126,6 +128,18 @@ class TreeCache(Cache):
         cols = self.width + np.concatenate([np.arange(m) for m in counts])
         both = torch.from_numpy(np.stack([rows, cols])).to(self.device)
         self.placed = (both[0], both[1], end)
+
+    def block_slots(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """After begin_block() (and place() for a ragged block): the cache row and column of each of
+        the block's `tokens` tokens, in order ([N] int64 each), where update() writes them: for the
+        direct forward, whose C++ layers write the block themselves."""
+        if self.placed is not None:
+            rows, cols, _ = self.placed
+            return rows.cpu().numpy(), cols.cpu().numpy()
+        q = tokens // self.rows
+        if tokens != q * self.rows or self.width + q > self.capacity:
+            raise RuntimeError(f"TreeCache: {tokens} tokens are no block of {self.rows} rows within capacity {self.capacity}")
+        return np.repeat(np.arange(self.rows), q), self.width + np.tile(np.arange(q), self.rows)
 
     def commit(self, rows: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
         """In every layer, copy column src[i] of row rows[i] to column dst[i] (all heads), then

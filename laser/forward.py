@@ -5,18 +5,25 @@ A verification forward is small (1 + a tree of ~8-16 tokens). On the 2-core Inte
 linears take ~20-27 ms (the 536 MB of SmolLM2's weights streamed once), and transformers'
 per-module Python (module calls, kwargs and deprecation wrappers, RMSNorm's casts and
 reductions, rotate_half's slices and cats) ~9 ms more. DirectForward runs one flat loop over
-the layers, with the products LASER's routes and every other step in C++ (csrc/layer.h, on
-data pointers):
+the layers on the model's own parameters, every step but the embedding, rotary tables and LM
+head in C++ (csrc/layer.h, on data pointers):
 
   h = embed(ids)                                   [b, q, C], the residual stream (updated in place)
   cos, sin = rotary(h, positions)                  [b, q, D] (the model's own rotary module)
-  per layer:  x = rms(h)                           add_rms_norm (h += the last output first)
+  per layer:  x = rms(h)                           add_rms_norm (h += the last layer's y first)
               q, k, v = proj(x) ; rope(q), rope(k) [b, q, H * D], rope in place
-              K, V = cache.update(k, v)            the model's cache interface (LASER's TreeCache)
-              y = o_proj(attention(q, K, V, mask)) C++ attention over the cache rows, in place of SDPA
+              K, V = cache with the block's k, v   at the TreeCache's slots for the block
+              y = o_proj(attention(q, K, V, mask)) C++ attention over the cache rows (not SDPA)
               x = rms(h += y)
               y = down(silu(gate(x)) * up(x))      silu_mul in place on gate's output
   logits = lm_head(rms(h += y))                    [b, q, V]
+
+Where the routes (laser/cpu.py) run every layer product tiled at this row count (on the Intel
+VM: 2-32 rows), a layer is one C++ call (decoder_layer), which writes the block's keys and
+values at TreeCache.block_slots(); SmolLM2 over 1 + 11 tokens: 40 -> 33 ms against the
+Python loop of the same steps. Otherwise (one row, where F.linear wins some shapes; large
+ragged batches, where oneDNN does) the loop runs in Python, each product through its route
+and the block through the cache's update().
 
 Tokens are the b * q rows of input_ids (padded layout: token j of row j // q), or with
 laser_ragged = (gather, scatter) the rows' blocks back to back ([1, N]: token j in padded slot
@@ -42,6 +49,12 @@ from laser import _C
 # pre-norm block above (Qwen2 adds biases to q/k/v, which the linears carry)
 SUPPORTED = {"LlamaForCausalLM": "transformers.models.llama.modeling_llama",
              "Qwen2ForCausalLM": "transformers.models.qwen2.modeling_qwen2"}
+
+
+def _products(layer) -> tuple:
+    """A decoder layer's linears in the C++ layer's order: q, k, v, o, gate, up, down."""
+    a, mlp = layer.self_attn, layer.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
 
 class DirectForward:
@@ -78,6 +91,9 @@ class DirectForward:
                 return None
         if type(inner.norm).__name__ != kinds["norm"] or type(model.lm_head) is not torch.nn.Linear:
             return None
+        shapes = [[tuple(m.weight.shape) for m in _products(layer)] for layer in layers]
+        if any(s != shapes[0] for s in shapes):
+            return None  # the C++ layers take one set of shapes
         return cls(model)
 
     def __init__(self, model):
@@ -86,6 +102,7 @@ class DirectForward:
         self.embed, self.rotary, self.norm, self.head = inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
         self.layers = list(inner.layers)
         self.modules = list(model.modules())
+        self.shapes = {tuple(m.weight.shape) for m in _products(self.layers[0])}  # (N, K) of the layers' products
 
     def runnable(self) -> bool:
         """False while hooks sit on the model (a direct forward would skip them), while it trains
@@ -97,9 +114,8 @@ class DirectForward:
     def __call__(self, routes, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                  cache, laser_ragged=None) -> torch.Tensor:
         """Logits [b, q, V] of input_ids [b, q] at position_ids [b, q]; attention_mask: the additive
-        float32 [B, 1, q', T] mask, laser_ragged as in the module docstring; keys and values go
-        through cache.layers[i].update. routes: the LinearRoutes for the products (None: F.linear)."""
-        linear = F.linear if routes is None else routes.lean
+        float32 [B, 1, q', T] mask, laser_ragged as in the module docstring; the block's keys and
+        values go into `cache` (a TreeCache). routes: the LinearRoutes for the products (None: F.linear)."""
         h = self.embed(input_ids)  # [b, q, C] the residual stream, a fresh tensor updated in place
         b, q, C = h.shape
         rows = b * q
@@ -107,14 +123,50 @@ class DirectForward:
         if attention_mask.dtype != torch.float32 or not attention_mask.is_contiguous():
             raise ValueError("the direct forward takes an additive float32 C-contiguous mask")
         slot = np.arange(rows) if laser_ragged is None else laser_ragged[1].numpy()  # [rows] mask row of each token
-        cache_row = slot // qp
-        threads = torch.get_num_threads()
         cos, sin = (t.contiguous() for t in self.rotary(h, position_ids))  # [b, q, D]
         x = torch.empty_like(h)  # each norm's output, read by the products that follow it
-        y = None  # what the residual stream takes next (None: nothing yet)
+        y = torch.empty_like(h)  # what the residual stream takes next: each layer's output
+        if (routes is not None and routes.packs is not None and all(l.is_initialized for l in cache.layers)
+                and all(routes.product(N, K, rows) == "tiled" for N, K in self.shapes)):
+            self._tiled_layers(routes.packs, h, y, x, cos, sin, slot, attention_mask, cache)
+        else:
+            self._layers(F.linear if routes is None else routes.lean, h, y, x, cos, sin, slot, attention_mask, cache)
+        _C.add_rms_norm_at(h.data_ptr(), y.data_ptr(), rows, C, self.norm.weight.data_ptr(), self.norm.variance_epsilon,
+                           x.data_ptr())
+        return F.linear(x, self.head.weight, self.head.bias) if routes is None else routes.lean(x, self.head.weight,
+                                                                                                 self.head.bias)
+
+    def _tiled_layers(self, packs, h, y, x, cos, sin, slot, mask, cache) -> None:
+        """The layers as C++ steps (csrc/layer.h decoder_layer), where every product runs tiled."""
+        b, q, C = h.shape
+        rows, (S, T) = b * q, (mask.shape[0] * mask.shape[2], mask.shape[3])
+        a0, mlp0 = self.layers[0].self_attn, self.layers[0].mlp
+        D = a0.head_dim
+        Hq, Hkv, I = a0.q_proj.weight.shape[0] // D, a0.k_proj.weight.shape[0] // D, mlp0.gate_proj.weight.shape[0]
+        keys = cache.layers[0].keys  # [R, Hkv, capacity, D]
+        cache_row, cache_col = cache.block_slots(rows)
+        scratch = [x] + [torch.empty(rows, n) for n in (Hq * D, Hkv * D, Hkv * D, Hq * D, I, I)]  # x q k v att gate up
+        block = _C.make_direct_block(C, Hq, Hkv, D, I, a0.scaling, rows, cos.data_ptr(), sin.data_ptr(), cache_row,
+                                     cache_col, slot, mask.data_ptr(), S, T, keys.shape[0], keys.shape[2],
+                                     [t.data_ptr() for t in scratch], torch.get_num_threads())
+        for i, layer in enumerate(self.layers):
+            products = _products(layer)
+            n1, n2, kv = layer.input_layernorm, layer.post_attention_layernorm, cache.layers[i]
+            block.run(h.data_ptr(), y.data_ptr(), i > 0, n1.weight.data_ptr(), n1.variance_epsilon, n2.weight.data_ptr(),
+                      n2.variance_epsilon, [packs.get(m.weight, "tiled") for m in products],
+                      [0 if m.bias is None else m.bias.data_ptr() for m in products], kv.keys.data_ptr(),
+                      kv.values.data_ptr())
+
+    def _layers(self, linear, h, y, x, cos, sin, slot, mask, cache) -> None:
+        """The layers step by step in Python, each product through `linear` (routes other than tiled)."""
+        b, q, C = h.shape
+        rows, (B, _, qp, T) = b * q, mask.shape
+        cache_row = slot // qp
+        threads = torch.get_num_threads()
+        pending = False
 
         def norm(module) -> None:  # h += y; x = rms(h)
-            _C.add_rms_norm_at(h.data_ptr(), 0 if y is None else y.data_ptr(), rows, C, module.weight.data_ptr(),
+            _C.add_rms_norm_at(h.data_ptr(), y.data_ptr() if pending else 0, rows, C, module.weight.data_ptr(),
                                module.variance_epsilon, x.data_ptr())
 
         for i, layer in enumerate(self.layers):
@@ -133,13 +185,11 @@ class DirectForward:
                 raise ValueError("the direct forward needs the cache's [rows, Hkv, T, D] key/value views")
             out = torch.empty_like(qs)  # [b, q, Hq * D]
             _C.attention_at(qs.data_ptr(), rows, Hq, D, k.data_ptr(), v.data_ptr(), Hkv, k.shape[0], k.stride(0),
-                            k.stride(1), T, attention_mask.data_ptr(), B * qp, slot, cache_row, a.scaling,
-                            out.data_ptr(), threads)
-            y = linear(out, a.o_proj.weight, a.o_proj.bias).contiguous()
+                            k.stride(1), T, mask.data_ptr(), B * qp, slot, cache_row, a.scaling, out.data_ptr(), threads)
+            y.copy_(linear(out, a.o_proj.weight, a.o_proj.bias))
+            pending = True
             norm(layer.post_attention_layernorm)
             gate = linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias).contiguous()
             up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias).contiguous()
             _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel())
-            y = linear(gate, mlp.down_proj.weight, mlp.down_proj.bias).contiguous()
-        norm(self.norm)
-        return linear(x, self.head.weight, self.head.bias)
+            y.copy_(linear(gate, mlp.down_proj.weight, mlp.down_proj.bias))

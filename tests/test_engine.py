@@ -254,29 +254,43 @@ def test_ragged_and_padded_layouts_commit_the_same(mode):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_direct_forward_equals_the_models_own_forward(arch, monkeypatch):
+@pytest.mark.parametrize("products", ["measured", "tiled"])
+def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatch):
     """Every verification (one row, then ragged rows) through DirectForward gives the logits of
     the model's own forward on the same inputs and routes, up to fp32 rounding; strict still
-    equals greedy. A model with a hook, or of another architecture, runs through its own forward."""
+    equals greedy. "measured": the tiny shapes' routes (F.linear), so the layers run step by step
+    in Python; "tiled": every product routed to the tiled one, so each layer is one C++ step that
+    writes the cache block itself. A model with a hook, or of another architecture, runs through
+    its own forward."""
+    from laser.cpu import ROW_BUCKETS, LinearRoutes
     from laser.forward import DirectForward
 
     model = tiny(arch, 0)
     engine = laser.Engine.of(model)
     assert engine.direct is not None
-    direct, checked = DirectForward.__call__, []
+    if products == "tiled":
+        shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        engine._routes[torch.get_num_threads()] = LinearRoutes(2, {s: ["tiled"] * len(ROW_BUCKETS) for s in shapes},
+                                                               engine.packs)
+    direct, layers, checked, tiled = DirectForward.__call__, DirectForward._tiled_layers, [], []
 
-    def both(self, linear, ids, pos, mask, cache, **extra):
+    def both(self, routes, ids, pos, mask, cache, **extra):
         want = engine.forward(False, input_ids=ids, position_ids=pos, attention_mask=mask, **{engine.kv: cache},
                               use_cache=True, **extra).logits  # writes the cache columns the direct forward rewrites
-        got = direct(self, linear, ids, pos, mask, cache, **extra)
+        keys = [layer.keys.clone() for layer in cache.layers]
+        got = direct(self, routes, ids, pos, mask, cache, **extra)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for before, layer in zip(keys, cache.layers):  # the same block written where update() wrote it
+            torch.testing.assert_close(layer.keys, before, rtol=1e-5, atol=1e-5)
         checked.append((tuple(ids.shape), "laser_ragged" in extra))
         return got
 
     monkeypatch.setattr(DirectForward, "__call__", both)
+    monkeypatch.setattr(DirectForward, "_tiled_layers", lambda self, *a: tiled.append(1) or layers(self, *a))
     prompts, wants, pool = _decodes_like_greedy(model)
     assert any(shape[1] > 1 and not ragged for shape, ragged in checked), "a tree verified on one row"
     assert any(ragged for _, ragged in checked), "a ragged batch verified"
+    assert len(tiled) == (len(checked) if products == "tiled" else 0)
     checked.clear()
     hooked = []
     hook = model.model.layers[0].register_forward_hook(lambda *a: hooked.append(1))
