@@ -165,6 +165,19 @@ class LinearRoutes:
 
     def __init__(self, ways: int, table: dict[tuple[int, int], list[str]], packs: PackedWeights | None = None):
         self.ways, self.table, self.packs = ways, table, packs
+        self._tiled: dict[frozenset, int] = {}  # tiled_upto's answers
+
+    def tiled_upto(self, shapes: frozenset) -> int:
+        """The largest row bucket at which every (N, K) of `shapes` routes to the tiled product
+        (0: none, or no copies). The direct forward (laser/forward.py) runs its C++ layers, all
+        tiled, up to it: at one row, where F.linear wins some shapes alone, a SmolLM2 forward
+        through the C++ layers took 27 ms against 32-38 ms stepping through the routes in Python."""
+        if self.packs is None:
+            return 0
+        if shapes not in self._tiled:
+            self._tiled[shapes] = max((b for i, b in enumerate(ROW_BUCKETS)
+                                       if all(s in self.table and self.table[s][i] == "tiled" for s in shapes)), default=0)
+        return self._tiled[shapes]
 
     def product(self, N: int, K: int, rows: int) -> str:
         choice = self.table.get((N, K))

@@ -18,12 +18,13 @@ head in C++ (csrc/layer.h, on data pointers):
               y = down(silu(gate(x)) * up(x))      silu_mul in place on gate's output
   logits = lm_head(rms(h += y))                    [b, q, V]
 
-Where the routes (laser/cpu.py) run every layer product tiled at this row count (on the Intel
-VM: 2-32 rows), a layer is one C++ call (decoder_layer), which writes the block's keys and
-values at TreeCache.block_slots(); SmolLM2 over 1 + 11 tokens: 40 -> 33 ms against the
-Python loop of the same steps. Otherwise (one row, where F.linear wins some shapes; large
-ragged batches, where oneDNN does) the loop runs in Python, each product through its route
-and the block through the cache's update().
+Up to the most rows at which the routes (laser/cpu.py) run every layer product tiled
+(LinearRoutes.tiled_upto; on the Intel VM 64), a layer is one C++ call (decoder_layer), all
+products tiled, which writes the block's keys and values at TreeCache.block_slots(); SmolLM2
+over 1 + 11 tokens: 40 -> 33 ms against the Python loop of the same steps, one token 32-38
+-> 27 ms (there F.linear wins some shapes alone, not in the layer). Above it (large ragged
+batches, where oneDNN wins) the loop runs in Python, each product through its route and the
+block through the cache's update().
 
 Tokens are the b * q rows of input_ids (padded layout: token j of row j // q), or with
 laser_ragged = (gather, scatter) the rows' blocks back to back ([1, N]: token j in padded slot
@@ -102,7 +103,7 @@ class DirectForward:
         self.embed, self.rotary, self.norm, self.head = inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
         self.layers = list(inner.layers)
         self.modules = list(model.modules())
-        self.shapes = {tuple(m.weight.shape) for m in _products(self.layers[0])}  # (N, K) of the layers' products
+        self.shapes = frozenset(tuple(m.weight.shape) for m in _products(self.layers[0]))  # the layers' products' (N, K)
 
     def runnable(self) -> bool:
         """False while hooks sit on the model (a direct forward would skip them), while it trains
@@ -126,8 +127,7 @@ class DirectForward:
         cos, sin = (t.contiguous() for t in self.rotary(h, position_ids))  # [b, q, D]
         x = torch.empty_like(h)  # each norm's output, read by the products that follow it
         y = torch.empty_like(h)  # what the residual stream takes next: each layer's output
-        if (routes is not None and routes.packs is not None and all(l.is_initialized for l in cache.layers)
-                and all(routes.product(N, K, rows) == "tiled" for N, K in self.shapes)):
+        if routes is not None and rows <= routes.tiled_upto(self.shapes) and all(l.is_initialized for l in cache.layers):
             self._tiled_layers(routes.packs, h, y, x, cos, sin, slot, attention_mask, cache)
         else:
             self._layers(F.linear if routes is None else routes.lean, h, y, x, cos, sin, slot, attention_mask, cache)
