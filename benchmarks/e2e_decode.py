@@ -10,10 +10,11 @@ model wrote in that mode for *other* users, as that mode's job pools hold (stric
 which equals greedy; relaxed: LASER relaxed). Prints, per method, tokens/s, the ratio to
 greedy (total and median per prompt), the mean number of tokens committed per step and of
 new tokens per prompt (EOS may end a text early: its prefill then weighs more per token),
-and per LASER method the milliseconds of each step's phases. --acceptance adds LASER strict
-and relaxed drafting as laser.generate does by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens,
-3 levels), at draft depth 30 over depth-32 pools, each mode's model learned online from its
-own warm-up texts on.
+and per LASER method the milliseconds of each step's phases. Speculation alone is each LASER
+method against LASER with no drafts, whole runs and decode steps alone (the prefill, the same
+in both, excluded). --acceptance adds LASER strict and relaxed drafting as laser.generate does
+by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens, 3 levels), at draft
+depth 30 over depth-32 pools, each mode's model learned online from its own warm-up texts on.
 """
 
 from __future__ import annotations
@@ -116,11 +117,15 @@ def main(argv=None):
         per = np.median([(gt / gn) / (t / n) for t, n, gt, gn in zip(r["time"], r["tokens"], g["time"], g["tokens"])])
         step = f"{np.mean(r['per_step']):9.2f}" if r["per_step"] else f"{'-':>9s}"
         print(f"{name:18s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step} {np.mean(r['tokens']):7.1f}")
+    def decode_tps(r):  # tokens per second of the decode steps: the run less its prefills
+        return sum(r["tokens"]) / (sum(r["time"]) - sum(s.time_prefill for s in r["stats"]))
+
     nd = rows["laser_no_drafts"]
     nd_tps = sum(nd["tokens"]) / sum(nd["time"])
     for name in methods[3:]:
         r = rows[name]
-        print(f"speculation alone ({name}): {sum(r['tokens']) / sum(r['time']) / nd_tps:.2f}x LASER with no drafts")
+        print(f"speculation alone ({name}): {sum(r['tokens']) / sum(r['time']) / nd_tps:.2f}x LASER with no drafts; "
+              f"decode steps alone (prefills excluded) {decode_tps(r) / decode_tps(nd):.2f}x")
     print("per step, ms (prefill: per prompt): draft / verify / accept / cache, nodes; prefill")
     for name in methods[2:]:
         st = rows[name]["stats"]
