@@ -19,7 +19,7 @@ void row_stats(const float*, int64_t, int64_t, const int64_t*, const int64_t*, i
 
 void row_stats(const float* logits, int64_t R, int64_t V, const int64_t* parent_row, const int64_t* tokens, int64_t n,
                int64_t top_k, int64_t* argmax, float* prob, int64_t* rank, int threads) {
-  LASER_DISPATCH(row_stats(logits, R, V, parent_row, tokens, n, top_k, argmax, prob, rank, threads));
+  LASER_DISPATCH(std::string(), row_stats(logits, R, V, parent_row, tokens, n, top_k, argmax, prob, rank, threads));
 }
 
 }  // namespace laser

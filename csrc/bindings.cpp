@@ -345,9 +345,13 @@ void rope_at(uintptr_t x, int64_t rows, int64_t heads, int64_t D, uintptr_t cos,
               reinterpret_cast<const float*>(sin));
 }
 
-void silu_mul_at(uintptr_t gate, uintptr_t up, int64_t n) {
+void silu_mul_at(uintptr_t gate, uintptr_t up, int64_t n, const std::string& isa) {
   if (n < 0 || !gate || !up) throw py::value_error("silu_mul_at: needs n >= 0 and gate, up");
-  laser::silu_mul(reinterpret_cast<float*>(gate), reinterpret_cast<const float*>(up), n);
+  try {
+    laser::silu_mul(reinterpret_cast<float*>(gate), reinterpret_cast<const float*>(up), n, isa);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(std::string("silu_mul_at: ") + e.what());
+  }
 }
 
 // attention (layer.h) on addresses: q, out [N, Hq, D], the caches k and v (row_stride,
@@ -356,7 +360,7 @@ void silu_mul_at(uintptr_t gate, uintptr_t up, int64_t n) {
 void attention_at(uintptr_t q, int64_t N, int64_t Hq, int64_t D, uintptr_t k, uintptr_t v, int64_t Hkv, int64_t R,
                   int64_t row_stride, int64_t head_stride, int64_t T, uintptr_t mask, int64_t S,
                   py::array_t<int64_t, py::array::c_style> mask_row, py::array_t<int64_t, py::array::c_style> cache_row,
-                  double scale, uintptr_t out, int threads) {
+                  double scale, uintptr_t out, int threads, const std::string& isa) {
   if (!q || !k || !v || !mask || !out || N < 0 || Hq < 1 || D < 1 || Hkv < 1 || Hq % Hkv || T < 1 || threads < 1)
     throw py::value_error("attention_at: needs q, k, v, mask, out, N >= 0, D, T, threads >= 1 and Hkv dividing Hq");
   if (mask_row.ndim() != 1 || cache_row.ndim() != 1 || mask_row.size() != N || cache_row.size() != N)
@@ -367,11 +371,15 @@ void attention_at(uintptr_t q, int64_t N, int64_t Hq, int64_t D, uintptr_t k, ui
     if (cache_row.data()[j] < 0 || cache_row.data()[j] >= R)
       throw py::value_error("attention_at: cache_row[" + std::to_string(j) + "] is outside [0, " + std::to_string(R) + ")");
   }
-  py::gil_scoped_release free;
-  laser::attention(reinterpret_cast<const float*>(q), N, Hq, D, reinterpret_cast<const float*>(k),
-                   reinterpret_cast<const float*>(v), Hkv, row_stride, head_stride, T,
-                   reinterpret_cast<const float*>(mask), mask_row.data(), cache_row.data(), float(scale),
-                   reinterpret_cast<float*>(out), threads);
+  try {
+    py::gil_scoped_release free;
+    laser::attention(reinterpret_cast<const float*>(q), N, Hq, D, reinterpret_cast<const float*>(k),
+                     reinterpret_cast<const float*>(v), Hkv, row_stride, head_stride, T,
+                     reinterpret_cast<const float*>(mask), mask_row.data(), cache_row.data(), float(scale),
+                     reinterpret_cast<float*>(out), threads, isa);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(std::string("attention_at: ") + e.what());
+  }
 }
 
 // decoder_layer (layer.h) over one verification block: made once per forward with the block's
@@ -479,18 +487,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sin"),
         "x [rows, heads, D] = x * cos + rotate_half(x) * sin in place, cos and sin [rows, D] per row; addresses of "
         "live float32 C-contiguous buffers (unchecked: the caller vouches for them).");
-  m.def("silu_mul_at", &silu_mul_at, py::arg("gate"), py::arg("up"), py::arg("n"),
+  m.def("silu_mul_at", &silu_mul_at, py::arg("gate"), py::arg("up"), py::arg("n"), py::arg("isa") = "",
         "gate[i] = silu(gate[i]) * up[i] for i < n, in place; addresses of live float32 buffers (unchecked: the "
-        "caller vouches for them).");
+        "caller vouches for them). isa: '' (the best this CPU runs), 'avx512', 'avx2' or 'generic'.");
   m.def("attention_at", &attention_at, py::arg("q"), py::arg("N"), py::arg("Hq"), py::arg("D"), py::arg("k"),
         py::arg("v"), py::arg("Hkv"), py::arg("R"), py::arg("row_stride"), py::arg("head_stride"), py::arg("T"),
         py::arg("mask"), py::arg("S"), py::arg("mask_row"), py::arg("cache_row"), py::arg("scale"), py::arg("out"),
-        py::arg("threads"),
+        py::arg("threads"), py::arg("isa") = "",
         "out [N, Hq, D] = attention of q [N, Hq, D] over T columns of cache rows cache_row[j] of k and v (element "
         "(r, g, t, d) at r * row_stride + g * head_stride + t * D + d; R rows), additive mask row mask_row[j] of "
         "mask [S, T] (-inf or float's lowest hides a column), scores times scale, Hq / Hkv query heads per "
         "key/value head; a cache row's tokens consecutive. Addresses of live float32 buffers (unchecked: the "
-        "caller vouches for them).");
+        "caller vouches for them). isa: '' (the best this CPU runs), 'avx512', 'avx2' or 'generic'.");
   py::class_<DirectBlock>(m, "DirectBlock",
                           "One verification block of the direct forward (csrc/layer.h decoder_layer): "
                           "make_direct_block(...), then run(...) per layer.")

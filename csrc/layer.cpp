@@ -24,12 +24,14 @@ void attention(const float*, int64_t, int64_t, int64_t, const float*, const floa
 }
 #endif
 
-void silu_mul(float* gate, const float* up, int64_t n) { LASER_DISPATCH(silu_mul(gate, up, n)); }
+void silu_mul(float* gate, const float* up, int64_t n, const std::string& isa) {
+  LASER_DISPATCH(isa, silu_mul(gate, up, n));
+}
 
 void attention(const float* q, int64_t N, int64_t Hq, int64_t D, const float* k, const float* v, int64_t Hkv,
                int64_t row_stride, int64_t head_stride, int64_t T, const float* mask, const int64_t* mask_row,
-               const int64_t* cache_row, float scale, float* out, int threads) {
-  LASER_DISPATCH(attention(q, N, Hq, D, k, v, Hkv, row_stride, head_stride, T, mask, mask_row, cache_row, scale, out,
+               const int64_t* cache_row, float scale, float* out, int threads, const std::string& isa) {
+  LASER_DISPATCH(isa, attention(q, N, Hq, D, k, v, Hkv, row_stride, head_stride, T, mask, mask_row, cache_row, scale, out,
                            threads));
 }
 

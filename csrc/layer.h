@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace laser {
 
@@ -31,7 +32,8 @@ void add_rms_norm(float* h, const float* y, int64_t rows, int64_t C, const float
 
 void rope(float* x, int64_t rows, int64_t heads, int64_t D, const float* cos, const float* sin);
 
-void silu_mul(float* gate, const float* up, int64_t n);
+// isa (silu_mul, attention): "" = the best this CPU runs, else as tiled_linear's (linear.h).
+void silu_mul(float* gate, const float* up, int64_t n, const std::string& isa = "");
 
 // One layer's parameters: RMSNorm weights [C] and epsilons (input, post-attention), and the
 // q, k, v, o, gate, up, down products as tile_weight copies with their biases (null: none).
@@ -64,6 +66,6 @@ void decoder_layer(float* h, float* y, bool pending, const LayerWeights& w, cons
 
 void attention(const float* q, int64_t N, int64_t Hq, int64_t D, const float* k, const float* v, int64_t Hkv,
                int64_t row_stride, int64_t head_stride, int64_t T, const float* mask, const int64_t* mask_row,
-               const int64_t* cache_row, float scale, float* out, int threads);
+               const int64_t* cache_row, float scale, float* out, int threads, const std::string& isa = "");
 
 }  // namespace laser

@@ -15,18 +15,18 @@ void linear(const float*, int64_t, int64_t, const float*, int64_t, const float*,
 namespace avx2 {
 void linear(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*, int);
 }
-static bool has(const std::string& isa) {
+bool cpu_runs(const std::string& isa) {
   if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return isa == "generic";
 }
 #else
-static bool has(const std::string& isa) { return isa == "generic"; }
+bool cpu_runs(const std::string& isa) { return isa == "generic"; }
 #endif
 
 std::string tiled_isa() {
   for (const char* isa : {"avx512", "avx2"})
-    if (has(isa)) return isa;
+    if (cpu_runs(isa)) return isa;
   return "generic";
 }
 
@@ -45,7 +45,7 @@ void tiled_linear(const float* x, int64_t M, int64_t K, const float* tiled, int6
                   int threads, const std::string& isa) {
   static const std::string best = tiled_isa();
   const std::string& use = isa.empty() ? best : isa;
-  if (!has(use)) throw std::invalid_argument("tiled_linear: this CPU cannot run the '" + use + "' kernel");
+  if (!cpu_runs(use)) throw std::invalid_argument("tiled_linear: this CPU cannot run the '" + use + "' kernel");
   if (M < 0 || K < 1 || N < 1 || threads < 1) throw std::invalid_argument("tiled_linear: needs M >= 0, K, N, threads >= 1");
 #if defined(__x86_64__) && defined(LASER_X86_KERNELS)
   if (use == "avx512") return avx512::linear(x, M, K, tiled, N, bias, y, threads);

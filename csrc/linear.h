@@ -35,4 +35,7 @@ void tiled_linear(const float* x, int64_t M, int64_t K, const float* tiled, int6
 // The kernel tiled_linear("") runs on this CPU: "avx512", "avx2" or "generic".
 std::string tiled_isa();
 
+// Whether this CPU runs the kernels built for `isa` ("avx512", "avx2", "generic"; false for others).
+bool cpu_runs(const std::string& isa);
+
 }  // namespace laser

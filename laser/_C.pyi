@@ -137,8 +137,8 @@ def add_rms_norm_at(h: int, y: int, rows: int, C: int, w: int, eps: float, out: 
 # h [rows, C] += y (0: no add); out [rows, C] = w * h * rsqrt(mean(h^2) + eps)
 def rope_at(x: int, rows: int, heads: int, D: int, cos: int, sin: int) -> None: ...
 # x [rows, heads, D] = x * cos + rotate_half(x) * sin in place; cos, sin [rows, D]
-def silu_mul_at(gate: int, up: int, n: int) -> None: ...
-# gate[:n] = silu(gate) * up in place
+def silu_mul_at(gate: int, up: int, n: int, isa: str = "") -> None: ...
+# gate[:n] = silu(gate) * up in place; isa: "" (the best this CPU runs), "avx512", "avx2" or "generic"
 def attention_at(
     q: int, N: int, Hq: int, D: int,  # [N, Hq, D] queries
     k: int, v: int, Hkv: int, R: int, row_stride: int, head_stride: int, T: int,  # cache (r, g, t, d): r * row_stride + g * head_stride + t * D + d
@@ -147,6 +147,7 @@ def attention_at(
     scale: float,
     out: int,  # [N, Hq, D], written
     threads: int,
+    isa: str = "",  # "" (the best this CPU runs), "avx512", "avx2" or "generic"
 ) -> None: ...
 
 class DirectBlock:

@@ -370,13 +370,17 @@ def test_direct_forward_steps_equal_transformers_modules():
         _C.add_rms_norm_at(h.data_ptr(), 0, -1, C, norm.weight.data_ptr(), 1e-5, out.data_ptr())
 
 
-def test_direct_forward_attention_and_silu_equal_torch():
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_direct_forward_attention_and_silu_equal_torch(isa):
     """The direct forward's C++ attention over cache rows equals SDPA with grouped-query heads on
     the padded layout and on ragged blocks (tokens back to back, mask slots and cache rows by
-    token), for several head groupings and head sizes, up to fp32 rounding; hidden columns weigh
-    exactly 0 (huge values there change nothing). silu_mul equals silu(gate) * up. Bad rows and
-    head counts are refused by name."""
+    token), for several head groupings and head sizes, up to fp32 rounding, on every kernel
+    build this CPU runs; hidden columns weigh exactly 0 (huge values there change nothing).
+    silu_mul equals silu(gate) * up. Bad rows, head counts and kernels are refused by name."""
     from laser import _C
+
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernel")
 
     g = torch.Generator().manual_seed(0)
     low = torch.finfo(torch.float32).min
@@ -399,12 +403,14 @@ def test_direct_forward_attention_and_silu_equal_torch():
             tokens = query.transpose(1, 2).reshape(B * q, Hq, D)[torch.from_numpy(slot)].contiguous()  # [N, Hq, D]
             out = torch.full_like(tokens, float("nan"))
             _C.attention_at(tokens.data_ptr(), len(slot), Hq, D, k.data_ptr(), v.data_ptr(), Hkv, B, k.stride(0),
-                            k.stride(1), T, mask.data_ptr(), B * q, slot, slot // q, 0.3, out.data_ptr(), 2)
+                            k.stride(1), T, mask.data_ptr(), B * q, slot, slot // q, 0.3, out.data_ptr(), 2, isa)
             torch.testing.assert_close(out, want.reshape(B * q, Hq, D)[torch.from_numpy(slot)], rtol=1e-5, atol=1e-5)
     gate, up = torch.linspace(-100, 100, 1001), torch.randn(1001, generator=g)
     want = F.silu(gate) * up
-    _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel())
+    _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel(), isa)
     torch.testing.assert_close(gate, want, rtol=1e-6, atol=1e-30)
+    with pytest.raises(ValueError, match="cannot run the 'sse9' kernel"):
+        _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel(), "sse9")
     rows = np.zeros(1, dtype=np.int64)
     with pytest.raises(ValueError, match="Hkv dividing Hq"):
         _C.attention_at(tokens.data_ptr(), 1, 9, D, k.data_ptr(), v.data_ptr(), 2, B, 1, 1, T, mask.data_ptr(), 1, rows,
