@@ -124,6 +124,15 @@ class PackedWeights:
             self._copies.clear()
 
 
+def _tiled(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, packs: PackedWeights) -> torch.Tensor:
+    """The tiled product on checked operands: x [..., K] float32 C-contiguous, bias [N] contiguous."""
+    N, K = w.shape
+    y = torch.empty(*x.shape[:-1], N)  # x, bias and y hold what tiled_linear_at reads and writes
+    _C.tiled_linear_at(x.data_ptr(), x.numel() // K, K, packs.get(w, "tiled"), N, 0 if bias is None else bias.data_ptr(),
+                       y.data_ptr(), torch.get_num_threads())
+    return y
+
+
 def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ways: int,
                  product: str = "split", packs: PackedWeights | None = None) -> torch.Tensor:
     """F.linear(x [..., K], w [N, K], bias [N]) on a CPU through `product` (one of PRODUCTS;
@@ -135,12 +144,7 @@ def split_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, wa
     if product == "tiled" and packs is not None:
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
             return F.linear(x, w, bias)  # the C++ product keeps no autograd graph
-        xc = x.contiguous()  # [..., K] = [rows, K] in memory; xc, b and y hold what tiled_linear_at reads
-        b = None if bias is None else bias.contiguous()
-        y = torch.empty(*x.shape[:-1], N)
-        _C.tiled_linear_at(xc.data_ptr(), rows, K, packs.get(w, "tiled"), N, 0 if b is None else b.data_ptr(),
-                           y.data_ptr(), torch.get_num_threads())
-        return y
+        return _tiled(x.contiguous(), w, None if bias is None else bias.contiguous(), packs)
     if product in ("onednn", "packed", "tiled") and _ONEDNN:
         weight = packs.get(w, "packed") if product == "packed" and packs is not None and _PACKED else w
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K).contiguous(), weight, bias, "none", [], "")
@@ -204,14 +208,9 @@ class LinearRoutes:
         """linear() on operands its caller vouches for (the direct forward's): x [..., K] float32,
         C-contiguous, on the CPU, outside autograd; w [N, K] and bias [N] float32 and contiguous.
         The tiled route then skips split_linear's checks (~10 us a call, 211 calls a SmolLM2 forward)."""
-        N, K = w.shape
-        rows = x.numel() // K
-        if self.packs is None or self.product(N, K, rows) != "tiled":
+        if self.packs is None or self.product(w.shape[0], w.shape[1], x.numel() // w.shape[1]) != "tiled":
             return self.linear(x, w, bias)
-        y = torch.empty(*x.shape[:-1], N)
-        _C.tiled_linear_at(x.data_ptr(), rows, K, self.packs.get(w, "tiled"), N, 0 if bias is None else bias.data_ptr(),
-                           y.data_ptr(), torch.get_num_threads())
-        return y
+        return _tiled(x, w, bias, self.packs)
 
 
 def _median_ms(f, reps: int) -> float:

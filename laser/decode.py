@@ -153,8 +153,8 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
     After one warm-up round, `repeats` rounds each time every size once (round-robin, so a
     slow spell of a shared machine touches all sizes alike, not the few measured during it);
     cost = per-size median, made non-decreasing in b (a forward over more tokens never costs
-    less; a dip is noise), interpolated linearly to every b in [0, max(sizes)]. Pass it as DraftConfig(cost=...), measured at the batch
-    size it will run at. On a CPU several rows verify ragged (back to back, engine.py); a
+    less; a dip is noise), interpolated linearly to every b in [0, max(sizes)]. Pass it as
+    DraftConfig(cost=...), measured at the batch size it will run at. On a CPU several rows verify ragged (back to back, engine.py); a
     padded forward of the same tokens costs the same (within 3% at B = 8, 2-core AMD EPYC),
     and the ragged cut reads this curve at the batch's mean nodes per row.
     """
