@@ -15,11 +15,16 @@ method against LASER with no drafts, whole runs and decode steps alone (the pref
 in both, excluded). --acceptance adds LASER strict and relaxed drafting as laser.generate does
 by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens, 3 levels), at draft
 depth 30 over depth-32 pools, each mode's model learned online from its own warm-up texts on.
+--pool-corpus first fills each mode's pool with the texts a whole-dataset job of that mode
+wrote for the other users (benchmarks/knowledge), as a job's pools hold them late in its run;
+without it the pools hold the warm-up texts alone, as at a job's start.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import time
 
 import numpy as np
@@ -44,6 +49,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
+    ap.add_argument("--pool-corpus", metavar="PATTERN",
+                    help="first put into each mode's pool the texts a `laser generate` job of that mode wrote for every "
+                         "user but the evaluated and warm-up ones ({mode} in the path: strict / relaxed), as a job's "
+                         "pools hold them late in a run, e.g. benchmarks/knowledge/ml-100k-users-{mode}.jsonl.gz")
     args = ap.parse_args(argv)
     from laser.job import JOB_DRAFT
 
@@ -70,6 +79,12 @@ def main(argv=None):
     for mode in ("strict", "relaxed"):
         pool = pools[mode] = laser.RetrievalPool(max_depth=32 if args.acceptance else 12, vocab_size=len(tok))
         t = time.perf_counter()
+        if args.pool_corpus:
+            path = args.pool_corpus.format(mode=mode)
+            texts = [r["tokens"] for r in map(json.loads, gzip.open(path, "rt")) if r["id"] not in prompts]
+            for tokens in texts:
+                pool.insert(np.asarray(tokens, dtype=np.int64))
+            print(f"{mode} pool: {len(texts)} texts from {path}")
         for u in warm_users:
             laser.generate(model, prompts[u], pool=pool, max_new_tokens=args.new, mode=mode,
                            draft=am_cfg if models else cfg, acceptance=models.get(mode))

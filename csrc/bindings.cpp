@@ -382,31 +382,65 @@ void attention_at(uintptr_t q, int64_t N, int64_t Hq, int64_t D, uintptr_t k, ui
   }
 }
 
+// Every layer's parameters for DirectBlock.run, gathered once per state of the weights
+// (laser/forward.py): the RMSNorm weights' addresses and epsilons, the tiled copies (checked
+// against the shapes here and kept alive with it) and the biases' addresses (0: none).
+struct DirectLayers {
+  int64_t C, Hq, Hkv, D, I;
+  std::vector<laser::LayerWeights> w;
+  std::vector<Floats> keep;
+};
+
+DirectLayers make_direct_layers(int64_t C, int64_t Hq, int64_t Hkv, int64_t D, int64_t I,
+                                const std::vector<uintptr_t>& norm1, const std::vector<double>& eps1,
+                                const std::vector<uintptr_t>& norm2, const std::vector<double>& eps2,
+                                const std::vector<std::vector<Floats>>& tiled,
+                                const std::vector<std::vector<uintptr_t>>& bias) {
+  const size_t n = norm1.size();
+  if (eps1.size() != n || norm2.size() != n || eps2.size() != n || tiled.size() != n || bias.size() != n || n == 0)
+    throw py::value_error("DirectLayers: norm1, eps1, norm2, eps2, tiled and bias need one entry per layer (>= 1)");
+  const int64_t Q = Hq * D, KV = Hkv * D;
+  const int64_t shape[7][2] = {{Q, C}, {KV, C}, {KV, C}, {C, Q}, {I, C}, {I, C}, {C, I}};
+  DirectLayers out{C, Hq, Hkv, D, I, std::vector<laser::LayerWeights>(n), {}};
+  for (size_t l = 0; l < n; ++l) {
+    if (tiled[l].size() != 7 || bias[l].size() != 7)
+      throw py::value_error("DirectLayers: layer " + std::to_string(l) + " needs 7 tiled copies and 7 biases");
+    if (!norm1[l] || !norm2[l]) throw py::value_error("DirectLayers: layer " + std::to_string(l) + ": null norm");
+    laser::LayerWeights& w = out.w[l];
+    for (int i = 0; i < 7; ++i) {
+      check_tiled(tiled[l][i], shape[i][0], shape[i][1], 1);
+      w.tiled[i] = tiled[l][i].data();
+      w.bias[i] = reinterpret_cast<const float*>(bias[l][i]);
+      out.keep.push_back(tiled[l][i]);
+    }
+    w.norm[0] = reinterpret_cast<const float*>(norm1[l]), w.norm[1] = reinterpret_cast<const float*>(norm2[l]);
+    w.eps[0] = float(eps1[l]), w.eps[1] = float(eps2[l]);
+  }
+  return out;
+}
+
 // decoder_layer (layer.h) over one verification block: made once per forward with the block's
 // shapes, slots and addresses (the caller vouches for the addresses: live float32 C-contiguous
 // buffers of layer.h's sizes, and the cache buffers [R, Hkv, capacity, D]); the slots are
-// checked here and kept alive with the block. run() is one layer.
+// checked here and kept alive with the block. run() is every layer, in order.
 struct DirectBlock {
   laser::LayerBlock b;
   py::array_t<int64_t> cache_row, cache_col, mask_row;
 
-  void run(uintptr_t h, uintptr_t y, bool pending, uintptr_t norm1, double eps1, uintptr_t norm2, double eps2,
-           const std::vector<Floats>& tiled, const std::vector<uintptr_t>& bias, uintptr_t k_cache, uintptr_t v_cache) {
-    if (tiled.size() != 7 || bias.size() != 7) throw py::value_error("DirectBlock.run: 7 tiled copies and 7 biases");
-    const int64_t Q = b.Hq * b.D, KV = b.Hkv * b.D;
-    const int64_t shape[7][2] = {{Q, b.C}, {KV, b.C}, {KV, b.C}, {b.C, Q}, {b.I, b.C}, {b.I, b.C}, {b.C, b.I}};
-    laser::LayerWeights w{};
-    for (int i = 0; i < 7; ++i) {
-      check_tiled(tiled[i], shape[i][0], shape[i][1], b.threads);
-      w.tiled[i] = tiled[i].data();
-      w.bias[i] = reinterpret_cast<const float*>(bias[i]);
-    }
-    if (!h || !y || !norm1 || !norm2 || !k_cache || !v_cache) throw py::value_error("DirectBlock.run: null address");
-    w.norm[0] = reinterpret_cast<const float*>(norm1), w.norm[1] = reinterpret_cast<const float*>(norm2);
-    w.eps[0] = float(eps1), w.eps[1] = float(eps2);
+  void run(uintptr_t h, uintptr_t y, const DirectLayers& layers, const std::vector<uintptr_t>& k_cache,
+           const std::vector<uintptr_t>& v_cache) {
+    if (layers.C != b.C || layers.Hq != b.Hq || layers.Hkv != b.Hkv || layers.D != b.D || layers.I != b.I)
+      throw py::value_error("DirectBlock.run: the layers' shapes are not the block's");
+    const size_t n = layers.w.size();
+    if (k_cache.size() != n || v_cache.size() != n)
+      throw py::value_error("DirectBlock.run: one k_cache and v_cache address per layer");
+    if (!h || !y) throw py::value_error("DirectBlock.run: null address");
+    for (size_t l = 0; l < n; ++l)
+      if (!k_cache[l] || !v_cache[l]) throw py::value_error("DirectBlock.run: null cache address");
     py::gil_scoped_release free;
-    laser::decoder_layer(reinterpret_cast<float*>(h), reinterpret_cast<float*>(y), pending, w, b,
-                         reinterpret_cast<float*>(k_cache), reinterpret_cast<float*>(v_cache));
+    for (size_t l = 0; l < n; ++l)
+      laser::decoder_layer(reinterpret_cast<float*>(h), reinterpret_cast<float*>(y), l > 0, layers.w[l], b,
+                           reinterpret_cast<float*>(k_cache[l]), reinterpret_cast<float*>(v_cache[l]));
   }
 };
 
@@ -499,15 +533,22 @@ PYBIND11_MODULE(_C, m) {
         "mask [S, T] (-inf or float's lowest hides a column), scores times scale, Hq / Hkv query heads per "
         "key/value head; a cache row's tokens consecutive. Addresses of live float32 buffers (unchecked: the "
         "caller vouches for them). isa: '' (the best this CPU runs), 'avx512', 'avx2' or 'generic'.");
+  py::class_<DirectLayers>(m, "DirectLayers",
+                           "Every decoder layer's parameters for DirectBlock.run: make_direct_layers(...).");
+  m.def("make_direct_layers", &make_direct_layers, py::arg("C"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"),
+        py::arg("I"), py::arg("norm1"), py::arg("eps1"), py::arg("norm2"), py::arg("eps2"), py::arg("tiled"),
+        py::arg("bias"),
+        "DirectLayers: per layer, the input / post-attention RMSNorm weights' addresses and epsilons, the "
+        "tile_weight copies of q, k, v, o, gate, up, down (checked, kept alive) and their biases' addresses "
+        "(0: none). Addresses unchecked (the caller vouches for them while it uses the result).");
   py::class_<DirectBlock>(m, "DirectBlock",
                           "One verification block of the direct forward (csrc/layer.h decoder_layer): "
-                          "make_direct_block(...), then run(...) per layer.")
-      .def("run", &DirectBlock::run, py::arg("h"), py::arg("y"), py::arg("pending"), py::arg("norm1"),
-           py::arg("eps1"), py::arg("norm2"), py::arg("eps2"), py::arg("tiled"), py::arg("bias"), py::arg("k_cache"),
+                          "make_direct_block(...), then run(...).")
+      .def("run", &DirectBlock::run, py::arg("h"), py::arg("y"), py::arg("layers"), py::arg("k_cache"),
            py::arg("v_cache"),
-           "One decoder layer: h [rows, C] += y when pending, ..., y = the MLP's output (the next add); tiled: "
-           "tile_weight copies of q, k, v, o, gate, up, down; bias: their addresses (0: none); k_cache, "
-           "v_cache: this layer's [R, Hkv, capacity, D] buffers. Addresses unchecked (the caller vouches).");
+           "Every decoder layer in order: h [rows, C] += y (from the second layer on), ..., y = the last "
+           "layer's MLP output (the add left for the final norm); k_cache, v_cache: each layer's "
+           "[R, Hkv, capacity, D] buffers' addresses. Addresses unchecked (the caller vouches).");
   m.def("make_direct_block", &make_direct_block, py::arg("C"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"),
         py::arg("I"), py::arg("scale"), py::arg("rows"), py::arg("cos"), py::arg("sin"), py::arg("cache_row"),
         py::arg("cache_col"), py::arg("mask_row"), py::arg("mask"), py::arg("S"), py::arg("T"), py::arg("R"),

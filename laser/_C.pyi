@@ -150,14 +150,21 @@ def attention_at(
     isa: str = "",  # "" (the best this CPU runs), "avx512", "avx2" or "generic"
 ) -> None: ...
 
+class DirectLayers:
+    """Every decoder layer's parameters for DirectBlock.run; make_direct_layers() makes it."""
+def make_direct_layers(
+    C: int, Hq: int, Hkv: int, D: int, I: int,
+    norm1: list[int], eps1: list[float], norm2: list[int], eps2: list[float],  # per layer: the RMSNorm weights [C]
+    tiled: list[list[npt.NDArray[np.float32]]],  # per layer: tile_weight copies of q, k, v, o, gate, up, down (checked)
+    bias: list[list[int]],  # per layer: their biases' addresses (0: none)
+) -> DirectLayers: ...  # norm and bias addresses unchecked: live while the caller uses the result
+
 class DirectBlock:
     """One verification block of the direct forward (csrc/layer.h decoder_layer); make_direct_block() makes it."""
     def run(
-        self, h: int, y: int, pending: bool,  # h [rows, C] += y first when pending; y = the layer's output after
-        norm1: int, eps1: float, norm2: int, eps2: float,  # the input / post-attention RMSNorm weights [C]
-        tiled: list[npt.NDArray[np.float32]],  # tile_weight copies of q, k, v, o, gate, up, down (sizes checked)
-        bias: list[int],  # their biases' addresses (0: none)
-        k_cache: int, v_cache: int,  # this layer's [R, Hkv, capacity, D] buffers: the block is written into them
+        self, h: int, y: int,  # h [rows, C], the residual stream; y [rows, C] = the last layer's MLP output after
+        layers: DirectLayers,
+        k_cache: list[int], v_cache: list[int],  # each layer's [R, Hkv, capacity, D] buffers: the block is written into them
     ) -> None: ...
 def make_direct_block(
     C: int, Hq: int, Hkv: int, D: int, I: int, scale: float, rows: int,

@@ -97,6 +97,7 @@ class PackedWeights:
     def __init__(self):
         self._copies: dict[tuple[int, str], tuple] = {}  # (id(w), kind) -> (weakref to w, w._version, w.data_ptr(), copy)
         self._lock = threading.Lock()
+        self.generation = 0  # goes up with every copy made and every clear(): what callers holding copies check
 
     def get(self, w: torch.Tensor, kind: str):
         """w's copy of this kind: a tensor (packed) or a float32 numpy array (tiled)."""
@@ -114,6 +115,7 @@ class PackedWeights:
             key = (id(w), kind)  # a weight that dies takes its copy with it
             gone = weakref.ref(w, lambda _, key=key: self._copies.pop(key, None))
             self._copies[key] = (gone, w._version, w.data_ptr(), copy)
+            self.generation += 1
             return copy
 
     def __len__(self) -> int:
@@ -122,6 +124,7 @@ class PackedWeights:
     def clear(self) -> None:
         with self._lock:
             self._copies.clear()
+            self.generation += 1
 
 
 def _tiled(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, packs: PackedWeights) -> torch.Tensor:

@@ -19,12 +19,12 @@ head in C++ (csrc/layer.h, on data pointers):
   logits = lm_head(rms(h += y))                    [b, q, V]
 
 Up to the most rows at which the routes (laser/cpu.py) run every layer product tiled
-(LinearRoutes.tiled_upto; on the Intel VM 64), a layer is one C++ call (decoder_layer), all
-products tiled, which writes the block's keys and values at TreeCache.block_slots(); SmolLM2
-over 1 + 11 tokens: 40 -> 33 ms against the Python loop of the same steps, one token 32-38
--> 27 ms (there F.linear wins some shapes alone, not in the layer). Above it (large ragged
-batches, where oneDNN wins) the loop runs in Python, each product through its route and the
-block through the cache's update().
+(LinearRoutes.tiled_upto; on the Intel VM 64), all layers are one C++ call (decoder_layer
+each, all products tiled, on parameters gathered once while they stay the same), which writes
+the block's keys and values at TreeCache.block_slots(); SmolLM2 over 1 + 11 tokens: 40 -> 33 ms
+against the Python loop of the same steps, one token 32-38 -> 27 ms (there F.linear wins some
+shapes alone, not in the layer). Above it (large ragged batches, where oneDNN wins) the loop
+runs in Python, each product through its route and the block through the cache's update().
 
 Tokens are the b * q rows of input_ids (padded layout: token j of row j // q), or with
 laser_ragged = (gather, scatter) the rows' blocks back to back ([1, N]: token j in padded slot
@@ -38,6 +38,8 @@ transformers as before.
 """
 
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 import torch
@@ -59,8 +61,9 @@ def _products(layer) -> tuple:
 
 
 class DirectForward:
-    """The flat forward of one supported model (see the module docstring). Stateless: any
-    number of threads may run it at once, each with its own cache."""
+    """The flat forward of one supported model (see the module docstring). Stateless but for the
+    C++ layers' gathered parameters (replaced whole when stale): any number of threads may run it
+    at once, each with its own cache."""
 
     @classmethod
     def of(cls, model) -> "DirectForward | None":
@@ -104,6 +107,9 @@ class DirectForward:
         self.layers = list(inner.layers)
         self.modules = list(model.modules())
         self.shapes = frozenset(tuple(m.weight.shape) for m in _products(self.layers[0]))  # the layers' products' (N, K)
+        # (packs' id and generation, parameters' state, the parameters, _C.DirectLayers): the C++
+        # layers' parameters as last gathered (_direct_layers)
+        self._last = None
 
     def runnable(self) -> bool:
         """False while hooks sit on the model (a direct forward would skip them), while it trains
@@ -149,13 +155,40 @@ class DirectForward:
         block = _C.make_direct_block(C, Hq, Hkv, D, I, a0.scaling, rows, cos.data_ptr(), sin.data_ptr(), cache_row,
                                      cache_col, slot, mask.data_ptr(), S, T, keys.shape[0], keys.shape[2],
                                      [t.data_ptr() for t in scratch], torch.get_num_threads())
-        for i, layer in enumerate(self.layers):
-            products = _products(layer)
-            n1, n2, kv = layer.input_layernorm, layer.post_attention_layernorm, cache.layers[i]
-            block.run(h.data_ptr(), y.data_ptr(), i > 0, n1.weight.data_ptr(), n1.variance_epsilon, n2.weight.data_ptr(),
-                      n2.variance_epsilon, [packs.get(m.weight, "tiled") for m in products],
-                      [0 if m.bias is None else m.bias.data_ptr() for m in products], kv.keys.data_ptr(),
-                      kv.values.data_ptr())
+        block.run(h.data_ptr(), y.data_ptr(), self._direct_layers(packs, (C, Hq, Hkv, D, I)),
+                  [kv.keys.data_ptr() for kv in cache.layers], [kv.values.data_ptr() for kv in cache.layers])
+
+    def _direct_layers(self, packs, shapes: tuple) -> "_C.DirectLayers":
+        """Every layer's parameters for the C++ layers: gathered again when any of them changed (in
+        place: its version; replaced: another tensor, kept referenced so that no other can take its
+        id; or its storage; or a module replaced) or the tiled copies did (packs' generation), else
+        the last ones. Read through the modules' own dicts: attribute access would cost ~1 us a
+        parameter, ~1 ms a forward; this check costs ~0.15 ms, gathering ~2 ms."""
+        modules, tensors = [], []
+        for layer in self.layers:  # per layer: the two norms, then q, k, v, o, gate, up, down (_products' order)
+            m = layer._modules
+            attn, mlp = m["self_attn"]._modules, m["mlp"]._modules
+            modules += [m["input_layernorm"], m["post_attention_layernorm"], attn["q_proj"], attn["k_proj"],
+                        attn["v_proj"], attn["o_proj"], mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"]]
+        for m in modules:
+            p = m._parameters
+            tensors += [p["weight"], p.get("bias")]
+        live = [t for t in tensors if t is not None]
+        state = (tuple(m.variance_epsilon for m in modules[0::9] + modules[1::9]),  # the norms'
+                 tuple((t._version, t.data_ptr()) for t in live))
+        last = self._last
+        if (last is not None and last[0] == (id(packs), packs.generation) and last[1] == state
+                and len(last[2]) == len(tensors) and all(map(operator.is_, last[2], tensors))):
+            return last[3]
+        # per layer: weight, bias (None) of norm1, norm2, q, k, v, o, gate, up, down
+        per = [tensors[i : i + 18] for i in range(0, len(tensors), 18)]
+        layers = _C.make_direct_layers(*shapes, [t[0].data_ptr() for t in per],
+                                       [m.variance_epsilon for m in modules[0::9]], [t[2].data_ptr() for t in per],
+                                       [m.variance_epsilon for m in modules[1::9]],
+                                       [[packs.get(w, "tiled") for w in t[4::2]] for t in per],
+                                       [[0 if b is None else b.data_ptr() for b in t[5::2]] for t in per])
+        self._last = ((id(packs), packs.generation), state, tensors, layers)  # after get(): copies it made counted
+        return layers
 
     def _layers(self, linear, h, y, x, cos, sin, slot, mask, cache) -> None:
         """The layers step by step in Python, each product through `linear` (routes other than tiled)."""

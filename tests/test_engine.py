@@ -287,10 +287,13 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
 
     monkeypatch.setattr(DirectForward, "__call__", both)
     monkeypatch.setattr(DirectForward, "_tiled_layers", lambda self, *a: tiled.append(1) or layers(self, *a))
+    gather, gathered = laser.forward._C.make_direct_layers, []
+    monkeypatch.setattr(laser.forward._C, "make_direct_layers", lambda *a: gathered.append(1) or gather(*a))
     prompts, wants, pool = _decodes_like_greedy(model)
     assert any(shape[1] > 1 and not ragged for shape, ragged in checked), "a tree verified on one row"
     assert any(ragged for _, ragged in checked), "a ragged batch verified"
     assert len(tiled) == (len(checked) if products == "tiled" else 0)
+    assert len(gathered) == (1 if products == "tiled" else 0), "the C++ layers' parameters gathered once"
     checked.clear()
     hooked = []
     hook = model.model.layers[0].register_forward_hook(lambda *a: hooked.append(1))
@@ -300,7 +303,43 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
     finally:
         hook.remove()
     assert hooked and not checked, "with a hook, every forward runs through the model"
+    # the parameters change (one in place, one replaced by another tensor): the next verifications use them
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight.mul_(0.5)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 1.5, requires_grad=False)
+    checked.clear()
+    laser.generate(model, prompts[0], pool=pool, max_new_tokens=12, eos_token_id=None, update_pool=False)
+    assert checked and len(gathered) == (2 if products == "tiled" else 0)
     assert laser.Engine.of(tiny("gpt2", 0)).direct is None and laser.Engine.of(sliding("qwen2")).direct is None
+
+
+def test_direct_layers_are_gathered_again_whenever_a_parameter_changes():
+    """The C++ layers' parameters (tiled copies, norm and bias addresses, epsilons) are reused
+    while nothing changed, and gathered again after an in-place change, a replaced parameter, a
+    changed epsilon or cleared copies."""
+    model = tiny("qwen2", 0)  # q / k / v biases
+    engine = laser.Engine.of(model)
+    direct, packs, cfg = engine.direct, engine.packs, model.config
+    D = cfg.hidden_size // cfg.num_attention_heads
+    shapes = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.intermediate_size)
+    layer = model.model.layers[1]
+
+    def post(x):
+        layer.post_attention_layernorm.weight = torch.nn.Parameter(x, requires_grad=False)
+
+    changes = {"a bias in place": lambda: layer.self_attn.k_proj.bias.add_(1.0),
+               "a weight in place": lambda: layer.mlp.up_proj.weight.mul_(2.0),
+               "a norm replaced": lambda: post(torch.ones(cfg.hidden_size)),
+               "an epsilon": lambda: setattr(layer.input_layernorm, "variance_epsilon", 1e-3),
+               "the copies cleared": packs.clear}
+    for what, change in changes.items():
+        last = direct._direct_layers(packs, shapes)
+        assert direct._direct_layers(packs, shapes) is last, "nothing changed"
+        with torch.no_grad():
+            change()
+        assert direct._direct_layers(packs, shapes) is not last, what
+    assert len(packs) == 7 * cfg.num_hidden_layers
 
 
 def test_configs_are_validated_where_they_are_built():
