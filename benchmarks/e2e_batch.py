@@ -15,7 +15,9 @@ token per row and step: strict or relaxed over it is what speculation alone buys
 --acceptance` does (matches of 1-8 tokens, 3 levels, the depth-12 pool), each mode's model
 learned online; --deep adds both modes drafting as `laser generate --acceptance --global-pool
 --pool-depth 32 --max-depth 30 --max-match 16` does (a depth-32 pool of the same warm texts,
-which plays the global pool here: every prompt drafts from the one pool).
+which plays the global pool here: every prompt drafts from the one pool). --pool-corpus first
+fills each mode's pools with the texts a whole-dataset job of that mode wrote for the other
+users (benchmarks/knowledge), as a job's pools hold them late in its run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import laser
 from laser.batch import Request, generate_batch
 from laser.data import chat_ids, load_dataset, user_prompt
+from laser.replay import corpus_records
 
 
 def hf_batched(model, tok, prompts, B, new):
@@ -58,6 +61,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
     ap.add_argument("--deep", action="store_true", help="also the acceptance model with a depth-32 pool, depth-30 drafts")
+    ap.add_argument("--pool-corpus", metavar="PATTERN",
+                    help="first put into each mode's pools the texts a `laser generate` job of that mode wrote for every "
+                         "user but the evaluated and warm-up ones ({mode} in the path: strict / relaxed), as a job's "
+                         "pools hold them late in a run, e.g. benchmarks/knowledge/ml-100k-users-{mode}.jsonl.gz")
     args = ap.parse_args(argv)
     from laser.job import JOB_DRAFT, JOB_DRAFT_ACCEPTANCE
 
@@ -76,9 +83,16 @@ def main(argv=None):
     pools, am_rows = {}, {}  # by mode: the depth-12 pool; the acceptance rows' (pool, drafting)
     for mode in ("strict", "relaxed"):
         pool = pools[mode] = laser.RetrievalPool(max_depth=12, vocab_size=len(tok))
+        texts = []
+        if args.pool_corpus:
+            path, skip = args.pool_corpus.format(mode=mode), set(eval_users) | set(warm_users)
+            texts = [np.asarray(r["tokens"], dtype=np.int64) for r in corpus_records(path) if r["id"] not in skip]
+            for t in texts:
+                pool.insert(t)
+            print(f"{mode} pools: {len(texts)} texts from {path}")
         warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
-        texts = [r.tokens for r in generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, mode=mode,
-                                                  draft=cfg_at[8], acceptance=None)]
+        texts += [r.tokens for r in generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, mode=mode,
+                                                   draft=cfg_at[8], acceptance=None)]
         print(f"{mode} pool warmed with {len(warm)} users' {mode} texts: {len(pool)} nodes")
         deep_pool = laser.RetrievalPool(max_depth=32, vocab_size=len(tok))
         for t in texts:

@@ -23,8 +23,6 @@ without it the pools hold the warm-up texts alone, as at a job's start.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import time
 
 import numpy as np
@@ -32,6 +30,7 @@ import torch
 
 import laser
 from laser.data import chat_ids, load_dataset, user_prompt
+from laser.replay import corpus_records
 
 
 def hf(model, ids, n, **kw):
@@ -81,7 +80,7 @@ def main(argv=None):
         t = time.perf_counter()
         if args.pool_corpus:
             path = args.pool_corpus.format(mode=mode)
-            texts = [r["tokens"] for r in map(json.loads, gzip.open(path, "rt")) if r["id"] not in prompts]
+            texts = [r["tokens"] for r in corpus_records(path) if r["id"] not in prompts]
             for tokens in texts:
                 pool.insert(np.asarray(tokens, dtype=np.int64))
             print(f"{mode} pool: {len(texts)} texts from {path}")

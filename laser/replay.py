@@ -161,6 +161,15 @@ def replay_suffix(records: list[dict], prompts: dict, budget: int, warm: int, n_
     return _totals(steps, tokens, nodes, t_draft)
 
 
+def corpus_records(corpus: str | Path) -> list[dict]:
+    """The records of a `laser generate` output in file order: its .jsonl, or packed .jsonl.gz
+    (benchmarks/knowledge)."""
+    corpus = Path(corpus)
+    if corpus.suffix == ".gz":
+        return [json.loads(line) for line in gzip.decompress(corpus.read_bytes()).splitlines() if line.strip()]
+    return read_records(corpus)
+
+
 def load_corpus(corpus: str | Path, dataset: str = "ml-100k", target: str = "users"):
     """(records, prompts by id, plan) of a strict corpus; prompts rebuilt as the job builds them."""
     from transformers import AutoTokenizer
@@ -168,10 +177,7 @@ def load_corpus(corpus: str | Path, dataset: str = "ml-100k", target: str = "use
     from laser.model import default_model_dir
 
     corpus = Path(corpus)
-    if corpus.suffix == ".gz":  # a packed, finished output (benchmarks/knowledge)
-        records = [json.loads(line) for line in gzip.decompress(corpus.read_bytes()).splitlines() if line.strip()]
-    else:
-        records = read_records(corpus)
+    records = corpus_records(corpus)
     plan = corpus_plan(corpus, dataset, target)
     tok = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
     prompts = {r["id"]: chat_ids(tok, plan.template.render(plan.ds, target, r["id"])) for r in records}
