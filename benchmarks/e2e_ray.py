@@ -6,8 +6,11 @@ Each configuration writes the same records (the first `--users` users, routed po
 fixed cost curve, batch size 1) into a fresh folder; a single process (no Ray, 2 threads)
 is the baseline. Reports wall time from the command's start (Ray, actors and model loading
 included), the decode window (from every replica loaded to the last record; the single
-process: its decode loop), records/s and tokens/s over that window, the driver's CPU time per record (its progress and scheduling
-loop) and the merge time. --shared: the job's best drafting (`--acceptance --global-pool
+process: its decode loop), records/s and tokens/s over that window, the driver's CPU time per
+record (its progress and scheduling loop) and the merge time. The CPU routes (laser/cpu.py)
+are measured before the first configuration: a machine measures them once per thread count
+(21 s at 2 threads, 32 s at 1 on the Intel Xeon VM), which would otherwise fall into the first
+window that uses them. --shared: the job's best drafting (`--acceptance --global-pool
 --pool-depth 32 --max-depth 30 --max-match 16`), which on Ray runs block by block with each
 block's ids shared out to the workers (laser.ray_job.run_lockstep).
 """
@@ -24,6 +27,23 @@ from pathlib import Path
 from laser.job import JobConfig, read_records, run_job, strip_timing
 
 
+def warm_routes(thread_counts) -> None:
+    """Measure this machine's CPU routes (laser/cpu.py) for the default model at each thread
+    count before any timing: a fresh machine measures once, and no configuration's window may
+    hold it."""
+    import torch
+
+    from laser.engine import Engine
+    from laser.model import load_model
+
+    model, _ = load_model()
+    engine = Engine.of(model)
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        engine.routes()
+    engine.close()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=32)
@@ -34,6 +54,7 @@ def main(argv=None):
     root = Path(tempfile.mkdtemp(prefix="e2e-ray-"))
     cost = root / "cost.json"  # a fixed curve: every configuration draws the same trees
     cost.write_text(json.dumps([0.066, 0.075, 0.08, 0.085, 0.09, 0.095, 0.1, 0.105, 0.11, 0.115, 0.12]))
+    warm_routes((2, 1))
     rows, outputs = [], {}
     deep = dict(acceptance=True, global_pool=True, pool_depth=32, max_depth=30, max_match=16) if args.shared else {}
     for name, workers, threads in (("1 process x 2 threads (no Ray)", None, 2), ("1 worker x 2 threads", 1, 2),

@@ -62,6 +62,8 @@ same intercepted every torch call of the forward (~2,200 per SmolLM2 forward) an
 from __future__ import annotations
 
 import bisect
+import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -287,6 +289,23 @@ def _machine_key(ways: int) -> str:
 _lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def _machine_lock(folder: Path):
+    """Held while a process reads, measures and writes the routes in `folder`: processes that
+    start together (a node's Ray workers) then measure one at a time, each timing an otherwise
+    idle machine, and a later one takes the first one's answer instead of measuring while it
+    runs. A cache that cannot hold the lock file goes on unlocked."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / "cpu-routes.lock", "a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+        yield
+
+
 def available_memory() -> int | None:
     """Bytes of memory this machine can still give (MemAvailable), None where unknown."""
     try:
@@ -313,8 +332,9 @@ def may_pack(weight_bytes: int) -> bool:
 
 def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: PackedWeights | None = None) -> LinearRoutes:
     """Routes for these (N, K) shapes: from $LASER_CACHE/cpu-routes.json, measuring (and
-    adding) the shapes this machine has not seen. Two processes measuring at once keep the
-    file's first answer for a shape. packs: where the "packed" and "tiled" products keep their
+    adding) the shapes this machine has not seen. Processes sharing the cache measure one at a
+    time (a file lock), so processes started together measure once; without the lock (a
+    read-only cache) the file keeps the first answer for a shape. packs: where the "packed" and "tiled" products keep their
     copies (None: they run as "onednn", see LinearRoutes)."""
     from laser.model import cache_dir as default_cache
 
@@ -329,7 +349,7 @@ def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: Pa
         except (OSError, ValueError):
             return {}
 
-    with _lock:
+    with _lock, _machine_lock(folder):
         known = read().get(key, {})
         todo = sorted({(int(n), int(k)) for n, k in shapes} - {tuple(map(int, s.split("x"))) for s in known})
         if todo:
@@ -339,7 +359,6 @@ def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: Pa
             for s, choice in measured.items():
                 entry.setdefault(s, choice)  # another process's answer wins
             try:
-                folder.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(data, indent=1))
                 os.replace(tmp, path)

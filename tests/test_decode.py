@@ -498,6 +498,43 @@ def test_routes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
     torch.testing.assert_close(again.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+_MEASURE_TOGETHER = """
+import json, os, pathlib, sys, time
+import laser.cpu as cpu
+folder, log = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+real = cpu.measure
+def measure(n, k, ways):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} {n}x{k}\\n")
+    time.sleep(0.3)  # long enough for the other process to ask meanwhile
+    return real(n, k, ways, reps=1)
+cpu.measure = measure
+(folder / f"ready-{os.getpid()}").touch()
+while len(list(folder.glob("ready-*"))) < 2:  # both ask at the same moment
+    time.sleep(0.01)
+r = cpu.routes_for({(40, 24), (8, 24)}, 4, cache_dir=folder)
+print(json.dumps(sorted((f"{n}x{k}", c) for (n, k), c in r.table.items())))
+"""
+
+
+def test_processes_started_together_measure_the_routes_once(tmp_path):
+    """Two processes sharing a cache (a node's Ray workers) ask for routes at the same moment:
+    one measures, the other waits for its answer (a file lock), so no measurement times a
+    machine that another measurement is loading, and both take the same routes."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "measured.log"
+    procs = [subprocess.Popen([sys.executable, "-c", _MEASURE_TOGETHER, str(tmp_path), str(log)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    lines = log.read_text().split("\n")[:-1]
+    assert sorted(line.split()[1] for line in lines) == ["40x24", "8x24"], lines  # each shape measured once
+    assert len({line.split()[0] for line in lines}) == 1  # by one process
+    assert outs[0][0] == outs[1][0] and outs[0][0].strip()
+
+
 @pytest.mark.parametrize("kind,threads", [("packed", 2), ("tiled", 2), ("tiled", 1)])
 def test_engine_prepares_once_routes_only_inside_laser_calls_and_closes(monkeypatch, kind, threads):
     """Inside engine.active() a tiny Llama's linears take the measured CPU routes (same logits
