@@ -66,6 +66,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import threading
 import time
 import weakref
@@ -290,14 +291,12 @@ _lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _machine_lock(folder: Path):
-    """Held while a process reads, measures and writes the routes in `folder`: processes that
-    start together (a node's Ray workers) then measure one at a time, each timing an otherwise
-    idle machine, and a later one takes the first one's answer instead of measuring while it
-    runs. A cache that cannot hold the lock file goes on unlocked."""
+def _file_lock(path: Path):
+    """An exclusive lock on `path` (created), released on exit; where the file cannot be made
+    (a read-only cache) it goes on unlocked."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        f = open(folder / "cpu-routes.lock", "a")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
     except OSError:
         yield
         return
@@ -332,10 +331,10 @@ def may_pack(weight_bytes: int) -> bool:
 
 def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: PackedWeights | None = None) -> LinearRoutes:
     """Routes for these (N, K) shapes: from $LASER_CACHE/cpu-routes.json, measuring (and
-    adding) the shapes this machine has not seen. Processes sharing the cache measure one at a
-    time (a file lock), so processes started together measure once; without the lock (a
-    read-only cache) the file keeps the first answer for a shape. packs: where the "packed" and "tiled" products keep their
-    copies (None: they run as "onednn", see LinearRoutes)."""
+    adding) the shapes this machine has not seen. Processes of one host measure one at a time
+    (file locks in the cache), so a host's processes started together measure once; the file
+    keeps the first answer for a shape. packs: where the "packed" and "tiled" products keep
+    their copies (None: they run as "onednn", see LinearRoutes)."""
     from laser.model import cache_dir as default_cache
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache()
@@ -349,21 +348,25 @@ def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: Pa
         except (OSError, ValueError):
             return {}
 
-    with _lock, _machine_lock(folder):
+    # One measurement at a time on this host (a node's Ray workers start together: each then
+    # times an idle machine, and the later ones take the first one's answer); hosts sharing the
+    # cache measure side by side and take turns only to rewrite the file.
+    with _lock, _file_lock(folder / f"cpu-routes.{socket.gethostname()}.lock"):
         known = read().get(key, {})
         todo = sorted({(int(n), int(k)) for n, k in shapes} - {tuple(map(int, s.split("x"))) for s in known})
         if todo:
             measured = {f"{n}x{k}": measure(n, k, ways) for n, k in todo}
-            data = read()  # again: another process may have written meanwhile
-            entry = data.setdefault(key, {})
-            for s, choice in measured.items():
-                entry.setdefault(s, choice)  # another process's answer wins
-            try:
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(data, indent=1))
-                os.replace(tmp, path)
-            except OSError:
-                pass  # a read-only cache: the routes still hold for this process
+            with _file_lock(folder / "cpu-routes.lock"):
+                data = read()  # again: another host may have written meanwhile
+                entry = data.setdefault(key, {})
+                for s, choice in measured.items():
+                    entry.setdefault(s, choice)  # the first answer for a shape stays
+                try:
+                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(data, indent=1))
+                    os.replace(tmp, path)
+                except OSError:
+                    pass  # a read-only cache: the routes still hold for this process
             known = {**measured, **entry}
     table = {tuple(map(int, s.split("x"))): list(c) for s, c in known.items()
              if isinstance(c, list) and len(c) == len(ROW_BUCKETS) and all(p in PRODUCTS for p in c)}

@@ -499,9 +499,10 @@ def test_routes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
 
 
 _MEASURE_TOGETHER = """
-import json, os, pathlib, sys, time
+import json, os, pathlib, socket, sys, time
 import laser.cpu as cpu
 folder, log = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+socket.gethostname = lambda: sys.argv[3]
 real = cpu.measure
 def measure(n, k, ways):
     with open(log, "a") as f:
@@ -517,22 +518,28 @@ print(json.dumps(sorted((f"{n}x{k}", c) for (n, k), c in r.table.items())))
 """
 
 
-def test_processes_started_together_measure_the_routes_once(tmp_path):
-    """Two processes sharing a cache (a node's Ray workers) ask for routes at the same moment:
-    one measures, the other waits for its answer (a file lock), so no measurement times a
-    machine that another measurement is loading, and both take the same routes."""
+@pytest.mark.parametrize("hosts", [("node", "node"), ("node-a", "node-b")])
+def test_processes_started_together_measure_the_routes_once_per_host(tmp_path, hosts):
+    """Two processes sharing a cache ask for routes at the same moment. On one host (a node's
+    Ray workers) one measures and the other waits for its answer, so no measurement times a
+    machine that another one is loading; on two hosts both measure side by side. Either way
+    both take the same routes (the file keeps the first answer)."""
+    import json
     import subprocess
     import sys
 
     log = tmp_path / "measured.log"
-    procs = [subprocess.Popen([sys.executable, "-c", _MEASURE_TOGETHER, str(tmp_path), str(log)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _MEASURE_TOGETHER, str(tmp_path), str(log), host],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for host in hosts]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    lines = log.read_text().split("\n")[:-1]
-    assert sorted(line.split()[1] for line in lines) == ["40x24", "8x24"], lines  # each shape measured once
-    assert len({line.split()[0] for line in lines}) == 1  # by one process
+    lines = [line.split() for line in log.read_text().split("\n")[:-1]]
+    together = hosts[0] == hosts[1]
+    assert sorted(shape for _, shape in lines) == ["40x24", "40x24", "8x24", "8x24"][:: 2 if together else 1], lines
+    assert len({pid for pid, _ in lines}) == (1 if together else 2)
     assert outs[0][0] == outs[1][0] and outs[0][0].strip()
+    assert json.loads(outs[0][0]) == sorted(
+        [s, c] for s, c in next(iter(json.loads((tmp_path / "cpu-routes.json").read_text()).values())).items())
 
 
 @pytest.mark.parametrize("kind,threads", [("packed", 2), ("tiled", 2), ("tiled", 1)])
