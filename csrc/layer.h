@@ -6,12 +6,13 @@
 //                 x[j] * cos[j] + x[j - D/2] * sin[j]            (j >= D/2)
 //                 (transformers' x * cos + rotate_half(x) * sin)
 //   silu_mul:     gate[i] = silu(gate[i]) * up[i], i < n (the MLP's act_fn(gate) * up)
-//   attention:    a verification's tokens over the KV cache, grouped-query heads (G = Hq / Hkv):
+//   attention:    a forward's tokens over the KV cache, grouped-query heads (G = Hq / Hkv):
 //                 out[j, h] = sum_t softmax_t(scale * q[j, h] . K[c_j, h / G, t] + mask[m_j, t]) V[c_j, h / G, t]
 //                 q, out [N, Hq, D]; K and V hold cache rows, element (r, g, t, d) at
 //                 r * row_stride + g * head_stride + t * D + d; T columns; mask [*, T] additive
-//                 (a column at -inf or float's lowest is hidden: weight exactly 0); c_j = cache_row[j],
-//                 m_j = mask_row[j]; a cache row's tokens are consecutive (its block).
+//                 (a column at -inf or float's lowest is hidden: weight exactly 0, and the columns past
+//                 the last one a chunk of tokens sees, as in a causal prefill, are not computed);
+//                 c_j = cache_row[j], m_j = mask_row[j]; a cache row's tokens are consecutive.
 //   decoder_layer: one whole layer of a verification whose products all run tiled (linear.h):
 //                 h += y (when pending); x = rms1(h); q, k, v = x Wq, x Wk, x Wv (+ biases);
 //                 rope(q), rope(k); k, v into cache row cache_row[j], column cache_col[j];

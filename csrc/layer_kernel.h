@@ -96,27 +96,36 @@ struct Attend {
       const float* src = q + ((it.j0 + m / it.nh) * Hq + it.h0 + m % it.nh) * D;
       for (int64_t d = 0; d < D; ++d) Qt[d * L + m] = src[d] * scale;
     }
+    // Columns [end, T) are hidden from every token of the item (mask -inf or the lowest float:
+    // a causal prefill's later keys): their weight would be exactly 0, so they are skipped.
+    int64_t end = 0;
+    for (int64_t a = 0; a < it.nt; ++a) {
+      const float* row = mask + mask_row[it.j0 + a] * T;
+      int64_t c = T;
+      while (c > end && row[c - 1] <= std::numeric_limits<float>::lowest()) --c;
+      end = c;
+    }
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4) scores<4>(Qt, K, D, t, S);
-    for (; t < T; ++t) scores<1>(Qt, K, D, t, S);
-    int64_t seen = T;  // columns [0, seen) have mask 0 for every token of the item
+    for (; t + 4 <= end; t += 4) scores<4>(Qt, K, D, t, S);
+    for (; t < end; ++t) scores<1>(Qt, K, D, t, S);
+    int64_t seen = end;  // columns [0, seen) have mask 0 for every token of the item
     for (int64_t a = 0; a < it.nt; ++a) {
       const float* row = mask + mask_row[it.j0 + a] * T;
       int64_t c = 0;
       while (c < seen && row[c] == 0.f) ++c;
       seen = c;
     }
-    for (int64_t c = seen; c < T; ++c)
+    for (int64_t c = seen; c < end; ++c)
       for (int64_t m = 0; m < live; ++m) S[c * L + m] += mask[mask_row[it.j0 + m / it.nh] * T + c];
     fvec mx[MB], sum[MB], inv[MB];
     for (int b = 0; b < MB; ++b) mx[b] = fvec{} + std::numeric_limits<float>::lowest(), sum[b] = fvec{};
-    for (int64_t c = 0; c < T; ++c)
+    for (int64_t c = 0; c < end; ++c)
       for (int b = 0; b < MB; ++b) {
         const fvec s = load(S + c * L + b * VEC);
         mx[b] = s > mx[b] ? s : mx[b];
       }
     const fvec floor = fvec{} - 87.f, zero = {};
-    for (int64_t c = 0; c < T; ++c)
+    for (int64_t c = 0; c < end; ++c)
       for (int b = 0; b < MB; ++b) {
         const fvec x = load(S + c * L + b * VEC) - mx[b];
         const fvec p = x < floor ? zero : exp_le0(x);  // hidden columns (mask -inf or lowest) weigh exactly 0
@@ -125,8 +134,8 @@ struct Attend {
       }
     for (int b = 0; b < MB; ++b) inv[b] = 1.f / sum[b];
     int64_t d0 = 0;
-    for (; d0 + ND <= D; d0 += ND) values<ND>(S, V, D, T, d0, inv, Ot);
-    for (; d0 < D; ++d0) values<1>(S, V, D, T, d0, inv, Ot);
+    for (; d0 + ND <= D; d0 += ND) values<ND>(S, V, D, end, d0, inv, Ot);
+    for (; d0 < D; ++d0) values<1>(S, V, D, end, d0, inv, Ot);
     for (int64_t m = 0; m < live; ++m) {
       float* dst = out + ((it.j0 + m / it.nh) * Hq + it.h0 + m % it.nh) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = Ot[d * L + m];

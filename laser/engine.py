@@ -352,6 +352,25 @@ class Engine:
         with self.active(kernels):
             return self.model(**inputs)
 
+    def fill(self, ids: torch.Tensor, pos: torch.Tensor, lengths: list[int], mask, cache: TreeCache) -> None:
+        """A prefill forward inside cache.filling(): ids, pos [b, L], row j's first lengths[j] tokens
+        real (right-padded); mask: the model's own (2-D, or per layer type with sliding windows).
+        Through DirectForward where verify() would take it (no sliding windows), on a causal
+        additive mask [b, 1, L, L], with no logits; else through the model, keeping one logits row.
+        On the Intel Xeon VM, SmolLM2 writing one token after a 309-token prompt: 334 ms against
+        377 through the model (its C++ attention skips each chunk's later, hidden keys: 0.87 ms a
+        layer against SDPA's 1.36; no module calls; the products, 229 ms, as before)."""
+        direct = self.direct
+        if direct is not None and self.window is None and ids.device.type == "cpu" and direct.runnable():
+            L = ids.shape[1]
+            seen = np.tri(L, dtype=bool)[None] & (np.arange(L)[None, None, :] < np.array(lengths)[:, None, None])
+            additive = np.where(seen, np.float32(0), np.finfo(np.float32).min)[:, None]  # [b, 1, L, L]
+            with self.active(False):
+                direct(_CALL.get().routes, ids, pos, torch.from_numpy(additive), cache, logits=False)
+            return
+        self.forward(False, input_ids=ids, position_ids=pos, attention_mask=mask, **{self.kv: cache}, use_cache=True,
+                     **fill_only(self.model))
+
     def verify(self, kernels: bool, ids: torch.Tensor, pos: torch.Tensor, mask, cache: TreeCache,
                **extra) -> torch.Tensor:
         """Logits of one verification forward (the loop's only other call of the model): through
@@ -529,9 +548,8 @@ class _Loop:
         else:
             mask = self.masks(np.broadcast_to(np.tril(np.ones((L, L), dtype=bool)), (len(rows), L, L)), pos, pos)
         with self.cache.filling(rows, lengths):
-            self.e.forward(False, input_ids=torch.from_numpy(ids).to(device),
-                           position_ids=torch.from_numpy(pos.copy()).to(device), attention_mask=mask,
-                           **{self.e.kv: self.cache}, use_cache=True, **fill_only(self.e.model))
+            self.e.fill(torch.from_numpy(ids).to(device), torch.from_numpy(pos.copy()).to(device), lengths, mask,
+                        self.cache)
 
     def masks(self, visible: np.ndarray, qpos: np.ndarray, kpos: np.ndarray):
         """Additive 4-D mask [B, 1, q, T] from visible [B, q, T]; with sliding-window layers, a dict

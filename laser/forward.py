@@ -24,7 +24,8 @@ each, all products tiled, on parameters gathered once while they stay the same),
 the block's keys and values at TreeCache.block_slots(); SmolLM2 over 1 + 11 tokens: 40 -> 33 ms
 against the Python loop of the same steps, one token 32-38 -> 27 ms (there F.linear wins some
 shapes alone, not in the layer). Above it (large ragged batches, where oneDNN wins) the loop
-runs in Python, each product through its route and the block through the cache's update().
+runs in Python, each product through its route and the block through the cache's update();
+so do prefills (Engine.fill: the prompts' keys from column 0 under a causal mask, no logits).
 
 Tokens are the b * q rows of input_ids (padded layout: token j of row j // q), or with
 laser_ragged = (gather, scatter) the rows' blocks back to back ([1, N]: token j in padded slot
@@ -119,10 +120,13 @@ class DirectForward:
                     or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules))
 
     def __call__(self, routes, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 cache, laser_ragged=None) -> torch.Tensor:
+                 cache, laser_ragged=None, logits: bool = True) -> torch.Tensor | None:
         """Logits [b, q, V] of input_ids [b, q] at position_ids [b, q]; attention_mask: the additive
         float32 [B, 1, q', T] mask, laser_ragged as in the module docstring; the block's keys and
-        values go into `cache` (a TreeCache). routes: the LinearRoutes for the products (None: F.linear)."""
+        values go into `cache` (a TreeCache). routes: the LinearRoutes for the products (None: F.linear).
+        A prefill (cache.filling(): the block is the rows' keys from column 0, T = q, the mask causal)
+        runs the Python layer loop, whose attention skips each chunk's hidden later columns;
+        logits=False: no final norm and LM head (a prefill only fills the cache), returns None."""
         h = self.embed(input_ids)  # [b, q, C] the residual stream, a fresh tensor updated in place
         b, q, C = h.shape
         rows = b * q
@@ -133,10 +137,13 @@ class DirectForward:
         cos, sin = (t.contiguous() for t in self.rotary(h, position_ids))  # [b, q, D]
         x = torch.empty_like(h)  # each norm's output, read by the products that follow it
         y = torch.empty_like(h)  # what the residual stream takes next: each layer's output
-        if routes is not None and rows <= routes.tiled_upto(self.shapes) and all(l.is_initialized for l in cache.layers):
+        if (routes is not None and rows <= routes.tiled_upto(self.shapes) and cache.fill_rows is None
+                and all(l.is_initialized for l in cache.layers)):
             self._tiled_layers(routes.packs, h, y, x, cos, sin, slot, attention_mask, cache)
         else:
             self._layers(F.linear if routes is None else routes.lean, h, y, x, cos, sin, slot, attention_mask, cache)
+        if not logits:
+            return None
         _C.add_rms_norm_at(h.data_ptr(), y.data_ptr(), rows, C, self.norm.weight.data_ptr(), self.norm.variance_epsilon,
                            x.data_ptr())
         return F.linear(x, self.head.weight, self.head.bias) if routes is None else routes.lean(x, self.head.weight,
@@ -213,7 +220,10 @@ class DirectForward:
             _C.rope_at(qs.data_ptr(), rows, Hq, D, cos.data_ptr(), sin.data_ptr())
             _C.rope_at(ks.data_ptr(), rows, Hkv, D, cos.data_ptr(), sin.data_ptr())
             heads = (b, q, -1, D)
-            k, v = cache.layers[i].update(ks.view(heads).transpose(1, 2), vs.view(heads).transpose(1, 2))
+            kb, vb = ks.view(heads).transpose(1, 2), vs.view(heads).transpose(1, 2)  # [b, Hkv, q, D]
+            if cache.fill_rows is not None:  # a prefill: update() hands the block back, read as [b, Hkv, T = q, D]
+                kb, vb = (torch.empty(kb.shape).copy_(t) for t in (kb, vb))  # those strides even where q = 1
+            k, v = cache.layers[i].update(kb, vb)
             if k.shape[2] != T or k.stride()[2:] != (D, 1) or v.stride() != k.stride():  # [B, Hkv, T, D] views
                 raise ValueError("the direct forward needs the cache's [rows, Hkv, T, D] key/value views")
             out = torch.empty_like(qs)  # [b, q, Hq * D]

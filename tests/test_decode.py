@@ -375,8 +375,8 @@ def test_direct_forward_attention_and_silu_equal_torch(isa):
     """The direct forward's C++ attention over cache rows equals SDPA with grouped-query heads on
     the padded layout and on ragged blocks (tokens back to back, mask slots and cache rows by
     token), for several head groupings and head sizes, up to fp32 rounding, on every kernel
-    build this CPU runs; hidden columns weigh exactly 0 (huge values there change nothing).
-    silu_mul equals silu(gate) * up. Bad rows, head counts and kernels are refused by name."""
+    build this CPU runs; hidden columns weigh exactly 0 (huge values there change nothing), and
+    a causal prefill's later columns, which the kernel skips, too. silu_mul equals silu(gate) * up. Bad rows, head counts and kernels are refused by name."""
     from laser import _C
 
     if isa not in _isas():
@@ -385,13 +385,17 @@ def test_direct_forward_attention_and_silu_equal_torch(isa):
     g = torch.Generator().manual_seed(0)
     low = torch.finfo(torch.float32).min
     for B, q, Hq, Hkv, D, W in [(1, 1, 9, 3, 64, 40), (1, 12, 9, 3, 64, 300), (3, 5, 4, 2, 8, 20), (2, 7, 64, 1, 5, 9),
-                                (2, 17, 8, 8, 16, 30)]:
+                                (2, 17, 8, 8, 16, 30), (2, 45, 9, 3, 64, 0)]:
         T = W + q
         cache_k, cache_v = torch.randn(B + 1, Hkv, T + 8, D, generator=g), torch.randn(B + 1, Hkv, T + 8, D, generator=g)
         k, v = cache_k[:B, :, :T], cache_v[:B, :, :T]  # the cache's views: row and head strides of the buffer
         query = torch.randn(B, Hq, q, D, generator=g)
         visible = torch.rand(B, q, T, generator=g) > 0.3
         visible[:, :, W] = True  # every token sees its pending column
+        if W == 0:  # a causal prefill, the second row right-padded after 31 tokens (its later columns hidden)
+            visible = torch.ones(q, T, dtype=torch.bool).tril().expand(B, q, T).clone()
+            visible[1, :, 31:] = False
+            visible[1, 31:, 0] = True  # padding tokens see one column
         mask = torch.zeros(B, 1, q, T).masked_fill_(~visible[:, None], low)
         v.masked_fill_(~visible.any(1)[:, None, :, None], 1e30)  # hidden from every token of the row
         clean = v.masked_fill(~visible.any(1)[:, None, :, None], 0.0)

@@ -257,7 +257,8 @@ def test_ragged_and_padded_layouts_commit_the_same(mode):
 @pytest.mark.parametrize("products", ["measured", "tiled"])
 def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatch):
     """Every verification (one row, then ragged rows) through DirectForward gives the logits of
-    the model's own forward on the same inputs and routes, up to fp32 rounding; strict still
+    the model's own forward on the same inputs and routes, up to fp32 rounding, and every prefill
+    (one prompt, then several right-padded) fills the cache as the model's own does; strict still
     equals greedy. "measured": the tiny shapes' routes (F.linear), so the layers run step by step
     in Python; "tiled": every product routed to the tiled one, so each layer is one C++ step that
     writes the cache block itself. A model with a hook, or of another architecture, runs through
@@ -272,9 +273,22 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
         shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
         engine._routes[torch.get_num_threads()] = LinearRoutes(2, {s: ["tiled"] * len(ROW_BUCKETS) for s in shapes},
                                                                engine.packs)
-    direct, layers, checked, tiled = DirectForward.__call__, DirectForward._tiled_layers, [], []
+    direct, layers, checked, tiled, filled = DirectForward.__call__, DirectForward._tiled_layers, [], [], []
 
     def both(self, routes, ids, pos, mask, cache, **extra):
+        if not extra.get("logits", True):  # a prefill: the rows it fills hold what the model's own prefill wrote
+            engine.forward(False, input_ids=ids, position_ids=pos, attention_mask=mask, **{engine.kv: cache},
+                           use_cache=True)
+            want = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+            assert direct(self, routes, ids, pos, mask, cache, **extra) is None
+            real = (mask[:, 0, -1] == 0).sum(-1).tolist()  # row j's real tokens: what its last position sees
+            for (k, v), layer in zip(want, cache.layers):
+                for j, row in enumerate(cache.fill_rows.tolist()):
+                    torch.testing.assert_close(layer.keys[row, :, : real[j]], k[row, :, : real[j]], rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(layer.values[row, :, : real[j]], v[row, :, : real[j]], rtol=1e-5,
+                                               atol=1e-5)
+            filled.append(ids.shape)
+            return None
         want = engine.forward(False, input_ids=ids, position_ids=pos, attention_mask=mask, **{engine.kv: cache},
                               use_cache=True, **extra).logits  # writes the cache columns the direct forward rewrites
         keys = [layer.keys.clone() for layer in cache.layers]
@@ -292,9 +306,11 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
     prompts, wants, pool = _decodes_like_greedy(model)
     assert any(shape[1] > 1 and not ragged for shape, ragged in checked), "a tree verified on one row"
     assert any(ragged for _, ragged in checked), "a ragged batch verified"
+    assert any(shape[0] > 1 and shape[1] > 1 for shape in filled), "prompts prefilled together"
     assert len(tiled) == (len(checked) if products == "tiled" else 0)
     assert len(gathered) == (1 if products == "tiled" else 0), "the C++ layers' parameters gathered once"
     checked.clear()
+    filled_before = len(filled)
     hooked = []
     hook = model.model.layers[0].register_forward_hook(lambda *a: hooked.append(1))
     try:
@@ -302,7 +318,7 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
                               update_pool=False).sequences[0].tolist() == wants[0]
     finally:
         hook.remove()
-    assert hooked and not checked, "with a hook, every forward runs through the model"
+    assert hooked and not checked and len(filled) == filled_before, "with a hook, every forward runs through the model"
     # the parameters change (one in place, one replaced by another tensor): the next verifications use them
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight.mul_(0.5)
