@@ -70,6 +70,8 @@ from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
 from laser.kernels.common import kernels_forced
 
+FILL_MASK_MAX = 1 << 24  # elements of a direct prefill's mask (64 MiB): one 4,096-token prompt, 8 of 1,448
+
 
 @dataclass
 class DecodeStats:
@@ -356,13 +358,14 @@ class Engine:
         """A prefill forward inside cache.filling(): ids, pos [b, L], row j's first lengths[j] tokens
         real (right-padded); mask: the model's own (2-D, or per layer type with sliding windows).
         Through DirectForward where verify() would take it (no sliding windows), on a causal
-        additive mask [b, 1, L, L], with no logits; else through the model, keeping one logits row.
+        additive mask [b, 1, L, L] of at most FILL_MASK_MAX elements, with no logits; else through
+        the model (SDPA's causal path builds no mask), keeping one logits row.
         On the Intel Xeon VM, SmolLM2 writing one token after a 309-token prompt: 334 ms against
         377 through the model (its C++ attention skips each chunk's later, hidden keys: 0.87 ms a
         layer against SDPA's 1.36; no module calls; the products, 229 ms, as before)."""
-        direct = self.direct
-        if direct is not None and self.window is None and ids.device.type == "cpu" and direct.runnable():
-            L = ids.shape[1]
+        direct, (b, L) = self.direct, ids.shape
+        if (direct is not None and self.window is None and ids.device.type == "cpu" and b * L * L <= FILL_MASK_MAX
+                and direct.runnable()):
             seen = np.tri(L, dtype=bool)[None] & (np.arange(L)[None, None, :] < np.array(lengths)[:, None, None])
             additive = np.where(seen, np.float32(0), np.finfo(np.float32).min)[:, None]  # [b, 1, L, L]
             with self.active(False):

@@ -327,6 +327,10 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
     checked.clear()
     laser.generate(model, prompts[0], pool=pool, max_new_tokens=12, eos_token_id=None, update_pool=False)
     assert checked and len(gathered) == (2 if products == "tiled" else 0)
+    monkeypatch.setattr(laser.engine, "FILL_MASK_MAX", 0)  # a prefill whose mask would be too large
+    filled_before = len(filled)
+    assert laser.generate(model, prompts[0], max_new_tokens=4, eos_token_id=None).sequences.shape[1] == len(prompts[0]) + 4
+    assert len(filled) == filled_before, "it runs through the model"
     assert laser.Engine.of(tiny("gpt2", 0)).direct is None and laser.Engine.of(sliding("qwen2")).direct is None
 
 
