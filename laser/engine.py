@@ -16,8 +16,9 @@ Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per
              the routes use (at most half of the memory still available, or
              LASER_CPU_PACK=1); where only one kind fits, every such route runs "tiled";
              where none does, they run oneDNN on the weights in place, with a warning.
-  forward    verifications of a Llama or Qwen2 model on a CPU run laser.forward.DirectForward:
-             the model's computation without its module calls (logits equal up to fp32 rounding).
+  forward    verifications and prefills of a Llama or Qwen2 model on a CPU run
+             laser.forward.DirectForward: the model's computation without its module calls
+             (logits and cache equal up to fp32 rounding).
 "Inside a LASER call" is a context variable, set around each of LASER's forwards in the
 calling thread only (never across a yield to the caller): calls nest, interleave and run
 concurrently on one model from several threads, and the model's other users see the model
