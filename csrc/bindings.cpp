@@ -332,23 +332,25 @@ void tiled_linear_at(uintptr_t x, int64_t M, int64_t K, const Floats& tiled, int
 
 // The direct forward's elementwise steps (layer.h) on addresses of live float32 C-contiguous
 // buffers, vouched for by the caller as in tiled_linear_at; sizes are checked.
-void add_rms_norm_at(uintptr_t h, uintptr_t y, int64_t rows, int64_t C, uintptr_t w, double eps, uintptr_t out) {
-  if (rows < 0 || C < 1 || !h || !w || !out) throw py::value_error("add_rms_norm_at: needs rows >= 0, C >= 1 and h, w, out");
+void add_rms_norm_at(uintptr_t h, uintptr_t y, int64_t rows, int64_t C, uintptr_t w, double eps, uintptr_t out,
+                     int threads) {
+  if (rows < 0 || C < 1 || !h || !w || !out || threads < 1)
+    throw py::value_error("add_rms_norm_at: needs rows >= 0, C >= 1, threads >= 1 and h, w, out");
   laser::add_rms_norm(reinterpret_cast<float*>(h), reinterpret_cast<const float*>(y), rows, C,
-                      reinterpret_cast<const float*>(w), float(eps), reinterpret_cast<float*>(out));
+                      reinterpret_cast<const float*>(w), float(eps), reinterpret_cast<float*>(out), threads);
 }
 
-void rope_at(uintptr_t x, int64_t rows, int64_t heads, int64_t D, uintptr_t cos, uintptr_t sin) {
-  if (rows < 0 || heads < 1 || D < 2 || D % 2 || !x || !cos || !sin)
-    throw py::value_error("rope_at: needs rows >= 0, heads >= 1, an even D >= 2 and x, cos, sin");
+void rope_at(uintptr_t x, int64_t rows, int64_t heads, int64_t D, uintptr_t cos, uintptr_t sin, int threads) {
+  if (rows < 0 || heads < 1 || D < 2 || D % 2 || !x || !cos || !sin || threads < 1)
+    throw py::value_error("rope_at: needs rows >= 0, heads >= 1, an even D >= 2, threads >= 1 and x, cos, sin");
   laser::rope(reinterpret_cast<float*>(x), rows, heads, D, reinterpret_cast<const float*>(cos),
-              reinterpret_cast<const float*>(sin));
+              reinterpret_cast<const float*>(sin), threads);
 }
 
-void silu_mul_at(uintptr_t gate, uintptr_t up, int64_t n, const std::string& isa) {
-  if (n < 0 || !gate || !up) throw py::value_error("silu_mul_at: needs n >= 0 and gate, up");
+void silu_mul_at(uintptr_t gate, uintptr_t up, int64_t n, const std::string& isa, int threads) {
+  if (n < 0 || !gate || !up || threads < 1) throw py::value_error("silu_mul_at: needs n >= 0, threads >= 1 and gate, up");
   try {
-    laser::silu_mul(reinterpret_cast<float*>(gate), reinterpret_cast<const float*>(up), n, isa);
+    laser::silu_mul(reinterpret_cast<float*>(gate), reinterpret_cast<const float*>(up), n, isa, threads);
   } catch (const std::invalid_argument& e) {
     throw py::value_error(std::string("silu_mul_at: ") + e.what());
   }
@@ -514,16 +516,19 @@ PYBIND11_MODULE(_C, m) {
         "tiled_linear on addresses: x, bias (0: none) and out are data pointers of live float32 C-contiguous "
         "[M, K], [N] and [M, N] buffers (unchecked: the caller vouches for them), on the best kernel this CPU runs.");
   m.def("add_rms_norm_at", &add_rms_norm_at, py::arg("h"), py::arg("y"), py::arg("rows"), py::arg("C"), py::arg("w"),
-        py::arg("eps"), py::arg("out"),
+        py::arg("eps"), py::arg("out"), py::arg("threads") = 1,
         "h [rows, C] += y (y = 0: no add), then out [rows, C] = w * h * rsqrt(mean(h^2) + eps), per row; addresses "
-        "of live float32 C-contiguous buffers (unchecked: the caller vouches for them).");
+        "of live float32 C-contiguous buffers (unchecked: the caller vouches for them). threads: from "
+        "PARALLEL_MIN (16384) elements on, the rows are split over this many.");
   m.def("rope_at", &rope_at, py::arg("x"), py::arg("rows"), py::arg("heads"), py::arg("D"), py::arg("cos"),
-        py::arg("sin"),
+        py::arg("sin"), py::arg("threads") = 1,
         "x [rows, heads, D] = x * cos + rotate_half(x) * sin in place, cos and sin [rows, D] per row; addresses of "
-        "live float32 C-contiguous buffers (unchecked: the caller vouches for them).");
+        "live float32 C-contiguous buffers (unchecked: the caller vouches for them). threads: as add_rms_norm_at's.");
   m.def("silu_mul_at", &silu_mul_at, py::arg("gate"), py::arg("up"), py::arg("n"), py::arg("isa") = "",
+        py::arg("threads") = 1,
         "gate[i] = silu(gate[i]) * up[i] for i < n, in place; addresses of live float32 buffers (unchecked: the "
-        "caller vouches for them). isa: '' (the best this CPU runs), 'avx512', 'avx2' or 'generic'.");
+        "caller vouches for them). isa: '' (the best this CPU runs), 'avx512', 'avx2' or 'generic'; threads: as "
+        "add_rms_norm_at's.");
   m.def("attention_at", &attention_at, py::arg("q"), py::arg("N"), py::arg("Hq"), py::arg("D"), py::arg("k"),
         py::arg("v"), py::arg("Hkv"), py::arg("R"), py::arg("row_stride"), py::arg("head_stride"), py::arg("T"),
         py::arg("mask"), py::arg("S"), py::arg("mask_row"), py::arg("cache_row"), py::arg("scale"), py::arg("out"),

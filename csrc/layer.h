@@ -19,9 +19,11 @@
 //                 att = attention(q); y = att Wo; h += y; x = rms2(h);
 //                 y = (silu(x Wgate) * (x Wup)) Wdown, the add pending for the next layer (or the final norm)
 // Results equal torch's up to fp32 rounding (sums in another order; exp and silu through a
-// polynomial, ~1 ulp). add_rms_norm and rope run on one thread (rows x hidden is small in a
-// verification); silu_mul and attention are compiled per instruction set (layer_kernel.h),
-// attention's threads OpenMP over (token chunk, key/value head) items.
+// polynomial, ~1 ulp). add_rms_norm, rope and silu_mul split their rows (silu_mul: elements)
+// over `threads` OpenMP threads from PARALLEL_MIN elements on (a prefill; a small verification's
+// rows stay on one thread, where forking would cost more than it saves); silu_mul and attention
+// are compiled per instruction set (layer_kernel.h), attention's threads OpenMP over (token
+// chunk, key/value head) items.
 #pragma once
 
 #include <cstdint>
@@ -29,12 +31,15 @@
 
 namespace laser {
 
-void add_rms_norm(float* h, const float* y, int64_t rows, int64_t C, const float* w, float eps, float* out);
+constexpr int64_t PARALLEL_MIN = 1 << 14;
 
-void rope(float* x, int64_t rows, int64_t heads, int64_t D, const float* cos, const float* sin);
+void add_rms_norm(float* h, const float* y, int64_t rows, int64_t C, const float* w, float eps, float* out,
+                  int threads = 1);
+
+void rope(float* x, int64_t rows, int64_t heads, int64_t D, const float* cos, const float* sin, int threads = 1);
 
 // isa (silu_mul, attention): "" = the best this CPU runs, else as tiled_linear's (linear.h).
-void silu_mul(float* gate, const float* up, int64_t n, const std::string& isa = "");
+void silu_mul(float* gate, const float* up, int64_t n, const std::string& isa = "", int threads = 1);
 
 // One layer's parameters: RMSNorm weights [C] and epsilons (input, post-attention), and the
 // q, k, v, o, gate, up, down products as tile_weight copies with their biases (null: none).

@@ -145,7 +145,7 @@ class DirectForward:
         if not logits:
             return None
         _C.add_rms_norm_at(h.data_ptr(), y.data_ptr(), rows, C, self.norm.weight.data_ptr(), self.norm.variance_epsilon,
-                           x.data_ptr())
+                           x.data_ptr(), torch.get_num_threads())
         return F.linear(x, self.head.weight, self.head.bias) if routes is None else routes.lean(x, self.head.weight,
                                                                                                  self.head.bias)
 
@@ -207,7 +207,7 @@ class DirectForward:
 
         def norm(module) -> None:  # h += y; x = rms(h)
             _C.add_rms_norm_at(h.data_ptr(), y.data_ptr() if pending else 0, rows, C, module.weight.data_ptr(),
-                               module.variance_epsilon, x.data_ptr())
+                               module.variance_epsilon, x.data_ptr(), threads)
 
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
@@ -217,8 +217,8 @@ class DirectForward:
             ks = linear(x, a.k_proj.weight, a.k_proj.bias).contiguous()  # [b, q, Hkv * D]
             vs = linear(x, a.v_proj.weight, a.v_proj.bias).contiguous()
             Hq, Hkv = qs.shape[-1] // D, ks.shape[-1] // D
-            _C.rope_at(qs.data_ptr(), rows, Hq, D, cos.data_ptr(), sin.data_ptr())
-            _C.rope_at(ks.data_ptr(), rows, Hkv, D, cos.data_ptr(), sin.data_ptr())
+            _C.rope_at(qs.data_ptr(), rows, Hq, D, cos.data_ptr(), sin.data_ptr(), threads)
+            _C.rope_at(ks.data_ptr(), rows, Hkv, D, cos.data_ptr(), sin.data_ptr(), threads)
             heads = (b, q, -1, D)
             kb, vb = ks.view(heads).transpose(1, 2), vs.view(heads).transpose(1, 2)  # [b, Hkv, q, D]
             if cache.fill_rows is not None:  # a prefill: update() hands the block back, read as [b, Hkv, T = q, D]
@@ -234,5 +234,5 @@ class DirectForward:
             norm(layer.post_attention_layernorm)
             gate = linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias).contiguous()
             up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias).contiguous()
-            _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel())
+            _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel(), "", threads)
             y.copy_(linear(gate, mlp.down_proj.weight, mlp.down_proj.bias))

@@ -368,6 +368,37 @@ def test_direct_forward_steps_equal_transformers_modules():
         _C.rope_at(got.data_ptr(), rows, heads, 15, cos.data_ptr(), sin.data_ptr())
     with pytest.raises(ValueError, match="rows >= 0"):
         _C.add_rms_norm_at(h.data_ptr(), 0, -1, C, norm.weight.data_ptr(), 1e-5, out.data_ptr())
+    with pytest.raises(ValueError, match="threads >= 1"):
+        _C.add_rms_norm_at(h.data_ptr(), 0, rows, C, norm.weight.data_ptr(), 1e-5, out.data_ptr(), 0)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_elementwise_steps_split_over_threads_equal_one_thread_bit_for_bit(isa):
+    """A prefill's add_rms_norm, rope and silu_mul (past PARALLEL_MIN = 16384 elements) split
+    their rows or elements over threads: every element comes out as on one thread (each row's
+    sum in one order; silu_mul's chunks whole vectors, the scalar tail where it was)."""
+    from laser import _C
+
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernel")
+    g = torch.Generator().manual_seed(0)
+    rows, C, heads, D = 301, 96, 4, 32  # 28,896 elements a step; silu_mul: 301 x 161 = 48,461 (no whole vector)
+    h, y, w = torch.randn(rows, C, generator=g) * 3, torch.randn(rows, C, generator=g), torch.randn(C, generator=g)
+    x, cos, sin = torch.randn(rows, heads * D, generator=g), torch.randn(rows, D, generator=g), torch.randn(rows, D, generator=g)
+    gate, up = torch.randn(rows * 161, generator=g) * 8, torch.randn(rows * 161, generator=g)
+    got = {}
+    for threads in (1, 2, 3):
+        hh, out, xx, gg = h.clone(), torch.empty(rows, C), x.clone(), gate.clone()
+        _C.add_rms_norm_at(hh.data_ptr(), y.data_ptr(), rows, C, w.data_ptr(), 1e-5, out.data_ptr(), threads)
+        _C.rope_at(xx.data_ptr(), rows, heads, D, cos.data_ptr(), sin.data_ptr(), threads)
+        _C.silu_mul_at(gg.data_ptr(), up.data_ptr(), gg.numel(), isa, threads)
+        got[threads] = (hh, out, xx, gg)
+    for threads in (2, 3):
+        for one, many in zip(got[1], got[threads]):
+            assert torch.equal(one, many)
+    torch.testing.assert_close(got[1][3], F.silu(gate) * up, rtol=1e-6, atol=1e-30)
+    with pytest.raises(ValueError, match="cannot run the 'sse9' kernel"):
+        _C.silu_mul_at(gate.data_ptr(), up.data_ptr(), gate.numel(), "sse9", 2)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
@@ -471,6 +502,17 @@ def test_split_linear_leaves_other_shapes_to_torch():
     for x, w in [(torch.randn(5, 24), torch.randn(42, 24)),  # 42 features: no 4 equal blocks
                  (torch.randn(5, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64))]:
         torch.testing.assert_close(split_linear(x, w, None, 4), torch.nn.functional.linear(x, w), rtol=0, atol=0)
+
+
+def test_a_bucket_goes_to_another_product_only_when_it_beats_the_tiled_one_by_the_margin():
+    """winner(): the fastest product, but the tiled one keeps a bucket it loses by at most
+    TILED_MARGIN (ties that swap between measurements; each tiled bucket spares a weight copy)."""
+    from laser.cpu import TILED_MARGIN, winner
+
+    assert winner({"linear": 3.0, "packed": 1.0, "tiled": 1.0 * TILED_MARGIN}) == "tiled"
+    assert winner({"linear": 3.0, "packed": 1.0, "tiled": 1.01 * TILED_MARGIN}) == "packed"
+    assert winner({"linear": 1.0, "split": 1.0, "tiled": 2.0}) == "linear"  # equal times: PRODUCTS' order
+    assert winner({"linear": 2.0, "onednn": 1.0}) == "onednn"  # no tiled product measured (no copies)
 
 
 def test_routes_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
