@@ -11,4 +11,4 @@ __all__ = [
     "AcceptConfig", "AcceptanceModel", "DecodeOutput", "DecodeStats", "DraftConfig", "DraftTree", "Engine", "PoolFormatError",
     "RetrievalPool", "calibrate", "cut_trees", "draft_union", "generate", "hf_generate", "load_model",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

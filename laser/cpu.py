@@ -79,8 +79,8 @@ from laser import _C
 
 FEW_ROWS = 4  # up to here the split's weight-major layout is the faster one
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured at each, used up to it;
-# the last bucket's winner also serves more rows (prefills of several prompts: at 1024 and 2496
-# rows on the AMD VM, packed 210-222 GFLOP/s against F.linear's 159-196, as at 512)
+# the last bucket's winner also serves more rows (prefills of several prompts: at 1024 rows on
+# the AMD EPYC VM the tiled product ran 481-491 GFLOP/s as at 512, the packed copies 461-472)
 PRODUCTS = ("linear", "split", "onednn", "packed", "tiled")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
