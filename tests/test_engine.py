@@ -254,13 +254,13 @@ def test_ragged_and_padded_layouts_commit_the_same(mode):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("products", ["measured", "tiled"])
+@pytest.mark.parametrize("products", ["linear", "tiled"])
 def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatch):
     """Every verification (one row, then ragged rows) through DirectForward gives the logits of
     the model's own forward on the same inputs and routes, up to fp32 rounding, and every prefill
     (one prompt, then several right-padded) fills the cache as the model's own does; strict still
-    equals greedy. "measured": the tiny shapes' routes (F.linear), so the layers run step by step
-    in Python; "tiled": every product routed to the tiled one, so each layer is one C++ step that
+    equals greedy. "linear": every product routed to F.linear, so the layers run step by step in
+    Python; "tiled": every product routed to the tiled one, so each layer is one C++ step that
     writes the cache block itself. A model with a hook, or of another architecture, runs through
     its own forward."""
     from laser.cpu import ROW_BUCKETS, LinearRoutes
@@ -269,10 +269,9 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
     model = tiny(arch, 0)
     engine = laser.Engine.of(model)
     assert engine.direct is not None
-    if products == "tiled":
-        shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-        engine._routes[torch.get_num_threads()] = LinearRoutes(2, {s: ["tiled"] * len(ROW_BUCKETS) for s in shapes},
-                                                               engine.packs)
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    engine._routes[torch.get_num_threads()] = LinearRoutes(2, {s: [products] * len(ROW_BUCKETS) for s in shapes},
+                                                           engine.packs)
     direct, layers, checked, tiled, filled = DirectForward.__call__, DirectForward._tiled_layers, [], [], []
 
     def both(self, routes, ids, pos, mask, cache, **extra):
