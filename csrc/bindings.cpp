@@ -519,7 +519,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("out"), py::arg("threads") = 1,
         "h [rows, C] += y (y = 0: no add), then out [rows, C] = w * h * rsqrt(mean(h^2) + eps), per row; addresses "
         "of live float32 C-contiguous buffers (unchecked: the caller vouches for them). threads: from "
-        "PARALLEL_MIN (16384) elements on, the rows are split over this many.");
+        "PARALLEL_MIN (2048) elements on, the rows are split over this many.");
   m.def("rope_at", &rope_at, py::arg("x"), py::arg("rows"), py::arg("heads"), py::arg("D"), py::arg("cos"),
         py::arg("sin"), py::arg("threads") = 1,
         "x [rows, heads, D] = x * cos + rotate_half(x) * sin in place, cos and sin [rows, D] per row; addresses of "

@@ -374,9 +374,9 @@ def test_direct_forward_steps_equal_transformers_modules():
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_elementwise_steps_split_over_threads_equal_one_thread_bit_for_bit(isa):
-    """A prefill's add_rms_norm, rope and silu_mul (past PARALLEL_MIN = 16384 elements) split
-    their rows or elements over threads: every element comes out as on one thread (each row's
-    sum in one order; silu_mul's chunks whole vectors, the scalar tail where it was)."""
+    """add_rms_norm, rope and silu_mul (from PARALLEL_MIN = 2048 elements on) split their rows
+    or elements over threads: every element comes out as on one thread (each row's sum in one
+    order; silu_mul's chunks whole vectors, the scalar tail where it was)."""
     from laser import _C
 
     if isa not in _isas():
