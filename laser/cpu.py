@@ -84,7 +84,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured a
 PRODUCTS = ("linear", "split", "onednn", "packed", "tiled")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-ROUTES_VERSION = 3  # part of the machine key: bump when a product's speed or the choice changes, so routes are measured again
+ROUTES_VERSION = 3  # in the machine key: bump when a product's speed or the choice changes (routes measured again)
 TILED_MARGIN = 1.03  # another product takes a bucket from the tiled one only if more than 3% faster (see winner())
 PACK_ROWS = 32  # the row count oneDNN lays a packed copy out for; any count runs on it (16-512 measured alike)
 
