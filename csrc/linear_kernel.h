@@ -30,7 +30,7 @@ static void block(const float* x, int64_t K, const float* wb, float* y, int64_t 
     // 1.7x one row on the Intel Xeon VM; with it 1.2x, and one row streams 10-20% faster.
     for (int64_t c = 0; c < TILE; c += LINE) __builtin_prefetch(wb + (k + AHEAD_K) * TILE + c, 0, 3);
     // The same FMAs in either order; the one with fewer registers live besides the R * NV
-    // accumulators: NV weight vectors + 1 broadcast of x (row by row, AVX-512 at 12 rows: 27
+    // accumulators: NV weight vectors + 1 broadcast of x (row by row, AVX-512 at 14 rows: 31
     // of 32), or 1 weight vector + R broadcasts (vector by vector, AVX2 at 3 rows: 16 of 16).
     if constexpr (NV < R) {
       vec w[NV];

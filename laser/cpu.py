@@ -38,7 +38,7 @@ made on first use, so the routed linears hold their weights twice). On a 2-core 
 and a SmolLM2-135M forward over 1 + 8 tree tokens took 50 ms against 32 ms for one token
 (65 ms through the routes without "packed"; context 300, 2026-12-05).
 tiled: LASER's own product (laser._C.tiled_linear, csrc/linear.h) on a tiled copy of the
-weight, [ceil(N/32)][K][32]: each weight element is loaded once and multiplies up to 12 rows
+weight, [ceil(N/32)][K][32]: each weight element is loaded once and multiplies up to 14 rows
 held in L1 (AVX-512; 3 on AVX2, 1 otherwise), OpenMP threads over the blocks, so at 1-16
 rows it runs at the memory's speed (on the Intel Xeon VM up to ~12 rows, the weight prefetched
 4 KiB ahead; above that its arithmetic binds: ~165 GFLOP/s on 2 cores with the weight in
