@@ -109,7 +109,8 @@ def main(argv=None) -> int:
             summary = run_job(cfg, progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address,
                               threads=args.threads_per_worker, fmt=args.format)
             print(f"wrote {summary['written']} records ({summary['skipped']} already done), "
-                  f"{summary['tokens_per_s']:.1f} tok/s, {summary['mean_accepted']:.2f} tokens/step, "
+                  f"{summary['tokens_per_s']:.1f} tok/s, {summary['mean_accepted']:.2f} tokens/step at "
+                  f"{summary['nodes_per_step']:.1f} draft nodes, "
                   f"{summary['pools']} pools -> {args.out}")
             if summary["mismatched"]:
                 print(f"laser: warning: {summary['mismatched']} re-decoded records of a resumed block differ from the "

@@ -30,7 +30,8 @@ def main():
     summary = run_job(JobConfig(dataset="ml-100k", target="users", limit=USERS, out=str(out), pool="routed",
                                 max_new_tokens=NEW))
     print(f"wrote {summary['written']} records, {summary['tokens_per_s']:.1f} tok/s, "
-          f"{summary['mean_accepted']:.2f} tokens/step, {summary['pools']} pools")
+          f"{summary['mean_accepted']:.2f} tokens/step at {summary['nodes_per_step']:.1f} draft nodes, "
+          f"{summary['pools']} pools")
 
     records = [json.loads(line) for line in out.read_text().splitlines()][-COMPARE:]
     model, tok = laser.load_model()

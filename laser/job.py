@@ -527,13 +527,13 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
     draft = laser.DraftConfig(budget=cfg.budget, max_depth=cfg.max_depth, cost=cost, **job_draft(cfg))
     in_run = subset & set(plan.keys)
     last_block = -(-len(plan.keys) // cfg.block)  # blocks that hold ids of this run
-    stats = {"written": 0, "tokens": 0, "steps": 0, "mismatched": 0,
+    stats = {"written": 0, "tokens": 0, "steps": 0, "nodes": 0, "mismatched": 0,
              "skipped": sum(k in by_id for k in in_run)}
     t_start = time.perf_counter()
     writer = _Writer(out, len(by_id))
     held, open_ = _SignalHold(), set()  # open_: the current block's ids without a record
 
-    def write(key: str, new: list[int], steps: int, dt: float) -> None:
+    def write(key: str, new: list[int], steps: int, nodes: int, dt: float) -> None:
         if key in by_id:  # a resumed batch block decodes its finished records again: never rewritten
             stats["mismatched"] += by_id[key]["tokens"] != new
             return
@@ -547,6 +547,7 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
         stats["written"] += 1
         stats["tokens"] += len(new)
         stats["steps"] += steps
+        stats["nodes"] += nodes
         if on_record is not None:
             on_record(rec)
 
@@ -576,12 +577,19 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
         writer.close()
     elapsed = time.perf_counter() - t_start
     return {**stats, "tokens_per_s": stats["tokens"] / elapsed if stats["written"] else 0.0,
-            "mean_accepted": stats["tokens"] / stats["steps"] if stats["steps"] else 0.0, "pools": len(pools.pools)}
+            **step_means(stats), "pools": len(pools.pools)}
+
+
+def step_means(stats: dict) -> dict:
+    """Per verification step of the records written: tokens committed and draft nodes verified."""
+    steps = stats["steps"]
+    return {"mean_accepted": stats["tokens"] / steps if steps else 0.0,
+            "nodes_per_step": stats["nodes"] / steps if steps else 0.0}
 
 
 def decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str], write, learned=None) -> None:
     """Decode `keys` (in order) against the block's frozen pools (and acceptance model, whose
-    observations go to `learned`); write each record as it finishes."""
+    observations go to `learned`); write(id, tokens, steps, draft nodes, seconds) each record as it finishes."""
     cfg, group_fn = plan.cfg, plan.group
     am = {"acceptance": None} if learned is None else {"acceptance": pools.acceptance, "learn_into": learned}
     prompts = [chat_ids(tok, plan.template.render(plan.ds, cfg.target, k)) for k in keys]
@@ -591,14 +599,15 @@ def decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str],
             res = laser.generate(model, ids, pool=pools.draft_pools(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
                                  mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False,
                                  **am)
-            write(key, res.sequences[0, len(ids):].tolist(), res.stats.steps, time.perf_counter() - t0)
+            write(key, res.sequences[0, len(ids):].tolist(), res.stats.steps, sum(res.stats.tree_sizes),
+                  time.perf_counter() - t0)
         return
     from laser.batch import Request, generate_batch
 
     reqs = [Request(ids, pools.draft_pools(group_fn(k)), k) for k, ids in zip(keys, prompts)]
     for r in generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
                             top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False, **am):
-        write(r.tag, r.tokens.tolist(), r.stats.steps, r.stats.total_time)
+        write(r.tag, r.tokens.tolist(), r.stats.steps, sum(r.stats.tree_sizes), r.stats.total_time)
 
 
 def strip_timing(rec: dict) -> dict:

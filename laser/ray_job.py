@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from laser.job import (JobConfig, JobError, Plan, Progress, calibrate_for, decode_block, job_cost, job_draft, make_plan,
-                       read_output, run_shard)
+                       read_output, run_shard, step_means)
 
 RETRIES = 8  # worker restarts (and retries of the task it held) before the job gives up
 
@@ -80,7 +80,7 @@ class Worker:
     def decode_piece(self, keys: list[str], blocks: int, pool_dir: str, cost: list[float]):
         """run_lockstep: decode `keys` against the pools after `blocks` finished blocks (loaded from
         the snapshot in pool_dir when this worker holds other ones). Returns the records as
-        (id, tokens, steps, seconds) in finish order and the observations (hits, tries) or None."""
+        (id, tokens, steps, nodes, seconds) in finish order and the observations (hits, tries) or None."""
         import numpy as np
 
         import laser
@@ -96,7 +96,7 @@ class Worker:
         learned = laser.AcceptanceModel(pools.acceptance.prior) if pools.acceptance is not None else None
         done = []
         decode_block(self.model, self.tok, self.plan, pools, draft, keys,
-                      lambda key, new, steps, dt: done.append((key, new, steps, dt)), learned)
+                      lambda *rec: done.append(rec), learned)
         return done, None if learned is None else (learned.hits, learned.tries)
 
     def calibrate(self):
@@ -124,7 +124,7 @@ class Worker:
                               path.with_name(path.name[:-6] + ".pools"))
         finally:
             os.close(lock)
-        return {"group": group, **{k: stats[k] for k in ("written", "tokens", "steps", "mismatched")}}
+        return {"group": group, **{k: stats[k] for k in ("written", "tokens", "steps", "nodes", "mismatched")}}
 
 
 class _Tail:
@@ -248,9 +248,9 @@ def run_ray(cfg: JobConfig, out: Path, progress: bool, workers: int, address: st
     driver_cpu = sum(r.pop("driver_cpu_s") for r in results if "driver_cpu_s" in r)
     results = [r for r in results if r]
     written = sum(r["written"] for r in results)
-    tokens, steps = sum(r["tokens"] for r in results), sum(r["steps"] for r in results)
-    return {"written": written, "skipped": sum(k in done for k in plan.keys), "tokens": tokens,
-            "tokens_per_s": tokens / elapsed if written else 0.0, "mean_accepted": tokens / steps if steps else 0.0,
+    totals = {k: sum(r[k] for r in results) for k in ("tokens", "steps", "nodes")}
+    return {"written": written, "skipped": sum(k in done for k in plan.keys), **totals,
+            "tokens_per_s": totals["tokens"] / elapsed if written else 0.0, **step_means(totals),
             "pools": sum(any(k in in_run for k in keys) for _, keys in shards.values()), "mismatched": sum(r["mismatched"] for r in results), "merged": n,
             "driver_s": elapsed, "driver_cpu_s": driver_cpu, "merge_s": t_merge}
 
@@ -355,8 +355,8 @@ class _Farm:
                 free.append(a)
             while flushed in finished:  # in piece order: the file's order does not depend on timing
                 done, observed = finished.pop(flushed)
-                for key, new, steps, dt in done:
-                    write(key, new, steps, dt)
+                for rec in done:
+                    write(*rec)
                 if observed is not None:  # whole counts: exact in any order
                     learned.set_state(learned.hits + observed[0], learned.tries + observed[1])
                 flushed += 1

@@ -37,7 +37,10 @@ def peaked_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(peaked_model, tmp_path_factory):
-    """Uninterrupted runs, per (mode, batch size)."""
+    """Uninterrupted runs, per (mode, batch size); get.printed[out]: what the run printed."""
+    import contextlib
+    import io
+
     from jobhelp import job_args
     from laser.cli import main as cli
 
@@ -47,8 +50,11 @@ def reference(peaked_model, tmp_path_factory):
         key = (mode, batch, tuple(extra))
         if key not in made:
             out = tmp_path_factory.mktemp(f"ref-{mode}-{batch}") / "k.jsonl"
-            assert cli(job_args(peaked_model, out, mode=mode, batch=batch, extra=extra)) == 0
-            made[key] = out
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert cli(job_args(peaked_model, out, mode=mode, batch=batch, extra=extra)) == 0
+            made[key], get.printed[out] = out, printed.getvalue()
         return made[key]
 
+    get.printed = {}
     return get

@@ -1,6 +1,7 @@
 """Shared helpers of the job tests: the CLI arguments of a small relaxed job and readers."""
 
 import json
+import re
 from pathlib import Path
 
 from laser.job import read_records, strip_timing
@@ -14,6 +15,13 @@ def job_args(model, out, *, mode="relaxed", batch=1, limit=LIMIT, extra=()):
     return ["generate", "--dataset", "ml-100k", "--target", "users", "--limit", str(limit), "--out", str(out),
             "--model", str(model), "--max-new-tokens", str(NEW), "--mode", mode, "--block", str(BLOCK),
             "--batch-size", str(batch), "--cost", str(Path(model).parent / "cost.json"), "--no-progress", *extra]
+
+
+def per_step(printed: str) -> str:
+    """The job summary's "T tokens/step at N draft nodes" (both from every record's steps and trees)."""
+    found = re.findall(r"[\d.]+ tokens/step at [\d.]+ draft nodes", printed)
+    assert len(found) == 1, printed
+    return found[0]
 
 
 def records_of(out):

@@ -18,7 +18,7 @@ import laser
 from laser.cli import main as cli
 from laser.job import read_records
 
-from jobhelp import BLOCK, DEEP, LIMIT, NEW, job_args, pool_bytes, records_of
+from jobhelp import BLOCK, DEEP, LIMIT, NEW, job_args, per_step, pool_bytes, records_of
 
 
 @pytest.mark.slow
@@ -104,6 +104,18 @@ def test_relaxed_accepts_non_argmax_tokens_and_strict_is_greedy(peaked_model, re
         x = torch.tensor([ids])
         ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False)
         assert ref[0, len(ids):].tolist() == rec["tokens"]
+
+
+@pytest.mark.slow
+def test_the_summary_counts_every_records_steps_and_draft_nodes(peaked_model, reference, tmp_path, capsys):
+    for mode, batch, extra in (("relaxed", 1, ()), ("strict", 4, DEEP)):
+        out = reference(mode, batch, extra)
+        tokens, nodes = map(float, per_step(reference.printed[out]).split()[::3])
+        recs = records_of(out)
+        assert tokens == round(sum(len(r["tokens"]) for r in recs) / sum(r["steps"] for r in recs), 2)
+        assert 0 < nodes <= 32  # the job's budget
+    assert cli(job_args(peaked_model, tmp_path / "u.jsonl", extra=("--budget", "0"))) == 0
+    assert per_step(capsys.readouterr().out) == "1.00 tokens/step at 0.0 draft nodes"
 
 
 @pytest.fixture

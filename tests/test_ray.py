@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobhelp import DEEP, LIMIT, index_of, job_args, pool_bytes, records_of
+from jobhelp import DEEP, LIMIT, index_of, job_args, per_step, pool_bytes, records_of
 from laser.cli import main as cli
 from laser.job import JobConfig, read_records, run_job
 
@@ -24,10 +24,11 @@ def _shard_records(out) -> int:
     return sum(len(read_records(p)) for p in Path(str(out) + ".shards").glob("*.jsonl"))
 
 
-def test_two_workers_give_the_records_of_one_process(peaked_model, reference, tmp_path):
+def test_two_workers_give_the_records_of_one_process(peaked_model, reference, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     assert cli(job_args(peaked_model, out, extra=("--workers", "2"))) == 0
     assert records_of(out) == records_of(reference("relaxed", 1))  # batch 1: every field but time
+    assert per_step(capsys.readouterr().out) == per_step(reference.printed[reference("relaxed", 1)])
     strict = tmp_path / "s.jsonl"
     assert cli(job_args(peaked_model, strict, mode="strict", batch=4, extra=("--workers", "2"))) == 0
     got, want = records_of(strict), records_of(reference("strict", 4))  # merged in id order / finish order
@@ -50,6 +51,7 @@ def test_shared_drafting_on_two_workers_gives_the_records_model_and_pools_of_one
         assert cli(job_args(peaked_model, out, extra=(*DEEP, "--workers", workers))) == 0
         want = reference("relaxed", 1, DEEP)
         assert records_of(out) == records_of(want)
+        assert per_step(capsys.readouterr().out) == per_step(reference.printed[want])
         assert pool_bytes(out) == pool_bytes(want) and index_of(out)["acceptance"] == index_of(want)["acceptance"]
         assert not Path(str(out) + ".shards").exists()
     strict = tmp_path / "strict.jsonl"
