@@ -39,12 +39,15 @@ import os
 import re
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
-from laser.job import (JobConfig, JobError, Plan, Progress, calibrate_for, decode_block, job_cost, job_draft, make_plan,
-                       read_output, run_shard, step_means)
+from laser.job import (JobConfig, JobError, Plan, Progress, Records, calibrate_for, decode_block, job_cost, job_draft,
+                       make_plan, read_output, run_shard, step_means)
 
 RETRIES = 8  # worker restarts (and retries of the task it held) before the job gives up
+MERGE_OPEN = 128  # shard files the merge keeps open at once
+MERGE_BATCH = 65536  # records per Parquet row group written by the merge
 
 
 def _shard_files(shards: Path, plan: Plan) -> dict[str, tuple[Path, list[str]]]:
@@ -146,34 +149,52 @@ class _Tail:
 
 
 def _merge(out: Path, plan: Plan, shards: dict, fmt: str) -> int:
-    """Every shard's records in job order into OUT (temp file + rename); each id exactly once."""
-    by_id: dict[str, dict] = {}
-    for group, (path, keys) in shards.items():
-        for key, rec in read_output(path, plan, set(keys)).items():
-            by_id[key] = rec
-    missing = [k for k in plan.keys if k not in by_id]
+    """Every shard's records in job order into OUT (temp file + rename); each id exactly once.
+    Streamed: the shards' indexes in memory, each record's line copied as the worker wrote it
+    (JSONL), or parsed in batches of MERGE_BATCH (Parquet)."""
+    parts = {group: read_output(path, plan, set(keys)) for group, (path, keys) in shards.items()}
+    missing = [k for k in plan.keys if k not in parts[plan.group(k)]]
     if missing:
         raise JobError(f"{out}: {len(missing)} ids have no record after every group finished (first: {missing[0]!r})")
-    recs = [by_id[k] for k in plan.keys]
-    tmp = out.with_name(out.name + ".merge.tmp")
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    live: OrderedDict[str, Records] = OrderedDict()  # shards with an open file, least recently read first
 
-        table = pa.table({"id": [r["id"] for r in recs], "group": [r["group"] for r in recs],
-                          "text": [r["text"] for r in recs],
-                          "tokens": pa.array([r["tokens"] for r in recs], type=pa.list_(pa.int32())),
-                          "steps": pa.array([r["steps"] for r in recs], type=pa.int32()),
-                          "time": pa.array([r["time"] for r in recs], type=pa.float64())})
-        pq.write_table(table, tmp)
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in recs:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def lines():
+        for k in plan.keys:
+            group = plan.group(k)
+            live[group] = parts[group]
+            live.move_to_end(group)
+            if len(live) > MERGE_OPEN:
+                live.popitem(last=False)[1].close()
+            yield parts[group].line(k)
+
+    tmp = out.with_name(out.name + ".merge.tmp")
+    try:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema([("id", pa.string()), ("group", pa.string()), ("text", pa.string()),
+                                ("tokens", pa.list_(pa.int32())), ("steps", pa.int32()), ("time", pa.float64())])
+            with pq.ParquetWriter(tmp, schema) as w:
+                batch = []
+                for line in lines():
+                    batch.append(json.loads(line))
+                    if len(batch) == MERGE_BATCH:
+                        w.write_table(pa.Table.from_pylist(batch, schema=schema))
+                        batch = []
+                if batch:
+                    w.write_table(pa.Table.from_pylist(batch, schema=schema))
+        else:
+            with open(tmp, "wb") as f:
+                for line in lines():
+                    f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        for part in parts.values():
+            part.close()
     os.replace(tmp, out)
-    return len(recs)
+    return len(plan.keys)
 
 
 def _check_address(address: str) -> None:
@@ -228,9 +249,9 @@ def run_ray(cfg: JobConfig, out: Path, progress: bool, workers: int, address: st
     if merged and not shards_dir.exists():
         raise JobError(f"{out} holds records of a single-process run; continue it without --workers, or use another --out")
     shards = _shard_files(shards_dir, plan)
-    done: dict[str, dict] = {}
+    done: set[str] = set()
     for group, (path, keys) in shards.items():
-        done.update(read_output(path, plan, set(keys)) if path.exists() else {})
+        done.update(read_output(path, plan, set(keys)))
     shards_dir.mkdir(exist_ok=True)
     cost = None
     manifest = out.with_name(out.name + ".manifest.json")

@@ -1,15 +1,18 @@
 """Datasets, grouping, router, the resumable knowledge job and its CLI errors."""
 
 import json
+import os
 import sys
+import tracemalloc
 import zipfile
 
+import numpy as np
 import pytest
 
 from laser.cli import main as cli
 from laser.data import DatasetError, item_prompt, load_dataset, load_movielens_dat, user_prompt
 from laser.groups import PoolSet, Router, attribute_group, collaborative_groups, default_threshold
-from laser.job import read_records
+from laser.job import JobConfig, make_plan, read_output, read_records
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +143,65 @@ def test_read_records_cuts_a_torn_line(tmp_path):
     f.write_text('{"id": "1"}\ngarbage\n')
     with pytest.raises(ValueError, match="damaged"):
         read_records(f)
+
+
+def _line(rec: dict) -> str:
+    return json.dumps(rec, ensure_ascii=False) + "\n"  # as the job writes a record
+
+
+@pytest.fixture(scope="module")
+def full_output():
+    """A plan of every ML-100K user (attribute groups) and a record of a realistic size for each
+    (110 tokens, a 600-character text with multi-byte characters)."""
+    plan = make_plan(JobConfig(dataset="ml-100k", target="users", pool="attribute"))
+    rng = np.random.default_rng(0)
+    recs = {k: {"id": k, "group": plan.group(k), "text": f"Amélie – user {k} " * 30,
+                "tokens": rng.integers(0, 49152, 110).tolist(), "steps": int(rng.integers(30, 60)), "time": 1.2345}
+            for k in plan.all_keys}
+    return plan, recs
+
+
+def test_an_outputs_index_holds_ids_not_texts_and_reads_each_record_back(full_output, tmp_path):
+    plan, recs = full_output
+    out = tmp_path / "o.jsonl"
+    out.write_text("".join(_line(r) for r in recs.values()) + '{"id": "torn', encoding="utf-8")
+    tracemalloc.start()
+    by_id = read_output(out, plan)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < 250 * len(recs), held  # the parsed records would hold ~4 KB each
+    assert list(by_id) == plan.all_keys and len(by_id) == len(recs)
+    assert all(by_id[k] == recs[k] for k in plan.all_keys)  # read back by byte offset
+    assert not out.read_text(encoding="utf-8").endswith('"torn')  # the torn line is cut off
+    by_id.close()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_ray_merge_streams_every_shard_into_job_order(full_output, tmp_path, monkeypatch, fmt):
+    from laser import ray_job
+
+    plan, recs = full_output
+    (tmp_path / "s").mkdir()
+    shards = ray_job._shard_files(tmp_path / "s", plan)
+    rng = np.random.default_rng(1)
+    for path, keys in shards.values():  # each shard in its own order (batches write in finish order)
+        path.write_text("".join(_line(recs[k]) for k in rng.permutation(keys)), encoding="utf-8")
+    monkeypatch.setattr(ray_job, "MERGE_OPEN", 4)  # fewer files open than shards: closed and opened again
+    monkeypatch.setattr(ray_job, "MERGE_BATCH", 50)
+    out = tmp_path / f"k.{fmt}"
+    import pyarrow.parquet as pq  # imported before memory is traced
+
+    fds = len(os.listdir("/proc/self/fd"))
+    tracemalloc.start()
+    assert ray_job._merge(out, plan, shards, fmt) == len(recs)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(shards) > 4 and len(os.listdir("/proc/self/fd")) == fds
+    assert peak < 1000 * len(recs), peak  # every parsed record at once would be ~4 KB each
+    if fmt == "jsonl":
+        assert out.read_text(encoding="utf-8") == "".join(_line(recs[k]) for k in plan.keys)
+    else:
+        assert pq.read_table(out).to_pylist() == [recs[k] for k in plan.keys]
 
 
 @pytest.fixture(scope="module")

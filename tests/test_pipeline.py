@@ -77,9 +77,10 @@ def test_a_sigterm_at_a_blocks_last_record_keeps_its_snapshot(peaked_model, refe
     write = laser.job._Writer.write
 
     def write_then_sigterm(self, rec):
-        write(self, rec)
+        where = write(self, rec)
         if self.n == BLOCK:
             os.kill(os.getpid(), signal.SIGTERM)
+        return where
 
     monkeypatch.setattr(laser.job._Writer, "write", write_then_sigterm)
     assert cli(job_args(peaked_model, out, extra=extra)) == 143
