@@ -91,12 +91,17 @@ def test_a_killed_worker_is_restarted_and_its_work_resumes(peaked_model, referen
                 if alive:
                     os.kill(alive[0]["Pid"], signal.SIGKILL)
                     killed.update(id=alive[0]["ActorID"], at=written())
-                    while time.time() < deadline:  # Ray restarts it
-                        a = state.actors().get(killed["id"], {})
-                        if a.get("NumRestarts", 0) >= 1 and a.get("State") == "ALIVE":
+                    while time.time() < deadline and ray.is_initialized():  # Ray restarts it
+                        try:
+                            a = state.actors().get(killed["id"], {})
+                        except ray.exceptions.RaySystemError:  # the job ended and shut Ray down meanwhile
+                            return
+                        # counted when Ray starts the restart (the retried task may finish, and
+                        # the job with it, before a poll sees the new actor ALIVE)
+                        if a.get("NumRestarts", 0) >= 1 and a.get("State") in ("RESTARTING", "ALIVE"):
                             killed["restarted"] = True
                             return
-                        time.sleep(0.1)
+                        time.sleep(0.02)
             time.sleep(0.05)
 
     t = threading.Thread(target=killer, daemon=True)
