@@ -66,7 +66,7 @@ def smol():
     from laser.cache import TreeCache
 
     model, _ = laser.load_model()
-    engine = laser.Engine.of(model)
+    engine = laser.Engine(model)
     cache = TreeCache.for_model(model, 1, 400)
     L = 300
     g = torch.Generator().manual_seed(0)

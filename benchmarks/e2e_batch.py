@@ -1,6 +1,7 @@
 """Batched throughput: LASER continuous batching vs HF batched greedy, same prompts, one run.
 
     python benchmarks/e2e_batch.py [--prompts 16] [--new 128] [--batch 1 4 8 16] [--rounds 1] [--acceptance [--deep]]
+        [--model M] [--no-repeat-ngram N] [--repetition-penalty R]
 
 Prompts are the ML-100K user-knowledge prompts of benchmarks/e2e_decode.py; each mode's
 shared pools are warmed with the texts written in that mode for other users (as that mode's
@@ -17,7 +18,9 @@ learned online; --deep adds both modes drafting as `laser generate --acceptance 
 --pool-depth 32 --max-depth 30 --max-match 16` does (a depth-32 pool of the same warm texts,
 which plays the global pool here: every prompt drafts from the one pool). --pool-corpus first
 fills each mode's pools with the texts a whole-dataset job of that mode wrote for the other
-users (benchmarks/knowledge), as a job's pools hold them late in its run.
+users (benchmarks/knowledge), as a job's pools hold them late in its run. Loop control
+(--no-repeat-ngram, --repetition-penalty) applies to every method, HF's included; each
+method's texts (last round) come with their loop share and mean distinct 4-gram share.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ import torch
 import laser
 from laser.batch import Request, generate_batch
 from laser.data import chat_ids, load_dataset, user_prompt
+from laser.job import JobConfig
+from laser.quality import quality
+from laser.repeats import hf_processors
 from laser.replay import corpus_records
 
 
-def hf_batched(model, tok, prompts, B, new):
+def hf_batched(model, tok, prompts, B, new, loops):
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tokens, t0 = 0, time.perf_counter()
@@ -44,7 +50,7 @@ def hf_batched(model, tok, prompts, B, new):
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         out = model.generate(ids.to(model.device), attention_mask=attn.to(model.device), max_new_tokens=new,
-                             do_sample=False, pad_token_id=pad)
+                             do_sample=False, pad_token_id=pad, logits_processor=hf_processors(**loops, prompt_len=width))
         gen = out[:, width:]
         for row in gen.tolist():  # count up to and including the first EOS, like LASER
             tokens += next((j + 1 for j, t in enumerate(row) if t == tok.eos_token_id), len(row))
@@ -61,6 +67,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
     ap.add_argument("--deep", action="store_true", help="also the acceptance model with a depth-32 pool, depth-30 drafts")
+    ap.add_argument("--model", help="default: SmolLM2-135M-Instruct")
+    ap.add_argument("--no-repeat-ngram", type=int, default=JobConfig.no_repeat_ngram, help="default: the job's")
+    ap.add_argument("--repetition-penalty", type=float, default=JobConfig.repetition_penalty, help="default: the job's")
+    ap.add_argument("--loop-scope", default=JobConfig.loop_scope, help="default: the job's")
     ap.add_argument("--pool-corpus", metavar="PATTERN",
                     help="first put into each mode's pools the texts a `laser generate` job of that mode wrote for every "
                          "user but the evaluated and warm-up ones ({mode} in the path: strict / relaxed), as a job's "
@@ -69,7 +79,9 @@ def main(argv=None):
     from laser.job import JOB_DRAFT, JOB_DRAFT_ACCEPTANCE
 
     torch.manual_seed(0)
-    model, tok = laser.load_model(device=args.device)
+    model, tok = laser.load_model(args.model, device=args.device)
+    loops = {"no_repeat_ngram_size": args.no_repeat_ngram, "repetition_penalty": args.repetition_penalty,
+             "loop_scope": args.loop_scope}
     ds = load_dataset("ml-100k")
     users = sorted(ds.users, key=int)
     order = np.random.default_rng(0).permutation(len(users))
@@ -92,7 +104,7 @@ def main(argv=None):
             print(f"{mode} pools: {len(texts)} texts from {path}")
         warm = [Request(chat_ids(tok, user_prompt(ds, u)), pool) for u in warm_users]
         texts += [r.tokens for r in generate_batch(model, warm, batch_size=8, max_new_tokens=args.new, mode=mode,
-                                                   draft=cfg_at[8], acceptance=None)]
+                                                   draft=cfg_at[8], acceptance=None, **loops)]
         print(f"{mode} pool warmed with {len(warm)} users' {mode} texts: {len(pool)} nodes")
         deep_pool = laser.RetrievalPool(max_depth=32, vocab_size=len(tok))
         for t in texts:
@@ -101,15 +113,15 @@ def main(argv=None):
                          "deep": (deep_pool, dict(JOB_DRAFT_ACCEPTANCE, max_depth=30, max_match=16))}
 
     for B in args.batch:  # untimed: first calls at a batch size compile kernels and pick GEMM algorithms
-        hf_batched(model, tok, prompts[:B], B, 8)
+        hf_batched(model, tok, prompts[:B], B, 8, loops)
         for mode in ("strict", "relaxed"):
             list(generate_batch(model, [Request(p, pools[mode]) for p in prompts[:B]], batch_size=B, max_new_tokens=32,
-                                mode=mode, draft=cfg_at[B], update_pool=False, acceptance=None))
+                                mode=mode, draft=cfg_at[B], update_pool=False, acceptance=None, **loops))
     no_drafts = laser.DraftConfig(budget=0, prompt_weight=0)
     modes = ("none", "strict", "relaxed") + (("strict_am", "relaxed_am") if args.acceptance or args.deep else ()) + (
         ("strict_deep", "relaxed_deep") if args.deep else ())
 
-    def timed(B, mode):  # tok/s, mean tokens per row-step, per-step phase times (ms) of one LASER run
+    def timed(B, mode):  # tok/s, mean tokens per row-step, per-step phase times (ms), texts of one LASER run
         kind, _, suffix = mode.partition("_")
         am = bool(suffix)
         use_pool, extra = am_rows[kind][suffix] if am else (None if mode == "none" else pools[kind], None)
@@ -118,20 +130,21 @@ def main(argv=None):
         t0 = time.perf_counter()
         res = list(generate_batch(model, [Request(p, use_pool) for p in prompts], batch_size=B, max_new_tokens=args.new,
                                   mode="strict" if mode == "none" else kind, draft=draft, update_pool=False,
-                                  acceptance=laser.AcceptanceModel() if am else None))
+                                  acceptance=laser.AcceptanceModel() if am else None, **loops))
         speed = sum(len(r.tokens) for r in res) / (time.perf_counter() - t0)
         # every row's stats hold each batch step's phase times: per step, averaged over rows
         per = {k: 1e3 * float(np.mean([getattr(r.stats, "time_" + k) / r.stats.steps for r in res]))
                for k in ("draft", "verify", "accept", "cache")}
-        return speed, float(np.mean([r.stats.mean_accepted for r in res])), per
+        texts = [tok.decode(r.tokens.tolist(), skip_special_tokens=True) for r in res]
+        return speed, float(np.mean([r.stats.mean_accepted for r in res])), per, texts
 
     rows = []
     for B in args.batch:
         rounds = []  # per round: {"hf": tok/s, mode: tok/s, mode + "_step": tokens/row-step, mode + "_phases": ...}
         for k in range(args.rounds):  # each round runs every method once, HF first
-            line = {"hf": hf_batched(model, tok, prompts, B, args.new)}
+            line = {"hf": hf_batched(model, tok, prompts, B, args.new, loops)}
             for mode in modes:
-                line[mode], line[mode + "_step"], line[mode + "_phases"] = timed(B, mode)
+                line[mode], line[mode + "_step"], line[mode + "_phases"], line[mode + "_texts"] = timed(B, mode)
             rounds.append(line)
             print(f"B={B:2d} round {k + 1}: HF {line['hf']:6.1f} tok/s; " + ", ".join(
                 f"{m} {line[m]:6.1f} ({line[m] / line['hf']:.2f}x)" for m in modes), flush=True)
@@ -142,6 +155,7 @@ def main(argv=None):
             med[mode + "_x"] = float(np.median([r[mode] / r["hf"] for r in rounds]))
             med[mode + "_alone"] = float(np.median([r[mode] / r["none"] for r in rounds]))
             med[mode + "_step"] = float(np.median([r[mode + "_step"] for r in rounds]))
+            med[mode + "_q"] = quality(rounds[-1][mode + "_texts"])
         rows.append(med)
         for mode in ("strict", "relaxed"):
             phases = {k: float(np.median([r[mode + "_phases"][k] for r in rounds])) for k in rounds[0][mode + "_phases"]}
@@ -150,13 +164,17 @@ def main(argv=None):
             print(f"      {mode}: {med[mode]:6.1f} tok/s ({med[mode + '_x']:.2f}x HF, {med[mode + '_alone']:.2f}x no "
                   f"drafts), {med[mode + '_step']:.2f} tokens/row-step", flush=True)
 
-    print(f"\n{len(prompts)} ML-100K user prompts x {args.new} new tokens, SmolLM2-135M on {args.device}")
+    print(f"\n{len(prompts)} ML-100K user prompts x {args.new} new tokens, {args.model or 'SmolLM2-135M'} on "
+          f"{args.device}, loop control {loops}")
     print(f"{'B':>3s} {'HF greedy tok/s':>16s} {'no drafts':>10s} {'x HF':>6s} {'strict tok/s':>13s} {'x HF':>6s} "
-          f"{'relaxed tok/s':>14s} {'x HF':>6s} {'tok/step s/r':>13s} {'spec. alone s/r':>16s}")
+          f"{'relaxed tok/s':>14s} {'x HF':>6s} {'tok/step s/r':>13s} {'spec. alone s/r':>16s} {'loops s/r':>10s} "
+          f"{'dist-4 s/r':>12s}")
     for r in rows:
+        qs, qr = r["strict_q"], r["relaxed_q"]
         print(f"{r['B']:3d} {r['hf']:16.1f} {r['none']:10.1f} {r['none_x']:6.2f} {r['strict']:13.1f} "
               f"{r['strict_x']:6.2f} {r['relaxed']:14.1f} {r['relaxed_x']:6.2f} "
-              f"{r['strict_step']:6.2f}/{r['relaxed_step']:.2f} {r['strict_alone']:9.2f}/{r['relaxed_alone']:.2f}")
+              f"{r['strict_step']:6.2f}/{r['relaxed_step']:.2f} {r['strict_alone']:9.2f}/{r['relaxed_alone']:.2f} "
+              f"{100 * qs.loop_share:4.0f}/{100 * qr.loop_share:.0f}% {qs.distinct[4]:.3f}/{qr.distinct[4]:.3f}")
 
 
 if __name__ == "__main__":

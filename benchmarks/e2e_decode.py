@@ -1,10 +1,11 @@
 """End-to-end decode comparison on ML-100K user-knowledge prompts, one run, same prompts.
 
     python benchmarks/e2e_decode.py [--prompts 10] [--warm 16] [--new 160] [--device cpu] [--acceptance]
+        [--model M] [--no-repeat-ngram N] [--repetition-penalty R] [--paper-rule]
 
 Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER with no drafts
 (its own forward, one token per step: what the faster CPU forward alone gives), LASER
-strict, LASER relaxed (k=2, p=0.1), both drafting by pool shares (acceptance=None, the paper's
+strict, LASER relaxed (k=2, p=0.1; rule "fresh", and with --paper-rule also the paper's rule), all drafting by pool shares (acceptance=None, the paper's
 drafting and `laser generate`'s without --acceptance). Each mode's shared pool is warmed with the knowledge texts the
 model wrote in that mode for *other* users, as that mode's job pools hold (strict: LASER strict,
 which equals greedy; relaxed: LASER relaxed). Prints, per method, tokens/s, the ratio to
@@ -15,6 +16,9 @@ method against LASER with no drafts, whole runs and decode steps alone (the pref
 in both, excluded). --acceptance adds LASER strict and relaxed drafting as laser.generate does
 by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens, 3 levels), at draft
 depth 30 over depth-32 pools, each mode's model learned online from its own warm-up texts on.
+Loop control (--no-repeat-ngram, --repetition-penalty) applies to every method, HF's
+included (its own processors). Beside each method's speed: its texts' loop share and mean
+distinct 4-gram share (laser.quality).
 --pool-corpus first fills each mode's pool with the texts a whole-dataset job of that mode
 wrote for the other users (benchmarks/knowledge), as a job's pools hold them late in its run;
 without it the pools hold the warm-up texts alone, as at a job's start.
@@ -30,6 +34,9 @@ import torch
 
 import laser
 from laser.data import chat_ids, load_dataset, user_prompt
+from laser.job import JobConfig
+from laser.quality import quality
+from laser.repeats import hf_processors
 from laser.replay import corpus_records
 
 
@@ -48,6 +55,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--acceptance", action="store_true", help="also LASER with an AcceptanceModel")
+    ap.add_argument("--model", help="default: SmolLM2-135M-Instruct")
+    ap.add_argument("--no-repeat-ngram", type=int, default=JobConfig.no_repeat_ngram, help="default: the job's")
+    ap.add_argument("--repetition-penalty", type=float, default=JobConfig.repetition_penalty, help="default: the job's")
+    ap.add_argument("--loop-scope", default=JobConfig.loop_scope, help="default: the job's")
+    ap.add_argument("--paper-rule", action="store_true", help="also LASER relaxed with the paper's rule")
     ap.add_argument("--pool-corpus", metavar="PATTERN",
                     help="first put into each mode's pool the texts a `laser generate` job of that mode wrote for every "
                          "user but the evaluated and warm-up ones ({mode} in the path: strict / relaxed), as a job's "
@@ -56,7 +68,12 @@ def main(argv=None):
     from laser.job import JOB_DRAFT
 
     torch.manual_seed(0)
-    model, tok = laser.load_model(device=args.device)
+    model, tok = laser.load_model(args.model, device=args.device)
+    loops = {"no_repeat_ngram_size": args.no_repeat_ngram, "repetition_penalty": args.repetition_penalty,
+             "loop_scope": args.loop_scope}
+
+    def hf_loops(ids):  # HF's processors of the same loop control
+        return {"logits_processor": hf_processors(**loops, prompt_len=len(ids))}
     ds = load_dataset("ml-100k")
     users = sorted(ds.users, key=int)
     rng = np.random.default_rng(0)
@@ -86,33 +103,40 @@ def main(argv=None):
             print(f"{mode} pool: {len(texts)} texts from {path}")
         for u in warm_users:
             laser.generate(model, prompts[u], pool=pool, max_new_tokens=args.new, mode=mode,
-                           draft=am_cfg if models else cfg, acceptance=models.get(mode))
+                           draft=am_cfg if models else cfg, acceptance=models.get(mode), **loops)
         print(f"warmed the {mode} pool with {len(warm_users)} users' {mode} texts in {time.perf_counter() - t:.0f} s: "
               f"{len(pool)} nodes")
 
     methods = ["hf_greedy", "hf_prompt_lookup", "laser_no_drafts", "laser_strict", "laser_relaxed"]
+    methods += ["laser_relaxed_paper"] if args.paper_rule else []
     methods += ["laser_strict_am", "laser_relaxed_am"] if models else []
-    rows = {m: {"tokens": [], "time": [], "per_step": [], "stats": []} for m in methods}
+    rows = {m: {"tokens": [], "time": [], "per_step": [], "stats": [], "texts": []} for m in methods}
+    runs = [("strict", "", "fresh"), ("relaxed", "", "fresh")] + ([("relaxed", "_paper", "paper")] if args.paper_rule else [])
+    runs += [(m, "_am", "fresh") for m in models]
     mismatches = 0
     for u in eval_users:
         ids = prompts[u]
-        ref, dt = hf(model, ids, args.new)
+        ref, dt = hf(model, ids, args.new, **hf_loops(ids))
         rows["hf_greedy"]["tokens"].append(len(ref)); rows["hf_greedy"]["time"].append(dt)
-        pl, dt = hf(model, ids, args.new, prompt_lookup_num_tokens=10)
+        rows["hf_greedy"]["texts"].append(tok.decode(ref, skip_special_tokens=True))
+        pl, dt = hf(model, ids, args.new, prompt_lookup_num_tokens=10, **hf_loops(ids))
         rows["hf_prompt_lookup"]["tokens"].append(len(pl)); rows["hf_prompt_lookup"]["time"].append(dt)
+        rows["hf_prompt_lookup"]["texts"].append(tok.decode(pl, skip_special_tokens=True))
         # LASER's own forward (same linears and attention) with no drafts: one token per step
         t = time.perf_counter()
         out = laser.generate(model, ids, max_new_tokens=args.new, draft=laser.DraftConfig(budget=0, prompt_weight=0),
-                             acceptance=None)
+                             acceptance=None, **loops)
         r = rows["laser_no_drafts"]
+        r["texts"].append(tok.decode(out.sequences[0, len(ids):].tolist(), skip_special_tokens=True))
         r["tokens"].append(out.stats.new_tokens); r["time"].append(time.perf_counter() - t); r["per_step"].append(1.0)
         r["stats"].append(out.stats)
-        for mode, name in [("strict", ""), ("relaxed", "")] + [(m, "_am") for m in models]:
+        for mode, name, rule in runs:
             # each method starts from the same warmed pool: no online update across eval prompts
+            am = name == "_am"
             t = time.perf_counter()
             out = laser.generate(model, ids, pool=pools[mode], max_new_tokens=args.new, mode=mode,
-                                 draft=am_cfg if name else cfg, update_pool=False,
-                                 acceptance=models[mode] if name else None)
+                                 draft=am_cfg if am else cfg, update_pool=False,
+                                 acceptance=models[mode] if am else None, relaxed_rule=rule, **loops)
             dt = time.perf_counter() - t
             got = out.sequences[0, len(ids):].tolist()
             if mode == "strict" and got != ref:
@@ -120,17 +144,22 @@ def main(argv=None):
             r = rows[f"laser_{mode}{name}"]
             r["tokens"].append(len(got)); r["time"].append(dt); r["per_step"].append(out.stats.mean_accepted)
             r["stats"].append(out.stats)
+            r["texts"].append(tok.decode(got, skip_special_tokens=True))
 
     g = rows["hf_greedy"]
     g_tps = sum(g["tokens"]) / sum(g["time"])
     pl_tps = sum(rows["hf_prompt_lookup"]["tokens"]) / sum(rows["hf_prompt_lookup"]["time"])
-    print(f"\n{len(eval_users)} prompts x {args.new} new tokens, SmolLM2-135M fp32 on {args.device}")
-    print(f"{'method':18s} {'tok/s':>8s} {'x greedy':>9s} {'median x':>9s} {'x PLD':>7s} {'tok/step':>9s} {'tokens':>7s}")
+    print(f"\n{len(eval_users)} prompts x {args.new} new tokens, {args.model or 'SmolLM2-135M'} fp32 on {args.device}, "
+          f"loop control {loops}")
+    print(f"{'method':20s} {'tok/s':>8s} {'x greedy':>9s} {'median x':>9s} {'x PLD':>7s} {'tok/step':>9s} {'tokens':>7s} "
+          f"{'loops':>6s} {'dist-4':>7s}")
     for name, r in rows.items():
         tps = sum(r["tokens"]) / sum(r["time"])
         per = np.median([(gt / gn) / (t / n) for t, n, gt, gn in zip(r["time"], r["tokens"], g["time"], g["tokens"])])
         step = f"{np.mean(r['per_step']):9.2f}" if r["per_step"] else f"{'-':>9s}"
-        print(f"{name:18s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step} {np.mean(r['tokens']):7.1f}")
+        q = quality(r["texts"])
+        print(f"{name:20s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step} {np.mean(r['tokens']):7.1f} "
+              f"{100 * q.loop_share:5.0f}% {q.distinct[4]:7.3f}")
     def decode_tps(r):  # tokens per second of the decode steps: the run less its prefills
         return sum(r["tokens"]) / (sum(r["time"]) - sum(s.time_prefill for s in r["stats"]))
 
@@ -148,7 +177,7 @@ def main(argv=None):
         nodes = sum(sum(s.tree_sizes) for s in st) / steps
         prefill = 1e3 * sum(s.time_prefill for s in st) / len(st)
         print(f"  {name:18s} {' / '.join(f'{x:.1f}' for x in each)}, {nodes:.1f} nodes; {prefill:.0f}")
-    print(f"strict outputs differing from HF greedy: {mismatches}/{len(eval_users) * (1 + bool(models))}")
+    print(f"strict outputs differing from HF greedy (same loop control): {mismatches}/{len(eval_users) * (1 + bool(models))}")
 
 
 if __name__ == "__main__":

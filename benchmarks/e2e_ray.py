@@ -37,7 +37,7 @@ def warm_routes(thread_counts) -> None:
     from laser.model import load_model
 
     model, _ = load_model()
-    engine = Engine.of(model)
+    engine = Engine(model)
     for threads in thread_counts:
         torch.set_num_threads(threads)
         engine.routes()

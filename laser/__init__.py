@@ -6,9 +6,10 @@ from laser.config import AcceptConfig, DraftConfig
 from laser.decode import DecodeOutput, DecodeStats, calibrate, generate, hf_generate
 from laser.engine import Engine
 from laser.model import load_model
+from laser.quality import quality  # the function: laser.quality(texts)
 
 __all__ = [
     "AcceptConfig", "AcceptanceModel", "DecodeOutput", "DecodeStats", "DraftConfig", "DraftTree", "Engine", "PoolFormatError",
-    "RetrievalPool", "calibrate", "cut_trees", "draft_union", "generate", "hf_generate", "load_model",
+    "RetrievalPool", "calibrate", "cut_trees", "draft_union", "generate", "hf_generate", "load_model", "quality",
 ]
 __version__ = "0.3.0"

@@ -70,12 +70,15 @@ def row_stats(logits: torch.Tensor, parent_row: torch.Tensor, tokens: torch.Tens
     return row_stats_reference(logits, parent_row, tokens, top_k)
 
 
-def accept_flags(stats: RowStats, parent_row: torch.Tensor, tokens: torch.Tensor, mode: str, top_k: int, min_prob: float):
-    """[n] bool: node i agrees with its parent row under `mode`."""
+def accept_flags(stats: RowStats, parent_row: torch.Tensor, tokens: torch.Tensor, mode: str, top_k: int, min_prob: float,
+                 relax_ok: torch.Tensor | None = None):
+    """[n] bool: node i agrees with its parent row under `mode`. relax_ok [n] bool (relaxed
+    mode): the nodes that may be accepted without being the argmax (None: all)."""
     exact = tokens == stats.argmax.index_select(0, parent_row)
     if mode == "strict":
         return exact
-    return exact | ((stats.rank < top_k) & (stats.prob >= min_prob))
+    relaxed = (stats.rank < top_k) & (stats.prob >= min_prob)
+    return exact | (relaxed if relax_ok is None else relaxed & relax_ok)
 
 
 def longest_path(flags: np.ndarray, mask: np.ndarray, depth: np.ndarray) -> int:
@@ -98,7 +101,7 @@ def chance(tree) -> np.ndarray:
 
 
 def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_prob: float, eos: np.ndarray,
-                 rooms: list[int], starts: list[int] | None = None) -> list:
+                 rooms: list[int], starts: list[int] | None = None, relax_ok: list | None = None) -> list:
     """Judge B verified trees at once and pick what each row commits.
 
     logits [B, q, V] (padded): row r's position 0 is its pending token, position i + 1 its
@@ -107,6 +110,8 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
     at starts[r] + i + 1. trees[r] is None for an idle row.
     One pass over all positions (strict: argmax; relaxed: row_stats) and one device-to-host
     copy for the whole batch.
+    relax_ok: per row None (idle) or [len(tree)] bool, the nodes relaxed mode may accept without
+    being the argmax (None: every node).
     Returns per row None (idle) or (path: DFS indices root..best of the accepted nodes,
     out: tokens to commit = accepted path + bonus, cut at the first EOS and at rooms[r],
     stopped: EOS reached).
@@ -126,7 +131,10 @@ def accept_trees(logits: torch.Tensor, trees: list, mode: str, top_k: int, min_p
     else:
         widest = int(np.bincount(parent_row).max()) if parent_row.size else 0  # sizes the kernel, no sync
         rs = row_stats(flat, both[0], both[1], top_k, widest)
-    flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob)  # [N]
+    ok = None
+    if relax_ok is not None and mode != "strict":
+        ok = torch.from_numpy(np.concatenate([relax_ok[r] for r in live] or [np.zeros(0, bool)])).to(logits.device)
+    flags = accept_flags(rs, both[0], both[1], mode, top_k, min_prob, ok)  # [N]
     host = torch.cat([rs.argmax, flags.long()]).cpu().numpy()  # the step's one sync
     argmax, flags = host[:R], host[R:].astype(bool)
     out_rows, at = [None] * len(trees), 0

@@ -7,7 +7,10 @@ import argparse
 import signal
 import sys
 
+from laser.config import RELAXED_RULES
 from laser.data import DATASETS
+from laser.errors import InputError
+from laser.job import JobConfig
 from laser.groups import MODES
 
 
@@ -30,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("strict", "relaxed"), default="strict")
     g.add_argument("--top-k", type=int, default=2)
     g.add_argument("--min-prob", type=float, default=0.1)
+    g.add_argument("--relaxed-rule", default=JobConfig.relaxed_rule, help=f"relaxed mode's rule: {' or '.join(RELAXED_RULES)} "
+                   "(fresh: a token that is not the argmax is never accepted where it repeats a 3-gram of the text; "
+                   "paper: the paper's top-k and probability rule alone)")
+    g.add_argument("--no-repeat-ngram", type=int, default=JobConfig.no_repeat_ngram, metavar="N",
+                   help="ban every token that repeats an N-token n-gram of the text, as HF's no_repeat_ngram_size "
+                   "(0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=JobConfig.repetition_penalty, metavar="R",
+                   help="HF's repetition_penalty on every token already in the text (1: off)")
+    g.add_argument("--loop-scope", default=JobConfig.loop_scope, help="the text loop control counts: output (the "
+                   "generated tokens: a text may quote its prompt) or all (prompt and output, as HF's processors)")
     g.add_argument("--model", help="local HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     g.add_argument("--max-new-tokens", type=int, default=160)
     g.add_argument("--warm", help="earlier knowledge JSONL to warm the pools with")
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, preempted)
     try:
         if args.cmd == "generate":
-            from laser.job import JobConfig, run_job
+            from laser.job import run_job
 
             cfg = JobConfig(dataset=args.dataset, target=args.target, out=args.out, limit=args.limit, pool=args.pool,
                             mode=args.mode, top_k=args.top_k, min_prob=args.min_prob, model=args.model,
@@ -105,6 +118,8 @@ def main(argv=None) -> int:
                             global_pool=args.global_pool,
                             rebuild_pools=args.rebuild_pools, prompt_template=args.prompt_template,
                             history_until=args.history_until, acceptance=args.acceptance,
+                            no_repeat_ngram=args.no_repeat_ngram, repetition_penalty=args.repetition_penalty,
+                            relaxed_rule=args.relaxed_rule, loop_scope=args.loop_scope,
                             files={"users": args.users, "items": args.items, "interactions": args.interactions})
             summary = run_job(cfg, progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address,
                               threads=args.threads_per_worker, fmt=args.format)
@@ -112,6 +127,8 @@ def main(argv=None) -> int:
                   f"{summary['tokens_per_s']:.1f} tok/s, {summary['mean_accepted']:.2f} tokens/step at "
                   f"{summary['nodes_per_step']:.1f} draft nodes, "
                   f"{summary['pools']} pools -> {args.out}")
+            print(f"text quality of {summary['quality'].n} records: {summary['quality'].line()} "
+                  f"({args.out}.quality.json)")
             if summary["mismatched"]:
                 print(f"laser: warning: {summary['mismatched']} re-decoded records of a resumed block differ from the "
                       "stored ones (kept as stored)", file=sys.stderr)
@@ -121,7 +138,7 @@ def main(argv=None) -> int:
             import laser
 
             if args.batch_size < 1 or args.context < 1:
-                raise ValueError("--batch-size and --context must be >= 1")
+                raise InputError("--batch-size and --context must be >= 1")
             model, _ = laser.load_model(args.model)
             cost = laser.calibrate(model, context_len=args.context, sizes=(0, 1, 2, 4, 8, 16, 32), batch=args.batch_size)
             with open(args.out, "w") as f:
@@ -136,12 +153,12 @@ def main(argv=None) -> int:
                 name, eq, files = spec.partition("=")
                 paths = files.split(",")
                 if not eq or not name or len(paths) != 2 or not all(paths):
-                    raise ValueError(f"--knowledge {spec!r}: expected NAME=USERS.jsonl[.gz],ITEMS.jsonl[.gz]")
+                    raise InputError(f"--knowledge {spec!r}: expected NAME=USERS.jsonl[.gz],ITEMS.jsonl[.gz]")
                 if name in variants:
-                    raise ValueError(f"--knowledge: variant {name!r} given twice")
+                    raise InputError(f"--knowledge: variant {name!r} given twice")
                 variants[name] = tuple(paths)
             if args.max_users is not None and args.max_users < 1:
-                raise ValueError("--max-users must be >= 1")
+                raise InputError("--max-users must be >= 1")
             run_ctr(args.dataset, variants, models=[m for m in args.models.split(",") if m], seeds=args.seeds,
                     out=args.out, max_users=args.max_users, epochs=args.epochs)
             print(f"wrote {args.out}/ctr.json, ctr.md, ctr.png")
@@ -150,7 +167,7 @@ def main(argv=None) -> int:
 
             run_report(args)
     except (DatasetError, PoolFormatError, FileNotFoundError, PermissionError, IsADirectoryError,
-            NotADirectoryError, ValueError) as e:
+            NotADirectoryError, InputError) as e:
         print(f"laser: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

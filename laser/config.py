@@ -31,7 +31,9 @@ class DraftConfig:
     min_match: int = 1
     max_match: int = 8
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
-    cost: np.ndarray | None = None  # cost[b] = verify time for b nodes; cuts each step's trees (see calibrate)
+    # cost[b] = verify time for b nodes; cuts each step's trees (see calibrate). None: the model's
+    # own curve on this machine, measured once (Engine.cost)
+    cost: np.ndarray | None = None
     # With an AcceptanceModel: past the first min_nodes nodes (best-first), nodes whose calibrated
     # chance is below min_chance are not drafted. min_nodes < budget with min_chance > 0: every
     # step drafts at least min_nodes nodes, and up to budget where the chances stay high.
@@ -81,14 +83,38 @@ class DraftConfig:
                                          "match_levels": self.match_levels, "min_nodes": self.min_nodes}
 
 
+RELAXED_RULES = ("fresh", "paper")
+LOOP_SCOPES = ("all", "output")
+
+
 @dataclass(frozen=True)
 class AcceptConfig:
-    """strict: a draft token is accepted iff it is the argmax (the output is greedy decoding's).
-    relaxed: also iff it is within the top_k and its probability is >= min_prob."""
+    """What the verifier accepts, judged on the model's scores after loop control.
+
+    strict: a draft token is accepted iff it is the argmax (the output is greedy decoding's,
+    with the same loop control as HF's processors of the same setting).
+    relaxed, rule "paper" (arXiv 2408.05676): also iff it is within the top_k and its
+    probability is >= min_prob. Rule "fresh": as "paper", except that a token which is not the
+    argmax is never accepted where it would repeat a fresh_ngram-token n-gram already in the
+    text (prompt, committed tokens and the node's own root path): relaxed acceptance cannot
+    copy the text into a loop, only greedy decoding itself can.
+    Loop control, as HF's processors of the same name: no_repeat_ngram > 0 bans every token
+    that would repeat an n-gram of that many tokens; repetition_penalty != 1 divides the
+    positive scores (multiplies the negative ones) of every token already in the text. The
+    text is loop_scope "all": prompt and output, as HF's processors count it; or "output": the
+    generated tokens only, so a text may still quote its prompt (a title, a year) and only
+    its own repeats are controlled (HF: RepetitionPenaltyLogitsProcessor(prompt_ignore_length=
+    prompt length), and NoRepeatNGramLogitsProcessor over the output's ids).
+    """
 
     mode: str = "strict"
     top_k: int = 2
     min_prob: float = 0.1
+    rule: str = "fresh"
+    fresh_ngram: int = 3
+    no_repeat_ngram: int = 0
+    repetition_penalty: float = 1.0
+    loop_scope: str = "all"
 
     def __post_init__(self):
         if self.mode not in ("strict", "relaxed"):
@@ -97,3 +123,23 @@ class AcceptConfig:
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if not 0.0 <= self.min_prob <= 1.0:
             raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob!r}")
+        if self.loop_scope not in LOOP_SCOPES:
+            raise ValueError(f"loop_scope must be one of {', '.join(LOOP_SCOPES)}, got {self.loop_scope!r}")
+        if self.rule not in RELAXED_RULES:
+            raise ValueError(f"relaxed rule must be one of {', '.join(RELAXED_RULES)}, got {self.rule!r}")
+        for name in ("fresh_ngram", "no_repeat_ngram"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "fresh_ngram" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'fresh_ngram' else 0}, got {v!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0
+                and np.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+
+    @property
+    def loop_control(self) -> bool:
+        return self.no_repeat_ngram > 0 or self.repetition_penalty != 1.0
+
+    @property
+    def fresh(self) -> bool:
+        """Relaxed acceptance checks each node for a repeated n-gram."""
+        return self.mode == "relaxed" and self.rule == "fresh"

@@ -67,6 +67,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -84,6 +85,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured a
 PRODUCTS = ("linear", "split", "onednn", "packed", "tiled")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+ROUTE_SECONDS = 5  # about what measure() takes for one shape on a 2-core CPU (the first-use notice)
 ROUTES_VERSION = 3  # in the machine key: bump when a product's speed or the choice changes (routes measured again)
 TILED_MARGIN = 1.03  # another product takes a bucket from the tiled one only if more than 3% faster (see winner())
 PACK_ROWS = 32  # the row count oneDNN lays a packed copy out for; any count runs on it (16-512 measured alike)
@@ -367,6 +369,9 @@ def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: Pa
         known = read().get(key, {})
         todo = sorted({(int(n), int(k)) for n, k in shapes} - {tuple(map(int, s.split("x"))) for s in known})
         if todo:
+            print(f"laser: measuring this CPU's fastest linear product for {len(todo)} new weight shape(s) "
+                  f"({', '.join(f'{n}x{k}' for n, k in todo)}) at {ways} ways, once per machine (~{ROUTE_SECONDS * len(todo)} s; "
+                  f"kept in {path}; `laser calibrate --model M` does it ahead of a job)", file=sys.stderr, flush=True)
             measured = {f"{n}x{k}": measure(n, k, ways) for n, k in todo}
             with _file_lock(folder / "cpu-routes.lock"):
                 data = read()  # again: another host may have written meanwhile

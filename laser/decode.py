@@ -48,6 +48,10 @@ def generate(
     pad_token_id: int | None = None,
     acceptance: AcceptanceModel | str | None = "auto",
     learn_into: AcceptanceModel | None = None,
+    no_repeat_ngram_size: int = AcceptConfig.no_repeat_ngram,
+    repetition_penalty: float = AcceptConfig.repetition_penalty,
+    relaxed_rule: str = AcceptConfig.rule,
+    loop_scope: str = AcceptConfig.loop_scope,
 ) -> DecodeOutput:
     """Speculative decoding with drafts from `pool` and from each request's own text.
 
@@ -61,7 +65,12 @@ def generate(
     at weight 1 and each updated.
     eos_token_id: "auto" takes the model's generation config; None never stops early.
     use_kernels: Triton tree attention in the verification pass (default: on CUDA).
-    logits_processor: HF LogitsProcessorList, applied at every verified position.
+    no_repeat_ngram_size, repetition_penalty: loop control as HF generate's arguments of the
+    same name (strict mode returns HF greedy's tokens with them), kept as an index of each row's
+    text, so a tree costs about what it costs without them (laser.repeats). loop_scope: "all"
+    (HF's: the prompt counts) or "output" (the generated tokens only; see AcceptConfig).
+    relaxed_rule: "fresh" (default) or "paper" (see AcceptConfig).
+    logits_processor: HF LogitsProcessorList, applied at every verified position (after loop control).
     stopping_criteria: HF StoppingCriteria(List), checked after every committed token of
     every row (a step that commits several tokens is cut where it fires).
     streamer: an HF streamer (one sequence, as HF's own): it gets the prompt, then each
@@ -74,8 +83,9 @@ def generate(
     The first call on a model prepares it (laser.engine.Engine).
     """
     cfg = draft or DraftConfig()
-    accept = AcceptConfig(mode, top_k, min_prob)
-    engine = Engine.of(model)
+    accept = AcceptConfig(mode, top_k, min_prob, rule=relaxed_rule, no_repeat_ngram=no_repeat_ngram_size,
+                          repetition_penalty=repetition_penalty, loop_scope=loop_scope)
+    engine = Engine(model)
     acceptance = engine.acceptance(acceptance, accept)
     rows = _rows_of(input_ids, attention_mask)
     one = rows is None
@@ -84,6 +94,7 @@ def generate(
     elif streamer is not None:
         raise ValueError(f"streamer takes one sequence only, as HF's streamers do (got {len(rows)} rows)")
     prompts = [engine.check(r, max_new_tokens, cfg) for r in rows]
+    cfg = engine.draft_config(cfg, len(prompts))
     eos = engine.eos_ids(eos_token_id)
     kernels = (model.device.type == "cuda" or kernels_forced()) if use_kernels is None else use_kernels
     if streamer is not None:
@@ -158,7 +169,7 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
     padded forward of the same tokens costs the same (within 3% at B = 8, 2-core AMD EPYC),
     and the ragged cut reads this curve at the batch's mean nodes per row.
     """
-    engine = Engine.of(model)
+    engine = Engine(model)
     device, kv, dtype = model.device, engine.kv, engine.dtype
     sizes = sorted(set(int(b) for b in sizes))
     if not sizes or sizes[0] < 0 or repeats < 1:
@@ -188,6 +199,22 @@ def calibrate(model, context_len: int = 256, sizes=(0, 1, 2, 4, 8, 16, 32, 64), 
         times = np.array([[forward(b) for b in sizes] for _ in range(repeats)])  # [repeats, len(sizes)]
     medians = np.maximum.accumulate(np.median(times, axis=0))
     return np.interp(np.arange(sizes[-1] + 1), np.asarray(sizes, dtype=np.float64), medians)
+
+
+def _loop_control(processors) -> tuple[dict, list]:
+    """HF's RepetitionPenalty and NoRepeatNGram processors as generate's loop-control arguments
+    (LASER's index, laser.repeats), and the other processors, in order."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    loops, rest = {}, []
+    for p in processors or []:
+        if type(p) is RepetitionPenaltyLogitsProcessor and getattr(p, "prompt_ignore_length", None) is None:
+            loops["repetition_penalty"] = float(p.penalty)
+        elif type(p) is NoRepeatNGramLogitsProcessor:
+            loops["no_repeat_ngram_size"] = int(p.ngram_size)
+        else:
+            rest.append(p)
+    return loops, rest
 
 
 UNSUPPORTED = {  # generation-config fields LASER cannot honour, with the value that means "off"
@@ -223,7 +250,8 @@ def hf_generate(model, input_ids, logits_processor=None, stopping_criteria=None,
     max_new = generation_config.max_length - input_ids.shape[1]
     if generation_config.max_new_tokens is not None:
         max_new = generation_config.max_new_tokens
-    out = generate(model, input_ids, attention_mask=attn, pad_token_id=generation_config.pad_token_id, pool=pool,
+    loops, logits_processor = _loop_control(logits_processor)
+    out = generate(model, input_ids, attention_mask=attn, **loops, pad_token_id=generation_config.pad_token_id, pool=pool,
                    max_new_tokens=max_new, mode=laser_mode, top_k=laser_top_k, min_prob=laser_min_prob, eos_token_id=generation_config.eos_token_id, draft=laser_draft,
                    acceptance=laser_acceptance,
                    logits_processor=logits_processor if logits_processor else None,

@@ -31,7 +31,7 @@ def main():
                                 max_new_tokens=NEW))
     print(f"wrote {summary['written']} records, {summary['tokens_per_s']:.1f} tok/s, "
           f"{summary['mean_accepted']:.2f} tokens/step at {summary['nodes_per_step']:.1f} draft nodes, "
-          f"{summary['pools']} pools")
+          f"{summary['pools']} pools; text quality: {summary['quality'].line()}")
 
     records = [json.loads(line) for line in out.read_text().splitlines()][-COMPARE:]
     model, tok = laser.load_model()

@@ -3,7 +3,7 @@
 `laser.generate` is this loop with one row, `generate_batch` the same loop with a queue
 that refills rows as they finish (continuous batching).
 
-Preparing a model (Engine(model), once per model; Engine.of(model) keeps one per model):
+Preparing a model (Engine(model): prepared on first use, the same object per model until close()):
   attention  a model running transformers' SDPA is switched to the "laser" attention
              function, which inside a LASER call runs the Triton tree kernel (when the
              call uses kernels) or SDPA with grouped-query heads read in place (CPU), and
@@ -49,6 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import json
+import os
+import sys
 import threading
 import time
 import warnings
@@ -70,7 +74,9 @@ from laser.forward import DirectForward
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
 from laser.kernels.common import kernels_forced
+from laser.repeats import NgramIndex, RowText
 
+COST_CONTEXT = 256  # context length the default cost curve is measured after (cost())
 FILL_MASK_MAX = 1 << 24  # elements of a direct prefill's mask (64 MiB): one 4,096-token prompt, 8 of 1,448
 
 
@@ -203,10 +209,6 @@ class Engine:
                 cls._engines[model] = engine
             return engine
 
-    @classmethod
-    def of(cls, model) -> "Engine":
-        return cls(model)
-
     def _prepare(self, model) -> None:
         self.model = model
         self.kv = cache_kwarg(model)
@@ -236,6 +238,7 @@ class Engine:
         self._routes: dict[int, LinearRoutes] = {}  # by torch thread count
         self._models: dict[AcceptConfig, AcceptanceModel] = {}  # acceptance="auto": one per AcceptConfig
         self.packs = PackedWeights()  # the "packed" and "tiled" products' weight copies, shared by every thread count
+        self._costs: dict[str, np.ndarray] = {}  # cost(): by shape key and batch size
 
     def routes(self) -> LinearRoutes | None:
         """The CPU linear routes at the current thread count (None on a GPU). One thread is routed
@@ -260,6 +263,63 @@ class Engine:
                 routes.packs = None
             self._routes[threads] = routes
         return self._routes[threads]
+
+    def cost(self, batch: int = 1) -> np.ndarray:
+        """The verification cost curve (laser.calibrate) of this model's shape on this machine at
+        `batch` rows: what sizes each step's trees where a call's DraftConfig has no cost. Measured
+        once (a notice on stderr first) and kept in $LASER_CACHE/cost-curves.json by machine,
+        thread count, device and model shape, so every later call and process takes the same one."""
+        key = f"{self._shape_key()} | batch {batch}"
+        with self._lock:
+            if key in self._costs:
+                return self._costs[key]
+        from laser.cpu import _file_lock, _machine_key
+        from laser.decode import calibrate
+        from laser.model import cache_dir
+
+        path = cache_dir() / "cost-curves.json"
+        machine = _machine_key(2 * torch.get_num_threads()) if self.model.device.type == "cpu" else \
+            torch.cuda.get_device_name(self.model.device)
+        full = f"{machine} | {key}"
+        with _file_lock(cache_dir() / "cost-curves.lock"):
+            try:
+                known = json.loads(path.read_text())
+            except (OSError, ValueError):
+                known = {}
+            curve = known.get(full) if isinstance(known, dict) else None
+            if not (isinstance(curve, list) and curve and all(isinstance(c, (int, float)) and c > 0 for c in curve)):
+                t0 = time.perf_counter()
+                print(f"laser: measuring the verification cost of this {type(self.model).__name__} at {batch} row(s) "
+                      f"on this machine, once (a few seconds; kept in {path})", file=sys.stderr, flush=True)
+                cfg = self.model.config
+                limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 20
+                context = max(1, min(COST_CONTEXT, limit - 65))  # 64 nodes + the pending token fit the positions
+                curve = [float(c) for c in calibrate(self.model, context_len=context, batch=batch)]
+                known = known if isinstance(known, dict) else {}
+                known[full] = curve
+                try:
+                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(known, indent=1))
+                    os.replace(tmp, path)
+                except OSError:
+                    pass  # a read-only cache: the curve still holds for this process
+                print(f"laser: measured in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        with self._lock:
+            return self._costs.setdefault(key, np.asarray(curve, dtype=np.float64))
+
+    def _shape_key(self) -> str:
+        """What a forward's cost depends on beyond the machine: architecture, sizes, dtype, device, threads."""
+        c = self.model.config.get_text_config()
+        sizes = [getattr(c, f, None) for f in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads", "vocab_size")]
+        return (f"{type(self.model).__name__} {sizes} {self.dtype} | {self.model.device} | "
+                f"threads {torch.get_num_threads()} | window {self.window}")
+
+    def draft_config(self, cfg: DraftConfig, batch: int) -> DraftConfig:
+        """cfg with its cost curve: cfg's own, else this model's on this machine (cost())."""
+        if cfg.cost is not None or cfg.budget == 0:
+            return cfg
+        return dataclasses.replace(cfg, cost=self.cost(batch))
 
     def close(self) -> None:
         """Give the model back as it was: its attention implementation, its linears' forward."""
@@ -400,6 +460,13 @@ class _Row:
     budget: int
     shared: list  # the request's shared pools (updated with its output under update_pool)
     stats: DecodeStats
+    text: RowText | None  # loop control's index of seq[:n] (None: off)
+    fresh: NgramIndex | None  # relaxed rule "fresh": n-grams of seq[:n] (None: not that rule)
+
+    @property
+    def texts(self) -> list:
+        """The indexes of seq[:n] that grow as tokens commit."""
+        return [t for t in (self.text, self.fresh) if t is not None]
 
     @property
     def new(self) -> int:
@@ -440,6 +507,9 @@ class _Loop:
                                  sources=row.sources, **drafting) for row in self.rows]
             if cfg.cost is not None and len(trees) > 1:
                 trees = cut_trees(trees, cfg.cost, ragged=self.ragged)
+            # relaxed rule "fresh": the nodes that may be accepted without being the argmax
+            relax_ok = [None if row is None or row.fresh is None else ~row.fresh.repeats(t)
+                        for row, t in zip(self.rows, trees)] if self.accept.fresh else None
             W = cache.begin_block()
             lens = cache.lens[: len(self.rows)]
             pending = np.array([row.seq[row.n - 1] if row else 0 for row in self.rows])
@@ -447,12 +517,12 @@ class _Loop:
             t1 = time.perf_counter()
             # 2. verify: one forward over [B, q] (ragged: [1, N]); logits [B, q, V] ([1, N, V]) in the model's dtype
             logits = self.e.verify(self.kernels, ids, pos, mask, cache, **extra)
-            if self.processor is not None:
+            if self.processor is not None or self.accept.loop_control:
                 logits = self.process(logits, trees, starts)
             t2 = time.perf_counter()
             # 3. accept: longest agreeing root path + the bonus token per row, cut at EOS / max_new_tokens
             judged = accept_trees(logits, trees, self.accept.mode, self.accept.top_k, self.accept.min_prob, self.eos,
-                                  [self.max_new - row.new if row else 0 for row in self.rows], starts)
+                                  [self.max_new - row.new if row else 0 for row in self.rows], starts, relax_ok)
             for r, (row, j) in enumerate(zip(self.rows, judged)):
                 if row is not None and self.stopping is not None:
                     if cut := _stop_at(self.stopping, row.seq, row.n, j[1]):
@@ -476,6 +546,8 @@ class _Loop:
                 if self.learner is not None:  # the path's committed nodes (out = them + a bonus, or cut)
                     self.learner.observe(t, path[: out.size])
                 row.local.extend(row.seq[: row.n], out)
+                for text in row.texts:
+                    text.extend(out)
                 if self.update_pool:
                     for pool in row.shared:
                         pool.extend(row.seq[row.L : row.n], out)  # windows inside the output only
@@ -522,10 +594,14 @@ class _Loop:
                 local = RetrievalPool(max_depth=max((p.max_depth for p in shared), default=12))
                 local.insert(ids)
                 pairs = draft_sources(shared, local, cfg.prompt_weight)
+                a = self.accept
+                counted = ids if a.loop_scope == "all" else ids[:0]  # the text loop control counts, so far
+                text = RowText(counted, self.e.vocab, a.no_repeat_ngram, a.repetition_penalty) if a.loop_control else None
+                fresh = NgramIndex(a.fresh_ngram, ids) if a.fresh else None
                 # with neither pool: budget 0, one token per step (draft_union needs a pool: local)
                 self.rows[r] = _Row(i, seq, L, L, local, [p for p, *_ in pairs] or [local],
                                     [w for _, w, _ in pairs] or [1.0], [k for *_, k in pairs] or [OWN],
-                                    cfg.budget if pairs else 0, shared, DecodeStats(time_prefill=each))
+                                    cfg.budget if pairs else 0, shared, DecodeStats(time_prefill=each), text, fresh)
         if not self.queue and any(row is None for row in self.rows) and any(self.rows):
             keep = [r for r, row in enumerate(self.rows) if row is not None]
             self.cache.keep_rows(keep)
@@ -621,14 +697,18 @@ class _Loop:
         return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), mask, extra, starts
 
     def process(self, logits: torch.Tensor, trees: list, starts: list[int] | None) -> torch.Tensor:
-        """HF logits processors on every row, each verification position seeing its own prefix.
+        """Loop control, then HF logits processors, on every row, each verification position
+        seeing its own prefix (HF's order: its built-in processors, then the caller's).
         logits [B, q, V], or [1, N, V] with row r from starts[r] (ragged)."""
         out = logits.float()  # HF's processors see fp32 scores, as in its own generate
         flat = out.view(-1, out.shape[-1])
         for r, (row, t) in enumerate(zip(self.rows, trees)):
             if row is not None:
                 at = r * out.shape[1] if starts is None else starts[r]
-                flat[at : at + len(t) + 1] = _process(flat[at : at + len(t) + 1], row.seq, row.n, t, self.processor)
+                if row.text is not None:
+                    row.text.apply(flat[at : at + len(t) + 1], t)
+                if self.processor is not None:
+                    flat[at : at + len(t) + 1] = _process(flat[at : at + len(t) + 1], row.seq, row.n, t, self.processor)
         return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from laser import AcceptanceModel, RetrievalPool
 from laser.data import Dataset
+from laser.errors import InputError
 
 MODES = ("none", "global", "collaborative", "attribute", "routed")
 
@@ -179,7 +180,7 @@ class PoolSet:
     def load(cls, folder: Path, mode: str) -> "PoolSet":
         index = json.loads((folder / "index.json").read_text())
         if index["mode"] != mode:
-            raise ValueError(f"saved pools in {folder} are for --pool {index['mode']}, not {mode}")
+            raise InputError(f"saved pools in {folder} are for --pool {index['mode']}, not {mode}")
         ps = cls(mode, index["max_depth"], index["vocab_size"], index["max_nodes"])
         ps.records, ps.blocks = int(index["records"]), int(index["blocks"])
         if "acceptance" in index:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import threading
@@ -43,7 +44,9 @@ from pathlib import Path
 import numpy as np
 
 import laser
+from laser.config import LOOP_SCOPES, RELAXED_RULES
 from laser.data import Template, chat_ids, load_dataset, read_jsonl
+from laser.errors import InputError
 from laser.groups import PoolSet, Router, collaborative_groups, default_threshold, group_of
 from laser.model import file_sha256, model_identity
 
@@ -57,12 +60,13 @@ JOB_DRAFT = {"min_match": 2, "max_match": 4, "prompt_weight": 8.0}
 # several match lengths per pool pay (benchmarks/RESULTS.md, drafting replay)
 JOB_DRAFT_ACCEPTANCE = {"min_match": 1, "max_match": 8, "prompt_weight": 8.0, "match_levels": 3}
 # settings added after the first manifests, with the value every older manifest's job had
-LEGACY_SETTINGS = {"acceptance": False, "global_pool": False, "pool_depth": 12, "max_match": None, "pieces": None}
+LEGACY_SETTINGS = {"acceptance": False, "global_pool": False, "pool_depth": 12, "max_match": None, "pieces": None,
+                   "no_repeat_ngram": 0, "repetition_penalty": 1.0, "loop_scope": None}
 PIECE_BATCHES = 4  # Ray with a shared model/global pool: a block's ids go to the workers in pieces of 4 batches
 TIMING_FIELDS = ("time",)  # the only record fields that vary between identical runs
 
 
-class JobError(ValueError):
+class JobError(InputError):
     """A job that cannot start or go on; the message names the file and what to do."""
 
 
@@ -130,6 +134,23 @@ class JobConfig:
     # set by run_job, not a flag: on Ray with --acceptance or --global-pool and a batch size > 1, the
     # ids per piece a block is decoded in (the batches, hence relaxed rounding, depend on it); None: whole blocks
     pieces: int | None = None
+    # loop control (AcceptConfig): no repeated 6-token n-gram within a text's own output, the
+    # setting that kept the default model's strict texts out of loops on ML-100K without
+    # keeping them from naming their prompt's titles (benchmarks/RESULTS.md, loop control)
+    no_repeat_ngram: int = 6
+    repetition_penalty: float = 1.0
+    loop_scope: str = "output"  # loop control counts the output only, so texts may quote their prompt
+    relaxed_rule: str = "fresh"  # relaxed mode's rule (AcceptConfig.rule); "paper" reproduces the paper
+
+    def accept_kwargs(self) -> dict:
+        """laser.generate / generate_batch keyword arguments of the job's acceptance and loop control."""
+        return {"mode": self.mode, "top_k": self.top_k, "min_prob": self.min_prob, "relaxed_rule": self.relaxed_rule,
+                "no_repeat_ngram_size": self.no_repeat_ngram, "repetition_penalty": self.repetition_penalty,
+                "loop_scope": self.loop_scope}
+
+    @property
+    def loop_control(self) -> bool:
+        return self.no_repeat_ngram > 0 or self.repetition_penalty != 1.0
 
 
 def _scan(path: Path):
@@ -259,7 +280,9 @@ def _settings(cfg: JobConfig, ds_files: dict, model_id: str, model_hash: str, th
         "prompt_template": file_sha256(cfg.prompt_template) if cfg.prompt_template else "built-in",
         "warm": file_sha256(cfg.warm) if cfg.warm else None, "history_until": cfg.history_until,
         "acceptance": cfg.acceptance, "global_pool": cfg.global_pool, "pool_depth": cfg.pool_depth,
-        "max_match": cfg.max_match, "pieces": cfg.pieces,
+        "max_match": cfg.max_match, "pieces": cfg.pieces, "no_repeat_ngram": cfg.no_repeat_ngram,
+        "repetition_penalty": cfg.repetition_penalty, "loop_scope": cfg.loop_scope if cfg.loop_control else None,
+        "relaxed_rule": cfg.relaxed_rule if cfg.mode == "relaxed" else None,
     }
 
 
@@ -269,9 +292,16 @@ FLAGS = {"model_sha256": "--model (content)", "dataset_files": "--data-dir / --u
                    "None: one process)"}
 
 
+def _legacy(stored: dict, key: str):
+    """A setting an older manifest lacks: the value its job had (relaxed jobs: the paper's rule)."""
+    if key == "relaxed_rule":
+        return "paper" if stored.get("mode") == "relaxed" else None
+    return LEGACY_SETTINGS.get(key)
+
+
 def _check_manifest(path: Path, stored: dict, now: dict) -> None:
     for key, value in now.items():
-        if stored.get(key, LEGACY_SETTINGS.get(key)) != value:
+        if stored.get(key, _legacy(stored, key)) != value:
             flag = FLAGS.get(key, "--" + key.replace("_", "-"))
             raise JobError(f"{path}: the records were made with {flag} = {stored.get(key)!r}, this command gives "
                            f"{value!r}; use the same settings or another --out")
@@ -297,7 +327,7 @@ def _blocks(keys: list[str], size: int) -> list[list[str]]:
     return [keys[i : i + size] for i in range(0, len(keys), size)]
 
 
-def _insert_block(pools: PoolSet, block: list[str], by_id: Records, group_fn) -> None:
+def _insert_block(pools: PoolSet, block: list[str], by_id: Records) -> None:
     """A finished block's texts enter its groups' pools, in id order."""
     for key in block:
         rec = by_id[key]
@@ -357,7 +387,7 @@ def _pools(cfg: JobConfig, pool_dir: Path, blocks: list[list[str]], by_id: Recor
     # with an acceptance model, blocks finished after the snapshot are decoded again (their
     # records stay): the model needs their verified trees, which the records do not hold
     for b in range(start, start if cfg.acceptance else complete):
-        _insert_block(pools, blocks[b], by_id, group_fn)
+        _insert_block(pools, blocks[b], by_id)
     if fresh or pools.blocks != start:  # a fresh job saves its warm pools before the first record
         pools.save(pool_dir)
     return pools
@@ -377,8 +407,20 @@ def _validate(cfg: JobConfig) -> None:
             raise JobError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.limit is not None and cfg.limit < 1:
         raise JobError("--limit must be >= 1")
+    if cfg.budget < 0 or cfg.top_k < 1 or not 0 <= cfg.min_prob <= 1:
+        raise JobError(f"need --budget >= 0, --top-k >= 1 and 0 <= --min-prob <= 1, got {cfg.budget}, {cfg.top_k} and "
+                       f"{cfg.min_prob}")
     if cfg.mode not in ("strict", "relaxed"):
         raise JobError(f"--mode must be strict or relaxed, got {cfg.mode!r}")
+    if isinstance(cfg.no_repeat_ngram, bool) or not isinstance(cfg.no_repeat_ngram, int) or cfg.no_repeat_ngram < 0:
+        raise JobError(f"--no-repeat-ngram must be an integer >= 0 (0: off), got {cfg.no_repeat_ngram!r}")
+    if not (isinstance(cfg.repetition_penalty, (int, float)) and math.isfinite(cfg.repetition_penalty)
+            and cfg.repetition_penalty > 0):
+        raise JobError(f"--repetition-penalty must be a number > 0 (1: off), got {cfg.repetition_penalty!r}")
+    if cfg.loop_scope not in LOOP_SCOPES:
+        raise JobError(f"--loop-scope must be one of {', '.join(LOOP_SCOPES)}, got {cfg.loop_scope!r}")
+    if cfg.relaxed_rule not in RELAXED_RULES:
+        raise JobError(f"--relaxed-rule must be one of {', '.join(RELAXED_RULES)}, got {cfg.relaxed_rule!r}")
     low = job_draft(cfg)["min_match"]
     if cfg.max_match is not None and cfg.max_match < low:
         raise JobError(f"--max-match must be >= {low} (the job's shortest match), got {cfg.max_match}")
@@ -419,14 +461,39 @@ def run_job(cfg: JobConfig, progress: bool = True, workers: int | None = None, r
     lock = _Lock(out)
     try:
         if workers is None:
-            return _run(cfg, out, progress)
-        from laser.ray_job import run_lockstep, run_ray
+            summary = _run(cfg, out, progress)
+        else:
+            from laser.ray_job import run_lockstep, run_ray
 
-        if lockstep:
-            return run_lockstep(cfg, out, progress, workers, ray_address, threads)
-        return run_ray(cfg, out, progress, workers, ray_address, threads, fmt)
+            if lockstep:
+                summary = run_lockstep(cfg, out, progress, workers, ray_address, threads)
+            else:
+                summary = run_ray(cfg, out, progress, workers, ray_address, threads, fmt)
+        q = output_quality(out, fmt)
+        _write_json(out.with_name(out.name + ".quality.json"), q.summary())
+        return {**summary, "quality": q}
     finally:
         lock.release()
+
+
+def output_texts(out: Path, fmt: str = "jsonl"):
+    """The texts of an output file, in file order (JSONL read line by line, Parquet by row group)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(out)
+        for g in range(f.num_row_groups):
+            yield from f.read_row_group(g, columns=["text"]).column("text").to_pylist()
+        return
+    for *_, rec in _scan(out):
+        yield rec["text"]
+
+
+def output_quality(out: Path, fmt: str = "jsonl"):
+    """Text quality (laser.quality) of every record in an output; written beside it as OUT.quality.json."""
+    from laser.quality import quality
+
+    return quality(output_texts(out, fmt))
 
 
 @dataclass
@@ -615,7 +682,7 @@ def run_shard(plan: Plan, model, tok, cost: np.ndarray, keys: list[str], out: Pa
                 held.hold()
                 if learned is not None:
                     pools.learn(learned)
-                _insert_block(pools, blocks[b], by_id, plan.group)
+                _insert_block(pools, blocks[b], by_id)
                 if blocks[b]:
                     pools.save(pool_dir)
             held.release()
@@ -645,16 +712,15 @@ def decode_block(model, tok, plan: Plan, pools: PoolSet, draft, keys: list[str],
         for key, ids in zip(keys, prompts):
             t0 = time.perf_counter()
             res = laser.generate(model, ids, pool=pools.draft_pools(group_fn(key)), max_new_tokens=cfg.max_new_tokens,
-                                 mode=cfg.mode, top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False,
-                                 **am)
+                                 draft=draft, update_pool=False, **cfg.accept_kwargs(), **am)
             write(key, res.sequences[0, len(ids):].tolist(), res.stats.steps, sum(res.stats.tree_sizes),
                   time.perf_counter() - t0)
         return
     from laser.batch import Request, generate_batch
 
     reqs = [Request(ids, pools.draft_pools(group_fn(k)), k) for k, ids in zip(keys, prompts)]
-    for r in generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, mode=cfg.mode,
-                            top_k=cfg.top_k, min_prob=cfg.min_prob, draft=draft, update_pool=False, **am):
+    for r in generate_batch(model, reqs, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, draft=draft,
+                            update_pool=False, **cfg.accept_kwargs(), **am):
         write(r.tag, r.tokens.tolist(), r.stats.steps, sum(r.stats.tree_sizes), r.stats.total_time)
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 import laser
-from laser.engine import draft_sources
 from laser.data import chat_ids
+from laser.engine import draft_sources
+from laser.errors import InputError
 from laser.groups import PoolSet
 from laser.job import JobConfig, job_draft, make_plan, read_records
 
@@ -32,7 +33,7 @@ def corpus_plan(corpus: Path, dataset: str, target: str):
             "max_match", "acceptance")  # the manifest's settings that decide prompts and drafting
     cfg = JobConfig(dataset=dataset, target=target, **{k: m[k] for k in kept if k in m})
     if m.get("mode", "strict") != "strict":
-        raise ValueError(f"{corpus}: a replay needs a strict corpus (greedy texts), this one is {m['mode']}")
+        raise InputError(f"{corpus}: a replay needs a strict corpus (greedy texts), this one is {m['mode']}")
     return make_plan(cfg)
 
 

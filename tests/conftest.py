@@ -58,3 +58,22 @@ def reference(peaked_model, tmp_path_factory):
 
     get.printed = {}
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-weight tiny Llama with SmolLM2's tokenizer and chat template: fast job runs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from laser.model import load_model
+
+    _, tok = load_model()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -47,7 +47,7 @@ def test_sliding_window_models_decode_exactly(arch):
     model = sliding(arch)
     assert "sliding_attention" in model.config.layer_types
     prompts, wants, pool = _decodes_like_greedy(model)
-    engine = laser.Engine.of(model)
+    engine = laser.Engine(model)
     window, engine.window = engine.window, None
     try:
         blind = [laser.generate(model, p, max_new_tokens=30, eos_token_id=None).sequences[0].tolist() for p in prompts]
@@ -267,7 +267,7 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
     from laser.forward import DirectForward
 
     model = tiny(arch, 0)
-    engine = laser.Engine.of(model)
+    engine = laser.Engine(model)
     assert engine.direct is not None
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     engine._routes[torch.get_num_threads()] = LinearRoutes(2, {s: [products] * len(ROW_BUCKETS) for s in shapes},
@@ -330,7 +330,7 @@ def test_direct_forward_equals_the_models_own_forward(arch, products, monkeypatc
     filled_before = len(filled)
     assert laser.generate(model, prompts[0], max_new_tokens=4, eos_token_id=None).sequences.shape[1] == len(prompts[0]) + 4
     assert len(filled) == filled_before, "it runs through the model"
-    assert laser.Engine.of(tiny("gpt2", 0)).direct is None and laser.Engine.of(sliding("qwen2")).direct is None
+    assert laser.Engine(tiny("gpt2", 0)).direct is None and laser.Engine(sliding("qwen2")).direct is None
 
 
 def test_direct_layers_are_gathered_again_whenever_a_parameter_changes():
@@ -338,7 +338,7 @@ def test_direct_layers_are_gathered_again_whenever_a_parameter_changes():
     while nothing changed, and gathered again after an in-place change, a replaced parameter, a
     changed epsilon or cleared copies."""
     model = tiny("qwen2", 0)  # q / k / v biases
-    engine = laser.Engine.of(model)
+    engine = laser.Engine(model)
     direct, packs, cfg = engine.direct, engine.packs, model.config
     D = cfg.hidden_size // cfg.num_attention_heads
     shapes = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.intermediate_size)

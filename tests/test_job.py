@@ -204,25 +204,6 @@ def test_the_ray_merge_streams_every_shard_into_job_order(full_output, tmp_path,
         assert pq.read_table(out).to_pylist() == [recs[k] for k in plan.keys]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random-weight tiny Llama with SmolLM2's tokenizer and chat template: fast job runs."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from laser.model import load_model
-
-    _, tok = load_model()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def _job_cmd(model, out, limit):
     return [sys.executable, "-m", "laser.cli", "generate", "--dataset", "ml-100k", "--target", "users",
             "--limit", str(limit), "--out", str(out), "--model", str(model), "--max-new-tokens", "24",
@@ -268,3 +249,22 @@ def test_cli_unknown_flag_is_usage_error():
     with pytest.raises(SystemExit) as e:
         cli(["generate", "--out", "x.jsonl", "--pool", "fancy"])
     assert e.value.code == 2
+
+
+def test_cli_keeps_the_traceback_of_an_internal_error(tmp_path, monkeypatch):
+    """Only InputError (bad flags, files, rows) is one line and exit 2; a bug raises as it is."""
+    import laser.job
+
+    def broken(*a, **k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(laser.job, "run_job", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli(["generate", "--out", str(tmp_path / "a.jsonl")])
+
+
+@pytest.mark.parametrize("flag,value", [("--budget", "-1"), ("--top-k", "0"), ("--min-prob", "1.5")])
+def test_cli_refuses_bad_drafting_and_acceptance_flags_in_one_line(tmp_path, capsys, flag, value):
+    assert cli(["generate", "--out", str(tmp_path / "a.jsonl"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("laser: error:") and flag in err and err.count("\n") == 1

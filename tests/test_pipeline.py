@@ -354,11 +354,19 @@ def test_acceptance_model_job_is_greedy_in_strict_mode_and_kept_with_the_pools(p
 def test_manifests_older_than_a_setting_resume_with_its_old_value(peaked_model, done_job, capsys):
     manifest = done_job.with_name(done_job.name + ".manifest.json")
     m = json.loads(manifest.read_text())
-    for key in ("acceptance", "global_pool", "pool_depth", "max_match"):
+    for key in ("acceptance", "global_pool", "pool_depth", "max_match", "no_repeat_ngram", "repetition_penalty",
+                "loop_scope", "relaxed_rule"):
         del m[key]  # as the manifests written before these settings existed
     manifest.write_text(json.dumps(m))
-    assert cli(job_args(peaked_model, done_job, limit=LIMIT)) == 0
+    # a job from before these settings ran no loop control and the paper's relaxed rule: today's defaults are refused
+    _fails(job_args(peaked_model, done_job, limit=LIMIT), capsys, "--no-repeat-ngram", "= 0", "6")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--no-repeat-ngram", "0")), capsys, "--relaxed-rule",
+           "'paper'", "'fresh'")
+    before = ("--no-repeat-ngram", "0", "--relaxed-rule", "paper")
+    assert cli(job_args(peaked_model, done_job, limit=LIMIT, extra=before)) == 0
     assert f"wrote 0 records ({LIMIT} already done)" in capsys.readouterr().out
-    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--acceptance",)), capsys, "--acceptance")
-    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--global-pool",)), capsys, "--global-pool")
-    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--pool-depth", "16")), capsys, "--pool-depth")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=before + ("--repetition-penalty", "1.2")), capsys,
+           "--repetition-penalty")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=before + ("--acceptance",)), capsys, "--acceptance")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=before + ("--global-pool",)), capsys, "--global-pool")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=before + ("--pool-depth", "16")), capsys, "--pool-depth")
