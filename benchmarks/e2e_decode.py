@@ -1,11 +1,11 @@
 """End-to-end decode comparison on ML-100K user-knowledge prompts, one run, same prompts.
 
     python benchmarks/e2e_decode.py [--prompts 10] [--warm 16] [--new 160] [--device cpu] [--acceptance]
-        [--model M] [--no-repeat-ngram N] [--repetition-penalty R] [--paper-rule]
+        [--model M] [--no-repeat-ngram N] [--repetition-penalty R] [--fresh-rule] [--llamacpp]
 
 Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER with no drafts
 (its own forward, one token per step: what the faster CPU forward alone gives), LASER
-strict, LASER relaxed (k=2, p=0.1; rule "fresh", and with --paper-rule also the paper's rule), all drafting by pool shares (acceptance=None, the paper's
+strict, LASER relaxed (k=2, p=0.1; the paper's rule, and with --fresh-rule also rule "fresh"), all drafting by pool shares (acceptance=None, the paper's
 drafting and `laser generate`'s without --acceptance). Each mode's shared pool is warmed with the knowledge texts the
 model wrote in that mode for *other* users, as that mode's job pools hold (strict: LASER strict,
 which equals greedy; relaxed: LASER relaxed). Prints, per method, tokens/s, the ratio to
@@ -17,7 +17,10 @@ in both, excluded). --acceptance adds LASER strict and relaxed drafting as laser
 by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens, 3 levels), at draft
 depth 30 over depth-32 pools, each mode's model learned online from its own warm-up texts on.
 Loop control (--no-repeat-ngram, --repetition-penalty) applies to every method, HF's
-included (its own processors). Beside each method's speed: its texts' loop share and mean
+included (its own processors). --llamacpp adds llama.cpp (llama-cpp-python, the benchmark
+extra `pip install llama-cpp-python==0.3.36`) decoding greedily from the same GGUF, with
+its own quantised weights, on the same prompts and threads (it has no n-gram ban: its row
+runs without loop control; its KV cache is reset before each prompt, as every method's). Beside each method's speed: its texts' loop share and mean
 distinct 4-gram share (laser.quality).
 --pool-corpus first fills each mode's pool with the texts a whole-dataset job of that mode
 wrote for the other users (benchmarks/knowledge), as a job's pools hold them late in its run;
@@ -47,6 +50,18 @@ def hf(model, ids, n, **kw):
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
+def llama_cpp(model: str | None):
+    """llama.cpp on the GGUF LASER loaded `model` from (the default's, a packaged one's, or a .gguf)."""
+    from llama_cpp import Llama
+
+    from laser.model import default_gguf, resolve
+
+    path = resolve(model) or default_gguf()
+    if not str(path).endswith(".gguf"):
+        raise SystemExit(f"--llamacpp needs a GGUF model, not {path}")
+    return Llama(model_path=str(path), n_ctx=4096, n_threads=torch.get_num_threads(), verbose=False)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=10)
@@ -59,7 +74,8 @@ def main(argv=None):
     ap.add_argument("--no-repeat-ngram", type=int, default=JobConfig.no_repeat_ngram, help="default: the job's")
     ap.add_argument("--repetition-penalty", type=float, default=JobConfig.repetition_penalty, help="default: the job's")
     ap.add_argument("--loop-scope", default=JobConfig.loop_scope, help="default: the job's")
-    ap.add_argument("--paper-rule", action="store_true", help="also LASER relaxed with the paper's rule")
+    ap.add_argument("--fresh-rule", action="store_true", help="also LASER relaxed with rule 'fresh'")
+    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp greedy on the same GGUF")
     ap.add_argument("--pool-corpus", metavar="PATTERN",
                     help="first put into each mode's pool the texts a `laser generate` job of that mode wrote for every "
                          "user but the evaluated and warm-up ones ({mode} in the path: strict / relaxed), as a job's "
@@ -107,12 +123,15 @@ def main(argv=None):
         print(f"warmed the {mode} pool with {len(warm_users)} users' {mode} texts in {time.perf_counter() - t:.0f} s: "
               f"{len(pool)} nodes")
 
+    llm = llama_cpp(args.model) if args.llamacpp else None
     methods = ["hf_greedy", "hf_prompt_lookup", "laser_no_drafts", "laser_strict", "laser_relaxed"]
-    methods += ["laser_relaxed_paper"] if args.paper_rule else []
+    methods += ["laser_relaxed_fresh"] if args.fresh_rule else []
     methods += ["laser_strict_am", "laser_relaxed_am"] if models else []
     rows = {m: {"tokens": [], "time": [], "per_step": [], "stats": [], "texts": []} for m in methods}
-    runs = [("strict", "", "fresh"), ("relaxed", "", "fresh")] + ([("relaxed", "_paper", "paper")] if args.paper_rule else [])
-    runs += [(m, "_am", "fresh") for m in models]
+    if llm is not None:
+        rows["llama_cpp"] = {"tokens": [], "time": [], "per_step": [], "stats": [], "texts": []}
+    runs = [("strict", "", "paper"), ("relaxed", "", "paper")] + ([("relaxed", "_fresh", "fresh")] if args.fresh_rule else [])
+    runs += [(m, "_am", "paper") for m in models]
     mismatches = 0
     for u in eval_users:
         ids = prompts[u]
@@ -122,6 +141,14 @@ def main(argv=None):
         pl, dt = hf(model, ids, args.new, prompt_lookup_num_tokens=10, **hf_loops(ids))
         rows["hf_prompt_lookup"]["tokens"].append(len(pl)); rows["hf_prompt_lookup"]["time"].append(dt)
         rows["hf_prompt_lookup"]["texts"].append(tok.decode(pl, skip_special_tokens=True))
+        if llm is not None:
+            llm.reset()
+            t = time.perf_counter()
+            out = llm.create_completion(prompt=ids, max_tokens=args.new, temperature=0.0, top_k=1, repeat_penalty=1.0)
+            r = rows["llama_cpp"]
+            r["time"].append(time.perf_counter() - t)
+            r["tokens"].append(out["usage"]["completion_tokens"])
+            r["texts"].append(out["choices"][0]["text"])
         # LASER's own forward (same linears and attention) with no drafts: one token per step
         t = time.perf_counter()
         out = laser.generate(model, ids, max_new_tokens=args.new, draft=laser.DraftConfig(budget=0, prompt_weight=0),
@@ -160,6 +187,11 @@ def main(argv=None):
         q = quality(r["texts"])
         print(f"{name:20s} {tps:8.1f} {tps / g_tps:9.2f} {per:9.2f} {tps / pl_tps:7.2f} {step} {np.mean(r['tokens']):7.1f} "
               f"{100 * q.loop_share:5.0f}% {q.distinct[4]:7.3f}")
+    if "llama_cpp" in rows:
+        lc = sum(rows["llama_cpp"]["tokens"]) / sum(rows["llama_cpp"]["time"])
+        print("x llama.cpp greedy: " + ", ".join(f"{m} {sum(rows[m]['tokens']) / sum(rows[m]['time']) / lc:.2f}"
+                                                for m in methods[2:]))
+
     def decode_tps(r):  # tokens per second of the decode steps: the run less its prefills
         return sum(r["tokens"]) / (sum(r["time"]) - sum(s.time_prefill for s in r["stats"]))
 

@@ -32,8 +32,10 @@ class DraftConfig:
     max_match: int = 8
     prompt_weight: float = 8.0  # weight of this request's own prompt/output pool; 0 turns prompt lookup off
     # cost[b] = verify time for b nodes; cuts each step's trees (see calibrate). None: the model's
-    # own curve on this machine, measured once (Engine.cost)
+    # own curve on this machine, measured once (Engine.cost), or with auto_cost=False no cut (a
+    # hard node budget, as laser.replay drafts)
     cost: np.ndarray | None = None
+    auto_cost: bool = True
     # With an AcceptanceModel: past the first min_nodes nodes (best-first), nodes whose calibrated
     # chance is below min_chance are not drafted. min_nodes < budget with min_chance > 0: every
     # step drafts at least min_nodes nodes, and up to budget where the chances stay high.
@@ -48,6 +50,8 @@ class DraftConfig:
                 raise TypeError(f"DraftConfig.{name} must be an int, got {v!r}")
         if self.budget < 0:
             raise ValueError(f"DraftConfig.budget must be >= 0, got {self.budget}")
+        if not isinstance(self.auto_cost, bool):
+            raise TypeError(f"DraftConfig.auto_cost must be a bool, got {self.auto_cost!r}")
         if self.max_depth < 1:
             raise ValueError(f"DraftConfig.max_depth must be >= 1, got {self.max_depth}")
         if not 1 <= self.min_match <= self.max_match:
@@ -72,7 +76,7 @@ class DraftConfig:
         same_cost = (self.cost is None and other.cost is None) or (
             self.cost is not None and other.cost is not None and np.array_equal(self.cost, other.cost))
         fields = ("budget", "max_depth", "min_match", "max_match", "prompt_weight", "min_chance",
-                  "match_levels", "min_nodes")
+                  "match_levels", "min_nodes", "auto_cost")
         return same_cost and all(getattr(self, f) == getattr(other, f) for f in fields)
 
     __hash__ = None
@@ -83,7 +87,7 @@ class DraftConfig:
                                          "match_levels": self.match_levels, "min_nodes": self.min_nodes}
 
 
-RELAXED_RULES = ("fresh", "paper")
+RELAXED_RULES = ("paper", "fresh")
 LOOP_SCOPES = ("all", "output")
 
 
@@ -110,7 +114,7 @@ class AcceptConfig:
     mode: str = "strict"
     top_k: int = 2
     min_prob: float = 0.1
-    rule: str = "fresh"
+    rule: str = "paper"
     fresh_ngram: int = 3
     no_repeat_ngram: int = 0
     repetition_penalty: float = 1.0

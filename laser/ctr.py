@@ -29,6 +29,7 @@ import numpy as np
 
 from laser.data import DatasetError, load_dataset
 from laser.errors import InputError
+from laser.quality import quality
 
 MODELS = ("din", "deepfm")
 HIST = 20  # DIN history length
@@ -299,6 +300,8 @@ def run_ctr(dataset: str = "ml-100k", knowledge: dict[str, tuple[str, str]] | No
                 vecs = enc([t[k]["text"] for k in keys])
                 vectors[v][target] = dict(zip(keys, vecs))
             log(f"encoded {v}: {len(by_target['users'])} users, {len(by_target['items'])} items")
+    quality_of = {v: {target: quality([r["text"] for r in t.values()]).summary() for target, t in by_target.items()}
+                  for v, by_target in texts.items()}  # each variant's texts, beside its AUC
     results = []
     for variant in ["none", *knowledge]:
         feats, tables = _tables(ds, rows, vectors.get(variant))
@@ -306,7 +309,7 @@ def run_ctr(dataset: str = "ml-100k", knowledge: dict[str, tuple[str, str]] | No
             for seed in range(seeds):
                 r = train_eval(kind, feats, tables, seed, epochs)
                 results.append({"variant": variant, "model": kind, "seed": seed, "auc": r["auc"],
-                                "logloss": r["logloss"]})
+                                "logloss": r["logloss"], "quality": quality_of.get(variant)})
                 log(f"{variant:8s} {kind:6s} seed {seed}: AUC {r['auc']:.4f}, logloss {r['logloss']:.4f}")
     (out / "ctr.json").write_text(json.dumps(results, indent=1))
     sizes = {k: len(t.y) for k, t in tables.items()}
@@ -339,8 +342,8 @@ def summary_markdown(results: list[dict], sizes: dict, dataset: str, knowledge: 
              "through a 384 -> 32 adaptor.", ""]
     for v, (u, i) in knowledge.items():
         lines.append(f"- {v}: `{u}`, `{i}`")
-    lines += ["", "| model | variant | runs | AUC mean | AUC std | Logloss mean | Logloss std |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| model | variant | runs | AUC mean | AUC std | Logloss mean | Logloss std | loops users / items "
+              "| distinct-4 users / items |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     models = list(dict.fromkeys(r["model"] for r in results))
     variants = list(dict.fromkeys(r["variant"] for r in results))
     by = {(r["model"], r["variant"], r["seed"]): r for r in results}
@@ -348,8 +351,11 @@ def summary_markdown(results: list[dict], sizes: dict, dataset: str, knowledge: 
         for v in variants:
             rs = [r for r in results if r["model"] == m and r["variant"] == v]
             a, l = np.array([r["auc"] for r in rs]), np.array([r["logloss"] for r in rs])
+            q = rs[0].get("quality")
+            text = (f"{100 * q['users']['loop_share']:.1f}% / {100 * q['items']['loop_share']:.1f}% | "
+                    f"{q['users']['distinct_4']:.3f} / {q['items']['distinct_4']:.3f}") if q else "- | -"
             lines.append(f"| {m} | {v} | {len(rs)} | {a.mean():.4f} | {a.std(ddof=1) if len(rs) > 1 else 0:.4f} | "
-                         f"{l.mean():.4f} | {l.std(ddof=1) if len(rs) > 1 else 0:.4f} |")
+                         f"{l.mean():.4f} | {l.std(ddof=1) if len(rs) > 1 else 0:.4f} | {text} |")
     pairs = [(a, b) for a, b in (("relaxed", "strict"), ("strict", "none"), ("relaxed", "none")) if {a, b} <= set(variants)]
     if pairs:
         lines += ["", "Paired differences per seed (same seed, same split), mean and 95% t-interval; relative = "

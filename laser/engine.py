@@ -317,7 +317,7 @@ class Engine:
 
     def draft_config(self, cfg: DraftConfig, batch: int) -> DraftConfig:
         """cfg with its cost curve: cfg's own, else this model's on this machine (cost())."""
-        if cfg.cost is not None or cfg.budget == 0:
+        if cfg.cost is not None or cfg.budget == 0 or not cfg.auto_cost:
             return cfg
         return dataclasses.replace(cfg, cost=self.cost(batch))
 

@@ -140,7 +140,9 @@ class JobConfig:
     no_repeat_ngram: int = 6
     repetition_penalty: float = 1.0
     loop_scope: str = "output"  # loop control counts the output only, so texts may quote their prompt
-    relaxed_rule: str = "fresh"  # relaxed mode's rule (AcceptConfig.rule); "paper" reproduces the paper
+    # relaxed mode's rule (AcceptConfig.rule): the paper's, judged on the loop-controlled scores;
+    # "fresh" also refuses relaxed tokens that repeat a 3-gram (for runs without loop control)
+    relaxed_rule: str = "paper"
 
     def accept_kwargs(self) -> dict:
         """laser.generate / generate_batch keyword arguments of the job's acceptance and loop control."""
@@ -301,9 +303,10 @@ def _legacy(stored: dict, key: str):
 
 def _check_manifest(path: Path, stored: dict, now: dict) -> None:
     for key, value in now.items():
-        if stored.get(key, _legacy(stored, key)) != value:
+        old = stored.get(key, _legacy(stored, key))
+        if old != value:
             flag = FLAGS.get(key, "--" + key.replace("_", "-"))
-            raise JobError(f"{path}: the records were made with {flag} = {stored.get(key)!r}, this command gives "
+            raise JobError(f"{path}: the records were made with {flag} = {old!r}, this command gives "
                            f"{value!r}; use the same settings or another --out")
 
 

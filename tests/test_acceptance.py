@@ -204,7 +204,9 @@ def test_strict_with_an_acceptance_model_is_greedy_and_the_replay_takes_the_same
     keys = plan.all_keys[:8]
     prompts = {k: chat_ids(tok, plan.template.render(plan.ds, "users", k)) for k in keys}
     pools = PoolSet("attribute", max_depth=16, vocab_size=len(tok), with_global=True)
-    draft = laser.DraftConfig(budget=12, max_depth=14, min_match=1, max_match=10, match_levels=2, min_chance=0.02)
+    # a hard node budget, as the replay drafts (no cost cut: auto_cost=False)
+    draft = laser.DraftConfig(budget=12, max_depth=14, min_match=1, max_match=10, match_levels=2, min_chance=0.02,
+                              auto_cost=False)
     learned = AcceptanceModel()
     records, steps = [], 0
     for i, k in enumerate(keys):

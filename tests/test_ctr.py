@@ -64,9 +64,14 @@ def test_ctr_on_a_slice_writes_every_variant_and_model(knowledge, tmp_path, caps
     res = json.loads((out / "ctr.json").read_text())
     assert {(r["variant"], r["model"]) for r in res} == {(v, m) for v in ("none", "strict", "relaxed")
                                                          for m in ("din", "deepfm")}
-    assert all(set(r) == {"variant", "model", "seed", "auc", "logloss"} for r in res)
+    assert all(set(r) == {"variant", "model", "seed", "auc", "logloss", "quality"} for r in res)
     assert all(0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0 for r in res)
+    for r in res:  # each variant's text quality beside its AUC (none: no texts)
+        q = r["quality"]
+        assert q is None if r["variant"] == "none" else (
+            set(q) == {"users", "items"} and 0 <= q["users"]["loop_share"] <= 1 and q["items"]["texts"] > 0)
     md = (out / "ctr.md").read_text()
+    assert "loops users / items" in md and "distinct-4 users / items" in md
     assert "relaxed - strict" in md and "| users |" in md and "identical" in md
     assert (out / "ctr.png").stat().st_size > 1000
     assert "## Downstream CTR check" in (out / "report.md").read_text()  # appended to laser report's page

@@ -14,7 +14,7 @@ def test_replay_counts_the_steps_strict_decoding_takes(peaked_model):
     keys = plan.all_keys[:10]
     prompts = {k: chat_ids(tok, plan.template.render(plan.ds, "users", k)) for k in keys}
     pools = PoolSet("global", vocab_size=len(tok))
-    draft = laser.DraftConfig(budget=16, max_depth=10, **JOB_DRAFT)  # drafting by pool shares (the model's: test_acceptance)
+    draft = laser.DraftConfig(budget=16, max_depth=10, auto_cost=False, **JOB_DRAFT)  # hard budget, drafting by pool shares (the model's: test_acceptance)
     records, steps = [], 0
     for i, k in enumerate(keys):  # each text enters the pool once it is done (replay --block 1)
         res = laser.generate(model, prompts[k], pool=pools.get("global"), max_new_tokens=40, draft=draft,
