@@ -1,11 +1,11 @@
 """End-to-end decode comparison on ML-100K user-knowledge prompts, one run, same prompts.
 
     python benchmarks/e2e_decode.py [--prompts 10] [--warm 16] [--new 160] [--device cpu] [--acceptance]
-        [--model M] [--no-repeat-ngram N] [--repetition-penalty R] [--fresh-rule] [--llamacpp]
+        [--model M] [--no-repeat-ngram N] [--repetition-penalty R] [--paper-rule] [--llamacpp]
 
 Methods: HF greedy, HF prompt lookup (prompt_lookup_num_tokens=10), LASER with no drafts
 (its own forward, one token per step: what the faster CPU forward alone gives), LASER
-strict, LASER relaxed (k=2, p=0.1; the paper's rule, and with --fresh-rule also rule "fresh"), all drafting by pool shares (acceptance=None, the paper's
+strict, LASER relaxed (k=2, p=0.1; rule "fresh", and with --paper-rule also the paper's rule), all drafting by pool shares (acceptance=None, the paper's
 drafting and `laser generate`'s without --acceptance). Each mode's shared pool is warmed with the knowledge texts the
 model wrote in that mode for *other* users, as that mode's job pools hold (strict: LASER strict,
 which equals greedy; relaxed: LASER relaxed). Prints, per method, tokens/s, the ratio to
@@ -74,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--no-repeat-ngram", type=int, default=JobConfig.no_repeat_ngram, help="default: the job's")
     ap.add_argument("--repetition-penalty", type=float, default=JobConfig.repetition_penalty, help="default: the job's")
     ap.add_argument("--loop-scope", default=JobConfig.loop_scope, help="default: the job's")
-    ap.add_argument("--fresh-rule", action="store_true", help="also LASER relaxed with rule 'fresh'")
+    ap.add_argument("--paper-rule", action="store_true", help="also LASER relaxed with the paper's rule")
     ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp greedy on the same GGUF")
     ap.add_argument("--pool-corpus", metavar="PATTERN",
                     help="first put into each mode's pool the texts a `laser generate` job of that mode wrote for every "
@@ -125,13 +125,13 @@ def main(argv=None):
 
     llm = llama_cpp(args.model) if args.llamacpp else None
     methods = ["hf_greedy", "hf_prompt_lookup", "laser_no_drafts", "laser_strict", "laser_relaxed"]
-    methods += ["laser_relaxed_fresh"] if args.fresh_rule else []
+    methods += ["laser_relaxed_paper"] if args.paper_rule else []
     methods += ["laser_strict_am", "laser_relaxed_am"] if models else []
     rows = {m: {"tokens": [], "time": [], "per_step": [], "stats": [], "texts": []} for m in methods}
     if llm is not None:
         rows["llama_cpp"] = {"tokens": [], "time": [], "per_step": [], "stats": [], "texts": []}
-    runs = [("strict", "", "paper"), ("relaxed", "", "paper")] + ([("relaxed", "_fresh", "fresh")] if args.fresh_rule else [])
-    runs += [(m, "_am", "paper") for m in models]
+    runs = [("strict", "", "fresh"), ("relaxed", "", "fresh")] + ([("relaxed", "_paper", "paper")] if args.paper_rule else [])
+    runs += [(m, "_am", "fresh") for m in models]
     mismatches = 0
     for u in eval_users:
         ids = prompts[u]

@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=2)
     g.add_argument("--min-prob", type=float, default=0.1)
     g.add_argument("--relaxed-rule", default=JobConfig.relaxed_rule, help=f"relaxed mode's rule: {' or '.join(RELAXED_RULES)} "
-                   "(paper: top-k and probability, judged after loop control; fresh: also never a token that is not "
-                   "the argmax where it repeats a 3-gram of the text)")
+                   "(fresh: top-k and probability after loop control, and never a token that is not the argmax "
+                   "where it repeats a 3-gram of the text; paper: top-k and probability alone)")
     g.add_argument("--no-repeat-ngram", type=int, default=JobConfig.no_repeat_ngram, metavar="N",
                    help="ban every token that repeats an N-token n-gram of the text, as HF's no_repeat_ngram_size "
                    "(0: off)")

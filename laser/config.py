@@ -87,7 +87,7 @@ class DraftConfig:
                                          "match_levels": self.match_levels, "min_nodes": self.min_nodes}
 
 
-RELAXED_RULES = ("paper", "fresh")
+RELAXED_RULES = ("fresh", "paper")
 LOOP_SCOPES = ("all", "output")
 
 
@@ -114,7 +114,7 @@ class AcceptConfig:
     mode: str = "strict"
     top_k: int = 2
     min_prob: float = 0.1
-    rule: str = "paper"
+    rule: str = "fresh"
     fresh_ngram: int = 3
     no_repeat_ngram: int = 0
     repetition_penalty: float = 1.0

@@ -69,7 +69,7 @@ def generate(
     same name (strict mode returns HF greedy's tokens with them), kept as an index of each row's
     text, so a tree costs about what it costs without them (laser.repeats). loop_scope: "all"
     (HF's: the prompt counts) or "output" (the generated tokens only; see AcceptConfig).
-    relaxed_rule: "paper" (default: the paper's, judged after loop control) or "fresh" (see AcceptConfig).
+    relaxed_rule: "fresh" (default) or "paper" (the paper's rule alone; see AcceptConfig).
     logits_processor: HF LogitsProcessorList, applied at every verified position (after loop control).
     stopping_criteria: HF StoppingCriteria(List), checked after every committed token of
     every row (a step that commits several tokens is cut where it fires).

@@ -360,9 +360,9 @@ def test_manifests_older_than_a_setting_resume_with_its_old_value(peaked_model, 
     manifest.write_text(json.dumps(m))
     # a job from before these settings ran no loop control and the paper's relaxed rule: other settings are refused
     _fails(job_args(peaked_model, done_job, limit=LIMIT), capsys, "--no-repeat-ngram", "= 0", "6")
-    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--no-repeat-ngram", "0", "--relaxed-rule", "fresh")),
-           capsys, "--relaxed-rule", "'paper'", "'fresh'")
-    before = ("--no-repeat-ngram", "0")
+    _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=("--no-repeat-ngram", "0")), capsys, "--relaxed-rule",
+           "'paper'", "'fresh'")
+    before = ("--no-repeat-ngram", "0", "--relaxed-rule", "paper")
     assert cli(job_args(peaked_model, done_job, limit=LIMIT, extra=before)) == 0
     assert f"wrote 0 records ({LIMIT} already done)" in capsys.readouterr().out
     _fails(job_args(peaked_model, done_job, limit=LIMIT, extra=before + ("--repetition-penalty", "1.2")), capsys,
