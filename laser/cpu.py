@@ -85,7 +85,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # a product is measured a
 PRODUCTS = ("linear", "split", "onednn", "packed", "tiled")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-ROUTE_SECONDS = 5  # about what measure() takes for one shape on a 2-core CPU (the first-use notice)
+ROUTE_SECONDS = 3  # about what measure() takes for one shape on a 2-core CPU (1.5-2.7 s; the first-use notice)
 ROUTES_VERSION = 3  # in the machine key: bump when a product's speed or the choice changes (routes measured again)
 TILED_MARGIN = 1.03  # another product takes a bucket from the tiled one only if more than 3% faster (see winner())
 PACK_ROWS = 32  # the row count oneDNN lays a packed copy out for; any count runs on it (16-512 measured alike)
@@ -304,6 +304,17 @@ def _machine_key(ways: int) -> str:
 _lock = threading.Lock()
 
 
+def write_cache(path: Path, data) -> None:
+    """JSON into a cache file, replaced whole; a read-only cache is left as it is (what was
+    measured still holds for this process)."""
+    try:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
     """An exclusive lock on `path` (created), released on exit; where the file cannot be made
@@ -378,12 +389,7 @@ def routes_for(shapes, ways: int, cache_dir: str | Path | None = None, packs: Pa
                 entry = data.setdefault(key, {})
                 for s, choice in measured.items():
                     entry.setdefault(s, choice)  # the first answer for a shape stays
-                try:
-                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                    tmp.write_text(json.dumps(data, indent=1))
-                    os.replace(tmp, path)
-                except OSError:
-                    pass  # a read-only cache: the routes still hold for this process
+                write_cache(path, data)
             known = {**measured, **entry}
     table = {tuple(map(int, s.split("x"))): list(c) for s, c in known.items()
              if isinstance(c, list) and len(c) == len(ROW_BUCKETS) and all(p in PRODUCTS for p in c)}

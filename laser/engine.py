@@ -51,7 +51,6 @@ import contextlib
 import contextvars
 import dataclasses
 import json
-import os
 import sys
 import threading
 import time
@@ -73,7 +72,6 @@ from laser.cpu import LinearRoutes, PackedWeights, may_pack, routes_for, sdpa_gq
 from laser.forward import DirectForward
 from laser.hf import cache_kwarg, fill_only
 from laser.kernels.bits import mask_to_bits
-from laser.kernels.common import kernels_forced
 from laser.repeats import NgramIndex, RowText
 
 COST_CONTEXT = 256  # context length the default cost curve is measured after (cost())
@@ -273,7 +271,7 @@ class Engine:
         with self._lock:
             if key in self._costs:
                 return self._costs[key]
-        from laser.cpu import _file_lock, _machine_key
+        from laser.cpu import _file_lock, _machine_key, write_cache
         from laser.decode import calibrate
         from laser.model import cache_dir
 
@@ -297,12 +295,7 @@ class Engine:
                 curve = [float(c) for c in calibrate(self.model, context_len=context, batch=batch)]
                 known = known if isinstance(known, dict) else {}
                 known[full] = curve
-                try:
-                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                    tmp.write_text(json.dumps(known, indent=1))
-                    os.replace(tmp, path)
-                except OSError:
-                    pass  # a read-only cache: the curve still holds for this process
+                write_cache(path, known)
                 print(f"laser: measured in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         with self._lock:
             return self._costs.setdefault(key, np.asarray(curve, dtype=np.float64))

@@ -3,7 +3,6 @@ and strict == HF greedy on Qwen2.5-0.5B where it is cached."""
 
 import hashlib
 import subprocess
-import sys
 import zipfile
 
 import numpy as np
