@@ -30,12 +30,15 @@ from every verified tree of every call with that configuration on this model (st
 relaxed accept differently, so each keeps its own). acceptance=None drafts by pool shares.
 
 State of one call (nothing survives it):
-  rows    B slots of _Row (None = idle): the request's sequence, pools and stats.
+  rows    B slots of _Row (None = idle): the request's sequence, pools and stats, and the
+          indexes of its text that loop control and the relaxed rule "fresh" read
+          (laser.repeats), extended with every committed token.
   cache   a TreeCache [B, H, capacity, D] per layer; cache.lens[r] == rows[r].n - 1 (the
           last committed token, "pending", is fed at the start of the next verification).
 Each step: every row drafts its tree from its own pools; with a cost curve the trees are cut
 together (laser._C.cut_trees); one forward over every row's pending + tree at cache column
-W = max(lens), per-row positions and 4-D masks; per-row acceptance in one pass; cache.commit
+W = max(lens), per-row positions and 4-D masks; loop control and HF logits processors on its
+logits (each position against its own prefix); per-row acceptance in one pass; cache.commit
 moves each row's pending + accepted path onto its past. The forward is padded, [B, q], on a
 GPU, with the Triton kernels or with sliding-window layers (the cut: one budget for all
 rows); for several rows on a CPU it is ragged, [1, N] with the rows back to back, so no
