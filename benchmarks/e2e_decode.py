@@ -18,7 +18,9 @@ by default (an AcceptanceModel, DraftConfig's default matches: 1-8 tokens, 3 lev
 depth 30 over depth-32 pools, each mode's model learned online from its own warm-up texts on.
 Loop control (--no-repeat-ngram, --repetition-penalty) applies to every method, HF's
 included (its own processors). --llamacpp adds llama.cpp (llama-cpp-python, the benchmark
-extra `pip install llama-cpp-python==0.3.36`) decoding greedily from the same GGUF, with
+extra `pip install .[bench]`, an sdist that compiles llama.cpp in ~5 min on 2 cores; on the
+Intel Xeon VM its native build crashed in its first forward, so build it with
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON") decoding greedily from the same GGUF, with
 its own quantised weights, on the same prompts and threads (it has no n-gram ban: its row
 runs without loop control; its KV cache is reset before each prompt, as every method's). Beside each method's speed: its texts' loop share and mean
 distinct 4-gram share (laser.quality).

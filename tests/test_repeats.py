@@ -195,9 +195,10 @@ def test_fresh_relaxed_rule_commits_no_repeating_token_but_the_argmax():
                                  acceptance=None)
             seq = res.sequences[0].tolist()
             with torch.no_grad():
-                top = model(torch.tensor([seq])).logits[0].argmax(-1).tolist()
-            for t in range(len(ids), len(seq)):
-                bad += seq[t] != top[t - 1] and bool(NgramIndex(3, seq[:t]).repeats(Tree([seq[t]], [-1]))[0])
+                logits = model(torch.tensor([seq])).logits[0]
+            for t in range(len(ids), len(seq)):  # the argmax up to fp32 rounding between the two forwards
+                argmax = bool(logits[t - 1, seq[t]] >= logits[t - 1].max() - 1e-4)
+                bad += not argmax and bool(NgramIndex(3, seq[:t]).repeats(Tree([seq[t]], [-1]))[0])
         return bad
 
     assert relaxed_repeats("fresh") == 0
